@@ -1,0 +1,34 @@
+"""var_jax: VAR (next-scale prediction) in JAX/Flax — install with ``pip install -e ".[torch,test]"``."""
+from setuptools import find_packages, setup
+
+setup(
+    name='var_jax',
+    version='0.1.0',
+    description='Visual AutoRegressive modeling (VAR, next-scale prediction) in JAX/Flax: parity with the '
+                'reference PyTorch release, sharded training, sampling, tokenizer training and evaluation.',
+    long_description=open('README.md', encoding='utf-8').read(),
+    long_description_content_type='text/markdown',
+    packages=find_packages(include=['var_jax', 'var_jax.*']),
+    python_requires='>=3.10',
+    # Lower bounds are the versions this project is tested with.
+    install_requires=[
+        'jax>=0.10.2',
+        'flax>=0.12.8',
+        'optax>=0.2.8',
+        'orbax-checkpoint>=0.12.8',
+        'grain>=0.2.18',
+        'tensorflow-datasets>=4.9.10',
+        'ml-collections>=1.1.0',
+        'chex>=0.1.92',
+        'absl-py>=2.5.1',
+        'numpy>=2.0',
+        'pillow>=11.0',
+        'safetensors>=0.8.0',
+    ],
+    extras_require={
+        # Reading/writing reference .pth checkpoints. Install the CPU wheel first (pip install torch==2.13.0)
+        # if you do not want pip to pull a CUDA build.
+        'torch': ['torch>=2.4'],
+        'test': ['pytest>=8.0', 'scikit-learn>=1.5', 'nbclient>=0.10', 'nbformat>=5.10', 'ipykernel>=6.29'],
+    },
+)

@@ -1,0 +1,1 @@
+"""Weight interop with the reference PyTorch checkpoints."""

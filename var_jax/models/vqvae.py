@@ -1,0 +1,209 @@
+"""The multi-scale VQVAE (stage 1): taming-style conv encoder/decoder around the multi-scale quantizer. NHWC.
+
+Mirrors the reference ``models/vqvae.py`` + ``models/basic_vae.py``; submodule names follow the reference's
+module tree (``down_{i}/block_{j}`` for ``down.{i}.block.{j}``) so that ``var_jax.interop`` maps names by rule.
+"""
+from __future__ import annotations
+
+from typing import Any, Dict, List, Sequence, Tuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from var_jax.models.configs import VQVAEConfig
+from var_jax.models.layers import Conv, GroupNorm
+from var_jax.models.quantizer import MultiScaleQuantizer
+from var_jax.ops.resize import nearest_upsample_2x
+
+Dtype = Any
+
+
+class ResnetBlock(nn.Module):
+  out_channels: int
+  dropout: float = 0.0
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    h = Conv(self.out_channels, 3, name='conv1', dtype=self.dtype)(nn.silu(GroupNorm(name='norm1', dtype=self.dtype)(x)))
+    h = nn.silu(GroupNorm(name='norm2', dtype=self.dtype)(h))
+    if self.dropout > 1e-6:
+      h = nn.Dropout(self.dropout, deterministic=not train)(h)
+    h = Conv(self.out_channels, 3, name='conv2', dtype=self.dtype)(h)
+    if x.shape[-1] != self.out_channels:
+      x = Conv(self.out_channels, 1, padding=0, name='nin_shortcut', dtype=self.dtype)(x)
+    return x + h
+
+
+class AttnBlock(nn.Module):
+  """Single-head spatial self-attention with a residual (reference ``AttnBlock``: fused 1x1 qkv conv)."""
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    b, h, w, c = x.shape
+    qkv = Conv(3 * c, 1, padding=0, name='qkv', dtype=self.dtype)(GroupNorm(name='norm', dtype=self.dtype)(x))
+    q, k, v = jnp.split(qkv.reshape(b, h * w, 1, 3 * c), 3, axis=-1)
+    o = jax.nn.dot_product_attention(q, k, v, scale=c ** -0.5)
+    o = Conv(c, 1, padding=0, name='proj_out', dtype=self.dtype)(o.reshape(b, h, w, c))
+    return x + o
+
+
+class Downsample2x(nn.Module):
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):  # pad (right, bottom) by one then a stride-2 VALID conv, as the reference
+    return Conv(x.shape[-1], 3, stride=2, padding=((0, 1), (0, 1)), name='conv', dtype=self.dtype)(x)
+
+
+class Upsample2x(nn.Module):
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    return Conv(x.shape[-1], 3, name='conv', dtype=self.dtype)(nearest_upsample_2x(x))
+
+
+class _Mid(nn.Module):
+  channels: int
+  dropout: float
+  using_mid_sa: bool
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, h, train: bool = False):
+    h = ResnetBlock(self.channels, self.dropout, name='block_1', dtype=self.dtype)(h, train)
+    if self.using_mid_sa:
+      h = AttnBlock(name='attn_1', dtype=self.dtype)(h)
+    return ResnetBlock(self.channels, self.dropout, name='block_2', dtype=self.dtype)(h, train)
+
+
+class _Level(nn.Module):
+  """One resolution level: ``n`` res blocks (each optionally followed by attention) and an optional resampler."""
+  out_channels: int
+  num_blocks: int
+  dropout: float
+  with_attn: bool
+  resample: str  # 'down', 'up' or ''
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, h, train: bool = False):
+    for j in range(self.num_blocks):
+      h = ResnetBlock(self.out_channels, self.dropout, name=f'block_{j}', dtype=self.dtype)(h, train)
+      if self.with_attn:
+        h = AttnBlock(name=f'attn_{j}', dtype=self.dtype)(h)
+    if self.resample == 'down':
+      h = Downsample2x(name='downsample', dtype=self.dtype)(h)
+    elif self.resample == 'up':
+      h = Upsample2x(name='upsample', dtype=self.dtype)(h)
+    return h
+
+
+class Encoder(nn.Module):
+  ch: int
+  ch_mult: Tuple[int, ...]
+  num_res_blocks: int
+  z_channels: int
+  dropout: float = 0.0
+  using_sa: bool = True
+  using_mid_sa: bool = True
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    n = len(self.ch_mult)
+    h = Conv(self.ch, 3, name='conv_in', dtype=self.dtype)(x)
+    for i in range(n):
+      h = _Level(self.ch * self.ch_mult[i], self.num_res_blocks, self.dropout,
+                 with_attn=(i == n - 1 and self.using_sa), resample='down' if i != n - 1 else '',
+                 name=f'down_{i}', dtype=self.dtype)(h, train)
+    h = _Mid(h.shape[-1], self.dropout, self.using_mid_sa, name='mid', dtype=self.dtype)(h, train)
+    h = nn.silu(GroupNorm(name='norm_out', dtype=self.dtype)(h))
+    return Conv(self.z_channels, 3, name='conv_out', dtype=self.dtype)(h)
+
+
+class Decoder(nn.Module):
+  ch: int
+  ch_mult: Tuple[int, ...]
+  num_res_blocks: int
+  out_channels: int = 3
+  dropout: float = 0.0
+  using_sa: bool = True
+  using_mid_sa: bool = True
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, z, train: bool = False):
+    n = len(self.ch_mult)
+    h = Conv(self.ch * self.ch_mult[-1], 3, name='conv_in', dtype=self.dtype)(z)
+    h = _Mid(h.shape[-1], self.dropout, self.using_mid_sa, name='mid', dtype=self.dtype)(h, train)
+    for i in reversed(range(n)):
+      h = _Level(self.ch * self.ch_mult[i], self.num_res_blocks + 1, self.dropout,
+                 with_attn=(i == n - 1 and self.using_sa), resample='up' if i != 0 else '',
+                 name=f'up_{i}', dtype=self.dtype)(h, train)
+    h = nn.silu(GroupNorm(name='norm_out', dtype=self.dtype)(h))
+    return Conv(self.out_channels, 3, name='conv_out', dtype=self.dtype)(h)
+
+
+class VQVAE(nn.Module):
+  """Encoder -> quant_conv -> multi-scale quantizer -> post_quant_conv -> decoder.
+
+  Images are NHWC float in [-1, 1]; token maps are lists of int32 (B, pn*pn), row-major, coarsest first.
+  Call the methods through ``VQVAE(cfg).apply(variables, x, method=VQVAE.img_to_idx)`` etc.
+  """
+  config: VQVAEConfig
+  dtype: Dtype = jnp.float32
+
+  def setup(self):
+    c = self.config
+    self.encoder = Encoder(c.ch, c.ch_mult, c.num_res_blocks, c.z_channels, c.dropout, c.using_sa, c.using_mid_sa,
+                           dtype=self.dtype)
+    self.decoder = Decoder(c.ch, c.ch_mult, c.num_res_blocks, c.in_channels, c.dropout, c.using_sa, c.using_mid_sa,
+                           dtype=self.dtype)
+    self.quantize = MultiScaleQuantizer(c)
+    self.quant_conv = Conv(c.z_channels, c.quant_conv_ks, dtype=self.dtype)
+    self.post_quant_conv = Conv(c.z_channels, c.quant_conv_ks, dtype=self.dtype)
+
+  # ---- training forward (tokenizer training) ----
+  def __call__(self, x, train: bool = True):
+    """Returns (reconstruction, aux) where aux has ``vq_loss``, ``hits`` (S, V) code counts and ``indices``.
+
+    Straight-through estimator: gradients reach the encoder through f_hat, the codebook/phis through the VQ loss.
+    The reconstruction is not clamped here (the loss sees the raw decoder output, as the reference trainer's).
+    """
+    f = self.encode_features(x, train)
+    f_hat, aux = self.quantize(f)
+    rec = self.decoder(self.post_quant_conv(f_hat), train)
+    return rec, aux
+
+  # ---- inference ----
+  def encode_features(self, x, train: bool = False):
+    return self.quant_conv(self.encoder(x, train)).astype(jnp.float32)
+
+  def img_to_idx(self, x) -> List[jax.Array]:
+    return self.quantize.f_to_idx_and_fhat(self.encode_features(x))[0]
+
+  def img_to_fhats(self, x) -> List[jax.Array]:
+    return self.quantize.f_to_idx_and_fhat(self.encode_features(x))[1]
+
+  def fhat_to_img(self, f_hat):
+    """Decoded image, clamped to [-1, 1]."""
+    return jnp.clip(self.decoder(self.post_quant_conv(f_hat.astype(self.dtype))).astype(jnp.float32), -1, 1)
+
+  def idx_to_img(self, idx_list: Sequence[jax.Array]):
+    return self.fhat_to_img(self.quantize.idx_to_fhat(idx_list, last_one=True))
+
+  def img_to_reconstructed_img(self, x):
+    """The reference's ``img_to_reconstructed_img(x, last_one=True)``."""
+    return self.fhat_to_img(self.img_to_fhats(x)[-1])
+
+  def idx_to_var_input(self, idx_list: Sequence[jax.Array]):
+    return self.quantize.idx_to_var_input(idx_list)
+
+  def init_all(self, x):
+    """Touch every submodule (used by ``init``)."""
+    rec, _ = self(x, train=False)
+    return rec
