@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from var_jax import sampling
 from var_jax.interop import reference as ref
 from var_jax.models.configs import VARConfig, VQVAEConfig
 from var_jax.models.transformer import VAR
@@ -46,6 +47,7 @@ class VARPipeline:
     self.vae_variables = jax.tree.map(jnp.asarray, vae_variables)
     self.var_variables = jax.tree.map(jnp.asarray, var_variables)
     self._jit_cache: Dict[Any, Any] = {}
+    self._cast_cache: Dict[Any, Any] = {}
 
   # ------------------------------------------------------------------ construction
   @classmethod
@@ -161,3 +163,132 @@ class VARPipeline:
       raise ValueError(f'class labels must lie in [0, {self.var_config.num_classes}] '
                        f'({self.var_config.num_classes} = unconditional), got [{lo}, {hi}]')
     return labels
+
+  # ------------------------------------------------------------------ sampling
+  def _sampling_params(self, dtype, sharding):
+    """Params cast to the compute dtype and placed (replicated) once per (dtype, sharding), then reused."""
+    key = (jnp.dtype(dtype).name, sharding)
+    if key not in self._cast_cache:
+      vae_vars = dict(self.vae_variables)
+      params = dict(vae_vars['params'])
+      quant = params.pop('quantize')          # codebook and phis stay float32
+      params = sampling.cast_floating(params, dtype)
+      params['quantize'] = quant
+      vae_vars['params'] = params
+      var_vars = sampling.cast_floating(self.var_variables, dtype)
+      if sharding is not None:
+        vae_vars, var_vars = jax.device_put((vae_vars, var_vars), sharding)
+      self._cast_cache[key] = (vae_vars, var_vars)
+    return self._cast_cache[key]
+
+  def _sampler(self, opts, batch: int, dtype, edit: bool, mesh):
+    key = ('sample', opts, batch, jnp.dtype(dtype).name, edit, mesh)
+    if key not in self._jit_cache:
+      in_sh = out_sh = None
+      if mesh is not None:
+        from jax.sharding import NamedSharding, PartitionSpec as P
+        rep, data = NamedSharding(mesh, P()), NamedSharding(mesh, P('data'))
+        in_sh = (rep, rep, data, data) + ((data, data) if edit else ())
+        out_sh = (data, data)
+      self._jit_cache[key] = sampling.make_sampler(self.vae_config, self.var_config, opts, dtype, edit,
+                                                   in_shardings=in_sh, out_shardings=out_sh)
+    return self._jit_cache[key]
+
+  @staticmethod
+  def _mesh(batch_size: int):
+    devs = jax.local_devices()
+    if len(devs) <= 1:
+      return None
+    from jax.sharding import AxisType, Mesh
+    n = len(devs)
+    return Mesh(np.asarray(devs).reshape(n), ('data',), axis_types=(AxisType.Auto,))
+
+  def _resolve_labels(self, labels, rng, num_samples):
+    nc = self.var_config.num_classes
+    if labels is None:
+      if num_samples is None:
+        raise ValueError('labels=None samples random classes: give num_samples too')
+      return np.asarray(jax.random.randint(jax.random.fold_in(rng, 0x7fffffff), (num_samples,), 0, nc), np.int32)
+    lab = np.asarray(labels).reshape(-1)
+    if num_samples is not None and lab.size == 1:
+      lab = np.repeat(lab, num_samples)
+    if lab.size == 0 or not np.issubdtype(lab.dtype, np.integer):
+      raise ValueError(f'labels must be integers in [0, {nc}] ({nc} = unconditional), got {labels!r}')
+    if lab.min() < 0 or lab.max() > nc:
+      raise ValueError(f'class label out of range: labels must lie in [0, {nc}] ({nc} = unconditional), '
+                       f'got min {lab.min()} max {lab.max()}')
+    return lab.astype(np.int32)
+
+  def sample(self, labels, rng, cfg: float = 1.5, top_k: int = 0, top_p: float = 0.0, more_smooth: bool = False,
+             *, num_samples: Optional[int] = None, batch_size: Optional[int] = None, dtype=jnp.float32,
+             shard: bool = True) -> Tuple[np.ndarray, np.ndarray]:
+    """Class-conditional samples -> (images NHWC float32 in [0, 1], tokens int32 (N, L)), on the host.
+
+    labels: ints (``num_classes`` = unconditional), a single int with ``num_samples``, or None for random classes
+    (``num_samples`` of them). rng: a PRNG key or an int seed; sample i depends only on fold_in(rng, i), so the
+    result does not change with ``batch_size`` or the number of devices. Batches larger than ``batch_size``
+    are split (the last one padded, so one compilation serves all); with several local devices the batch is
+    sharded over them. ``dtype=jnp.bfloat16`` computes the transformer and decoder in bf16.
+    """
+    if isinstance(rng, (int, np.integer)):
+      rng = jax.random.key(int(rng))
+    lab = self._resolve_labels(labels, rng, num_samples)
+    opts = sampling.SamplingOptions(cfg=float(cfg), top_k=int(top_k), top_p=float(top_p),
+                                    more_smooth=bool(more_smooth))
+    return self._run_batched(lab, rng, opts, dtype, batch_size, shard)
+
+  def _run_batched(self, lab, rng, opts, dtype, batch_size, shard, edit_args=None):
+    n = lab.shape[0]
+    keys = jax.vmap(lambda i: jax.random.fold_in(rng, i))(jnp.arange(n))
+    bs = int(batch_size or n)
+    mesh = self._mesh(bs) if shard else None
+    if mesh is not None:
+      nd = mesh.devices.size
+      bs = -(-bs // nd) * nd                   # a multiple of the device count
+    if mesh is not None:
+      from jax.sharding import NamedSharding, PartitionSpec as P
+      params = self._sampling_params(dtype, NamedSharding(mesh, P()))
+    else:
+      params = self._sampling_params(dtype, None)
+    fn = self._sampler(opts, bs, dtype, edit_args is not None, mesh)
+    imgs, toks = [], []
+    for start in range(0, n, bs):
+      sl = slice(start, min(start + bs, n))
+      m = sl.stop - sl.start
+      pad = lambda a: jnp.concatenate([a, jnp.repeat(a[-1:], bs - m, axis=0)]) if m < bs else a
+      args = [pad(jnp.asarray(lab[sl])), pad(keys[sl])]
+      if edit_args is not None:
+        toks_in, masks = edit_args
+        args += [[pad(t[sl]) for t in toks_in], [pad(mk[sl]) for mk in masks]]
+      im, tk = fn(*params, *args)
+      imgs.append(np.asarray(im)[:m])
+      toks.append(np.asarray(tk)[:m])
+    return np.concatenate(imgs), np.concatenate(toks)
+
+  def edit(self, images, keep_mask, labels, rng, cfg: float = 1.5, top_k: int = 0, top_p: float = 0.0,
+           more_smooth: bool = False, *, batch_size: Optional[int] = None, dtype=jnp.float32,
+           shard: bool = True) -> Tuple[np.ndarray, np.ndarray]:
+    """Zero-shot in-/out-painting and class-conditional editing (the reference demo).
+
+    images: NHWC in [-1, 1]. keep_mask: (H, W) or (B, H, W), 1 = keep the input there, 0 = generate; at image
+    or finest-token resolution. labels: the class to generate (per image or one int). Returns like ``sample``.
+    In-painting: keep_mask 0 inside the hole; out-painting: keep_mask 1 inside the kept centre; class editing:
+    keep the background, regenerate the object region under another label.
+    """
+    x = _check_images(images, self.vae_config)
+    b = x.shape[0]
+    m = np.asarray(keep_mask, np.float32)
+    if m.ndim == 2:
+      m = np.broadcast_to(m, (b,) + m.shape)
+    if m.ndim != 3 or m.shape[0] != b:
+      raise ValueError(f'keep_mask must be (H, W) or (B, H, W) for {b} images, got shape {tuple(m.shape)}')
+    if isinstance(rng, (int, np.integer)):
+      rng = jax.random.key(int(rng))
+    lab = self._resolve_labels(labels, rng, b)
+    if lab.shape[0] != b:
+      raise ValueError(f'{lab.shape[0]} labels for {b} images')
+    toks = self.encode(x)
+    masks = sampling.edit_force_masks(m, self.var_config.patch_nums)
+    opts = sampling.SamplingOptions(cfg=float(cfg), top_k=int(top_k), top_p=float(top_p),
+                                    more_smooth=bool(more_smooth))
+    return self._run_batched(lab, rng, opts, dtype, batch_size, shard, edit_args=(toks, masks))

@@ -112,3 +112,14 @@ def test_jit_and_bfloat16_dtype():
   np.testing.assert_allclose(np.asarray(area(x16, 6), dtype=np.float32), np.asarray(area(x32, 6)), rtol=0, atol=5e-2)
   np.testing.assert_allclose(np.asarray(bicubic(x16, (16, 10)), dtype=np.float32), np.asarray(bicubic(x32, (16, 10))),
                              rtol=0, atol=1e-1)
+
+
+@pytest.mark.parametrize('in_hw,out_hw', [((16, 16), (1, 1)), ((16, 16), (3, 3)), ((16, 16), (13, 13)),
+                                          ((32, 32), (9, 9)), ((4, 4), (10, 10)), ((5, 7), (3, 11))])
+def test_bilinear_matches_torch(in_hw, out_hw):
+  from var_jax.ops.resize import bilinear_resize
+  x = np.random.default_rng(0).standard_normal((2, 3) + in_hw).astype(np.float32)
+  want = torch.nn.functional.interpolate(torch.from_numpy(x), size=out_hw, mode='bilinear',
+                                         align_corners=False).numpy()
+  got = np.asarray(bilinear_resize(jnp.asarray(x.transpose(0, 2, 3, 1)), out_hw)).transpose(0, 3, 1, 2)
+  np.testing.assert_allclose(got, want, atol=1e-5)

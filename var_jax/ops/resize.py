@@ -39,7 +39,7 @@ import numpy as np
 
 Size = Union[int, Tuple[int, int]]
 
-__all__ = ['area_resize', 'bicubic_resize', 'nearest_upsample_2x']
+__all__ = ['area_resize', 'bicubic_resize', 'bilinear_resize', 'nearest_upsample_2x']
 
 _CUBIC_A = -0.75  # torch's upsample_bicubic2d coefficient
 
@@ -158,6 +158,23 @@ def _area_matrix_f32(in_size: int, out_size: int) -> np.ndarray:
   return m
 
 
+@functools.lru_cache(maxsize=None)
+def _bilinear_matrix(in_size: int, out_size: int) -> np.ndarray:
+  """(out, in) float64 matrix of torch bilinear (align_corners=False, no antialias): src = (dst + 0.5) * in / out
+  - 0.5 clamped at 0 (torch's linear path clamps, unlike cubic), taps floor(src) and min(floor(src) + 1, in - 1)."""
+  m = np.zeros((out_size, in_size), dtype=np.float64)
+  scale = in_size / out_size
+  for o in range(out_size):
+    src = max(scale * (o + 0.5) - 0.5, 0.0)
+    i0 = min(int(np.floor(src)), in_size - 1)
+    i1 = min(i0 + 1, in_size - 1)
+    lam = src - i0
+    m[o, i0] += 1.0 - lam
+    m[o, i1] += lam
+  m.setflags(write=False)
+  return m
+
+
 def _matrix(kind: str, in_size: int, out_size: int, dtype) -> jax.Array:
   """Interpolation matrix cast to ``dtype``.
 
@@ -165,6 +182,8 @@ def _matrix(kind: str, in_size: int, out_size: int, dtype) -> jax.Array:
   every other dtype goes through the float32 matrices, as torch computes and
   then stores its weights in the input dtype.
   """
+  if kind == 'bilinear':
+    return jnp.asarray(_bilinear_matrix(in_size, out_size), dtype=dtype)
   if jnp.dtype(dtype) == jnp.float64:
     f = _area_matrix if kind == 'area' else _bicubic_matrix
   else:
@@ -220,6 +239,15 @@ def bicubic_resize(x: jax.Array, size: Size) -> jax.Array:
     size: output size, an int (square) or an ``(height, width)`` tuple.
   """
   return _separable_resize(x, size, 'bicubic')
+
+
+def bilinear_resize(x: jax.Array, size: Size) -> jax.Array:
+  """``F.interpolate(x, size=size, mode='bilinear', align_corners=False)`` (no antialias) for an NHWC array.
+
+  VAR uses it only to resample zero-shot edit masks to each token-map size (the reference demo's
+  ``replace_embedding``), where the result is thresholded at 0.5.
+  """
+  return _separable_resize(x, size, 'bilinear')
 
 
 def nearest_upsample_2x(x: jax.Array) -> jax.Array:
