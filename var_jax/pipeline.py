@@ -81,6 +81,18 @@ class VARPipeline:
                                                         var_config.z_channels)))
     return cls(vae_config, var_config, meta.unbox(vae_vars), meta.unbox(var_vars))
 
+  @classmethod
+  def from_checkpoint(cls, path: str) -> 'VARPipeline':
+    """Load our own model checkpoint directory (``var_jax.checkpoint``), configs included."""
+    from var_jax import checkpoint
+    return cls(*checkpoint.load_model(path))
+
+  def save_checkpoint(self, path: str):
+    """Write our own model checkpoint directory (orbax params + config.json)."""
+    from var_jax import checkpoint
+    checkpoint.save_model(path, self.vae_config, self.var_config, jax.device_get(self.vae_variables),
+                          jax.device_get(self.var_variables))
+
   # ------------------------------------------------------------------ export
   def save_torch(self, vae_path: Optional[str], var_path: Optional[str]):
     """Write the reference layout (buffers included); ``.pth`` or ``.safetensors`` by extension."""
@@ -221,12 +233,13 @@ class VARPipeline:
 
   def sample(self, labels, rng, cfg: float = 1.5, top_k: int = 0, top_p: float = 0.0, more_smooth: bool = False,
              *, num_samples: Optional[int] = None, batch_size: Optional[int] = None, dtype=jnp.float32,
-             shard: bool = True) -> Tuple[np.ndarray, np.ndarray]:
+             shard: bool = True, sample_ids=None) -> Tuple[np.ndarray, np.ndarray]:
     """Class-conditional samples -> (images NHWC float32 in [0, 1], tokens int32 (N, L)), on the host.
 
     labels: ints (``num_classes`` = unconditional), a single int with ``num_samples``, or None for random classes
     (``num_samples`` of them). rng: a PRNG key or an int seed; sample i depends only on fold_in(rng, i), so the
-    result does not change with ``batch_size`` or the number of devices. Batches larger than ``batch_size``
+    result does not change with ``batch_size`` or the number of devices (``sample_ids`` replaces i by given
+    global ids, so a resumed job draws exactly the images a full run would). Batches larger than ``batch_size``
     are split (the last one padded, so one compilation serves all); with several local devices the batch is
     sharded over them. ``dtype=jnp.bfloat16`` computes the transformer and decoder in bf16.
     """
@@ -235,11 +248,14 @@ class VARPipeline:
     lab = self._resolve_labels(labels, rng, num_samples)
     opts = sampling.SamplingOptions(cfg=float(cfg), top_k=int(top_k), top_p=float(top_p),
                                     more_smooth=bool(more_smooth))
-    return self._run_batched(lab, rng, opts, dtype, batch_size, shard)
+    return self._run_batched(lab, rng, opts, dtype, batch_size, shard, sample_ids=sample_ids)
 
-  def _run_batched(self, lab, rng, opts, dtype, batch_size, shard, edit_args=None):
+  def _run_batched(self, lab, rng, opts, dtype, batch_size, shard, edit_args=None, sample_ids=None):
     n = lab.shape[0]
-    keys = jax.vmap(lambda i: jax.random.fold_in(rng, i))(jnp.arange(n))
+    ids = jnp.arange(n, dtype=jnp.uint32) if sample_ids is None else jnp.asarray(sample_ids, jnp.uint32).reshape(-1)
+    if ids.shape[0] != n:
+      raise ValueError(f'{ids.shape[0]} sample_ids for {n} samples')
+    keys = jax.vmap(lambda i: jax.random.fold_in(rng, i))(ids)
     bs = int(batch_size or n)
     mesh = self._mesh(bs) if shard else None
     if mesh is not None:
