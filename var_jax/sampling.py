@@ -43,23 +43,26 @@ class SamplingOptions:
 
 
 def filter_top_k_top_p(logits, top_k: int = 0, top_p: float = 0.0):
-  """Mask logits to -inf outside the top-k and outside the top-p nucleus, exactly as the reference.
+  """Mask logits to -inf outside the top-k and outside the top-p nucleus, with the reference's semantics.
 
-  top-k keeps every logit >= the k-th largest (ties kept). top-p sorts ascending, removes the tokens whose
-  cumulative probability is <= 1 - top_p, and always keeps the largest.
+  top-k keeps every logit >= the k-th largest (ties kept). top-p removes the tokens whose ascending cumulative
+  probability is <= 1 - top_p, i.e. keeps a token iff the probability mass ranked above it is < top_p (so the
+  largest is always kept). Implemented with one descending sort of the k (or V) largest values and a threshold
+  compare — no argsort/scatter over the vocabulary. (Only exact float ties at the nucleus boundary can be decided
+  differently from the reference's sort order, which is itself arbitrary there.)
   """
   v = logits.shape[-1]
-  if top_k > 0:
-    kth = jax.lax.top_k(logits, min(top_k, v))[0][..., -1:]
-    logits = jnp.where(logits < kth, -jnp.inf, logits)
+  k = min(top_k, v) if top_k > 0 else v
+  if top_k <= 0 and top_p <= 0:
+    return logits
+  vals = jax.lax.top_k(logits, k)[0]                               # descending, (..., k)
+  thresh = vals[..., -1:] if top_k > 0 else jnp.full_like(vals[..., :1], -jnp.inf)
   if top_p > 0:
-    order = jnp.argsort(logits, axis=-1)                       # ascending
-    sorted_logits = jnp.take_along_axis(logits, order, axis=-1)
-    remove = jnp.cumsum(jax.nn.softmax(sorted_logits, axis=-1), axis=-1) <= (1 - top_p)
-    remove = remove.at[..., -1].set(False)
-    inv = jnp.argsort(order, axis=-1)
-    logits = jnp.where(jnp.take_along_axis(remove, inv, axis=-1), -jnp.inf, logits)
-  return logits
+    probs = jax.nn.softmax(vals.astype(jnp.float32), axis=-1)
+    above = jnp.cumsum(probs, axis=-1) - probs                     # mass ranked strictly above each value
+    keep = above < top_p
+    thresh = jnp.maximum(thresh, jnp.min(jnp.where(keep, vals, jnp.inf), axis=-1, keepdims=True))
+  return jnp.where(logits < thresh, -jnp.inf, logits)
 
 
 def _per_sample(fn, keys, *xs):
