@@ -24,11 +24,14 @@ setup(
         'numpy>=2.0',
         'pillow>=11.0',
         'safetensors>=0.8.0',
+        'tensorboardX>=2.6',
+        'scikit-learn>=1.5',   # ships the digits data set of the quickstart (no download)
     ],
     extras_require={
         # Reading/writing reference .pth checkpoints. Install the CPU wheel first (pip install torch==2.13.0)
         # if you do not want pip to pull a CUDA build.
         'torch': ['torch>=2.4'],
-        'test': ['pytest>=8.0', 'scikit-learn>=1.5', 'nbclient>=0.10', 'nbformat>=5.10', 'ipykernel>=6.29'],
+        'gcs': ['gcsfs'],   # gs:// workdirs
+        'test': ['pytest>=8.0', 'nbclient>=0.10', 'nbformat>=5.10', 'ipykernel>=6.29'],
     },
 )

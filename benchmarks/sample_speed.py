@@ -21,79 +21,25 @@ Usage:
 """
 from __future__ import annotations
 
-import json
 import os
-import platform
 import sys
-import tempfile
 import time
-import types
-import warnings
 
 from absl import app
 from absl import flags
 import numpy as np
 
-# Benchmark this checkout's var_jax, not whichever copy is installed (the script's own folder is sys.path[0]).
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if REPO_ROOT not in sys.path:
-  sys.path.insert(0, REPO_ROOT)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))   # bench_common (when not run as a script)
+import bench_common as bc  # noqa: E402  (also puts the checkout first on sys.path and defines the shared flags)
 
 FLAGS = flags.FLAGS
-flags.DEFINE_integer('depth', 16, 'VAR depth (released presets: 16, 20, 24, 30, 36); width 64*depth, depth heads.')
 flags.DEFINE_integer('batch_size', 16, 'Images per sampling call.')
 flags.DEFINE_integer('num_batches', 5, 'Timed batches after the first (compiling / warm-up) call.')
 flags.DEFINE_enum('dtype', 'float32', ['float32', 'bfloat16'], 'Compute dtype (reference: autocast when bfloat16).')
 flags.DEFINE_float('cfg', 1.5, 'Classifier-free guidance ratio.')
 flags.DEFINE_integer('top_k', 900, 'top-k filtering (0: off).')
 flags.DEFINE_float('top_p', 0.95, 'top-p filtering (0: off).')
-flags.DEFINE_string('reference_path', '', 'Checkout of FoundationVision/VAR to time beside ours (empty: skip).')
-flags.DEFINE_bool('small', False, 'Tiny model for a quick CPU run: depth 2, VQVAE ch 32, patch_nums 1,2,3,4 (64px); '
-                  'explicitly given --depth/--vae_ch/--patch_nums still win.')
-flags.DEFINE_list('patch_nums', None, 'Scales, e.g. 1,2,3,4 (default: the preset\'s, 256px for depth != 36).')
-flags.DEFINE_integer('vae_ch', None, 'VQVAE base channels (default 160; a multiple of 32).')
-flags.DEFINE_integer('vocab_size', None, 'Codebook size V (default 4096).')
-flags.DEFINE_integer('z_channels', None, 'Codebook dim Cvae (default 32).')
-flags.DEFINE_integer('num_classes', 1000, 'Number of classes.')
-flags.DEFINE_integer('seed', 0, 'Seed for the weights, the labels and the sampling.')
 flags.DEFINE_bool('shard', True, 'Shard each batch over all local devices (pipe.sample(shard=...)).')
-flags.DEFINE_bool('tf32', True, 'Reference on GPU: allow TF32 matmuls/convs in float32 (as the reference demo).')
-flags.DEFINE_string('json_out', '', 'Optional path to write the results as JSON.')
-
-SMALL = dict(depth=2, vae_ch=32, patch_nums=(1, 2, 3, 4))
-
-
-def _flag(name, default=None):
-  """An explicitly given flag wins; then the --small value; then the flag's default (or ``default``)."""
-  if FLAGS[name].present:
-    return FLAGS[name].value
-  if FLAGS.small and name in SMALL:
-    return SMALL[name]
-  return FLAGS[name].value if FLAGS[name].value is not None else default
-
-
-def build_configs():
-  from var_jax.models.configs import VQVAEConfig, var_preset
-  depth = _flag('depth')
-  overrides = dict(num_classes=FLAGS.num_classes)
-  for name in ('vocab_size', 'z_channels'):
-    if _flag(name) is not None:
-      overrides[name] = _flag(name)
-  pns = _flag('patch_nums')
-  if pns is not None:
-    overrides['patch_nums'] = tuple(int(p) for p in pns)
-  var_cfg = var_preset(depth, **overrides)
-  vae_cfg = VQVAEConfig(vocab_size=var_cfg.vocab_size, z_channels=var_cfg.z_channels, ch=_flag('vae_ch', 160),
-                        patch_nums=var_cfg.patch_nums)
-  return vae_cfg, var_cfg
-
-
-def _stats(first_s, latencies, batch_size):
-  lat = np.asarray(latencies, np.float64)
-  mean = float(lat.mean())
-  return dict(first_call_s=first_s, compile_s_est=max(first_s - mean, 0.0), latency_mean_s=mean,
-              latency_min_s=float(lat.min()), latencies_s=[float(x) for x in lat],
-              images_per_s=batch_size / mean, images_per_s_best=batch_size / float(lat.min()))
 
 
 def time_ours(pipe, labels, dtype_name):

@@ -80,3 +80,53 @@ def load_model(path: str) -> Tuple[VQVAEConfig, VARConfig, Dict[str, Any], Dict[
     if key not in tree:
       raise ValueError(f'{path}: the params tree has no {key!r} entry')
   return vae_cfg, var_cfg, tree['vae'], tree['var']
+
+
+class TrainCheckpointer:
+  """Training checkpoints in ``<workdir>/checkpoints``: the train state (sharded arrays), the data iterator's
+  state (one file per process, via grain) and the config, saved asynchronously every ``every`` steps, the last
+  ``keep`` kept. Works on local paths and gs://."""
+
+  def __init__(self, directory: str, every: int, keep: int, async_save: bool = True):
+    import orbax.checkpoint as ocp
+    self._ocp = ocp
+    self.every = max(int(every), 1)
+    opts = ocp.CheckpointManagerOptions(max_to_keep=int(keep) if keep > 0 else None, create=True,
+                                        enable_async_checkpointing=async_save)
+    import grain
+    handlers = {'state': ocp.StandardCheckpointHandler(), 'data': grain.checkpoint.CheckpointHandler(),
+                'config': ocp.JsonCheckpointHandler()}
+    self.manager = ocp.CheckpointManager(directory, options=opts, item_handlers=handlers)
+
+  def latest_step(self):
+    return self.manager.latest_step()
+
+  def state_metadata(self, step: int):
+    md = self.manager.item_metadata(step)
+    tree = md['state'] if isinstance(md, dict) or hasattr(md, '__getitem__') else md.state
+    return getattr(tree, 'tree', tree)
+
+  def maybe_save(self, step: int, state, data_iter, config, force: bool = False):
+    if not force and step % self.every:
+      return False
+    import grain
+    ocp = self._ocp
+    if self.manager.latest_step() == step:
+      return False
+    args = ocp.args.Composite(state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(data_iter),
+                              config=ocp.args.JsonSave(json.loads(config.to_json_best_effort())))
+    return self.manager.save(step, args=args, force=True)
+
+  def restore(self, step: int, abstract_state, shardings, data_iter):
+    import grain
+    ocp = self._ocp
+    target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state, shardings)
+    out = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target),
+                                                             data=grain.checkpoint.CheckpointRestore(data_iter)))
+    return out['state']
+
+  def wait(self):
+    self.manager.wait_until_finished()
+
+  def close(self):
+    self.manager.close()

@@ -1,0 +1,96 @@
+"""Shared config pieces. Each ``configs/<name>.py`` has ``get_config()`` returning an ``ml_collections.ConfigDict``;
+every value can be overridden on the command line: ``--config=configs/var_d16.py --config.optim.base_lr=8e-5``.
+"""
+import dataclasses
+
+import ml_collections
+
+from var_jax.models.configs import PATCH_NUMS_256, PATCH_NUMS_512, VARConfig, VQVAEConfig
+
+
+def _fields(cls, **overrides):
+  d = {f.name: f.default for f in dataclasses.fields(cls)}
+  d.update(overrides)
+  return d   # tuples stay tuples: overridable from the command line as --config.x='(1, 2)'
+
+
+def base() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+
+  # ---- data (var_jax.data) ----
+  c.data = ml_collections.ConfigDict(dict(
+      name='folder',            # 'folder' (train/<class>/*), 'tfds' (ArrayRecord via tfds.data_source), 'digits'
+      path='',                  # folder root (has train/ and val/)
+      tfds_name='', tfds_data_dir='',
+      image_size=256, mid_reso=1.125, hflip=False,
+      train_split='train', eval_split='val',
+      num_workers=8, worker_buffer_size=2, max_skip_fraction=0.01,
+  ))
+
+  # ---- stage 1: the frozen tokenizer ----
+  c.vae = ml_collections.ConfigDict(_fields(VQVAEConfig))
+  c.vae_ckpt = ''               # reference .pth/.safetensors, or a var_jax model checkpoint dir; '' = random init
+  c.vae_dtype = 'float32'       # tokenisation precision (argmin over codes: keep float32)
+
+  # ---- stage 2: the transformer ----
+  c.model = ml_collections.ConfigDict(_fields(VARConfig))
+  c.init_from = ''              # optional reference VAR .pth/.safetensors to fine-tune from
+
+  # ---- optimisation (the reference recipe) ----
+  c.global_batch_size = 768
+  c.epochs = 200.0
+  c.total_steps = -1            # > 0 overrides epochs
+  c.grad_accum = 1              # micro-batches per optimizer step (global_batch_size is per step)
+  c.label_smoothing = 0.0       # the reference's default (--ls)
+  c.dtype = 'bfloat16'          # transformer compute dtype; params and optimizer state stay float32
+  c.optim = ml_collections.ConfigDict(dict(
+      base_lr=1e-4, lr_batch_ref=256,        # lr = base_lr * global_batch_size / 256
+      b1=0.9, b2=0.95, eps=1e-8,
+      weight_decay=0.05, weight_decay_end=-1.0,   # -1: same as weight_decay (cosine from wd to wd_end)
+      schedule='lin0', warmup_epochs=-1.0,   # -1: epochs / 50
+      warmup_start=0.005, end_ratio=0.01,    # wp0, wpe
+      grad_clip=2.0,
+  ))
+  # progressive training (the reference's --pg/--pg0/--pgwp): grow the number of scales over [0, fraction]
+  c.progressive = ml_collections.ConfigDict(dict(fraction=0.0, start_stage=4, warmup_epochs=-1.0))
+
+  # ---- sharding (var_jax.sharding) ----
+  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+  c.logical_axis_rules = ()     # () = var_jax.sharding.LOGICAL_AXIS_RULES; else ((logical, mesh axes), ...)
+
+  # ---- loop ----
+  c.log_every = 50
+  c.ckpt_every = 1000
+  c.keep_ckpts = 3
+  c.eval_every = 5000
+  c.eval_batches = -1           # -1: the whole eval split
+  c.sample_every = 5000
+  c.sample_classes = (207, 360, 387, 974, 88, 979, 417, 279)
+  c.sample = ml_collections.ConfigDict(dict(cfg=1.5, top_k=900, top_p=0.96))
+  return c
+
+
+def var_recipe(depth: int, **kw) -> ml_collections.ConfigDict:
+  """The reference README's training command for VAR-d{depth} on ImageNet."""
+  c = base()
+  is512 = depth == 36
+  pn = PATCH_NUMS_512 if is512 else PATCH_NUMS_256
+  c.vae.patch_nums = pn
+  c.vae_ckpt = 'vae_ch160v4096z32.pth'
+  c.data.image_size = 512 if is512 else 256
+  c.model.update(_fields(VARConfig, depth=depth, embed_dim=64 * depth, num_heads=depth,
+                         drop_path_rate=0.1 * depth / 24, shared_aln=is512, patch_nums=pn))
+  recipe = {   # depth: (global batch, epochs, base lr, init_adaln_gamma, end_ratio (wpe), final wd)
+      16: (768, 200, 1e-4, 1e-3, 0.1, -1.0),
+      20: (768, 250, 1e-4, 1e-3, 0.1, -1.0),
+      24: (768, 350, 8e-5, 1e-4, 0.01, -1.0),
+      30: (1024, 350, 8e-5, 1e-5, 0.01, 0.08),
+      36: (768, 350, 8e-5, 5e-6, 0.01, 0.08),
+  }[depth]
+  c.global_batch_size, c.epochs, c.optim.base_lr, c.model.init_adaln_gamma, c.optim.end_ratio, \
+      c.optim.weight_decay_end = recipe
+  c.mesh.update(data=-1, fsdp=1, tensor=1)
+  for k, v in kw.items():
+    c[k] = v
+  return c

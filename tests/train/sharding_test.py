@@ -1,0 +1,78 @@
+"""Sharded (data=2, fsdp=2, tensor=2 on 8 fake CPU devices) and single-device training agree; params are really
+sharded as the logical-axis rules say."""
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from var_jax import sharding as shd
+from var_jax.models.transformer import VAR
+from var_jax.models.vqvae import VQVAE
+from var_jax.train import trainer
+from tests_helpers import quickstart_config
+
+
+def _setup(config, mesh):
+  vae_cfg, var_cfg = trainer.model_configs(config)
+  var, vae = VAR(var_cfg), VQVAE(vae_cfg)
+  schedule = trainer.make_schedule(config, 1000)
+  tx = trainer.build_optimizer(config, schedule)
+  state, abstract, shardings = trainer.init_state(var, tx, mesh, shd.LOGICAL_AXIS_RULES, config.seed)
+  vae_vars = trainer.load_tokenizer(config, vae_cfg, mesh)
+  step = jax.jit(trainer.make_train_step(var, vae, tx, config, -1),
+                 in_shardings=(shardings, shd.batch_sharding(mesh), shd.replicated(mesh), None),
+                 out_shardings=(shardings, shd.replicated(mesh)))
+  return state, vae_vars, step
+
+
+def _batches(config, n):
+  rng = np.random.default_rng(0)
+  s = config.data.image_size
+  for _ in range(n):
+    yield {'image': rng.uniform(-1, 1, (config.global_batch_size, s, s, 3)).astype(np.float32),
+           'label': rng.integers(0, 10, (config.global_batch_size,)).astype(np.int32)}
+
+
+def _run(config, mesh, n=3):
+  state, vae_vars, step = _setup(config, mesh)
+  losses = []
+  with shd.mesh_context(mesh):
+    for b in _batches(config, n):
+      state, m = step(state, shd.host_local_to_global(b, mesh), vae_vars, jnp.float32(1.0))
+      losses.append(float(m['train_loss']))
+  return losses, state
+
+
+def test_sharded_equals_single_device():
+  config = quickstart_config(global_batch_size=16, grad_accum=2)   # micro-batching on too
+  config.model.drop_path_rate = 0.1          # exercises the dropout rng under sharding too
+  single = shd.make_mesh({'data': 1}, devices=jax.devices()[:1])
+  sharded = shd.make_mesh({'data': 2, 'fsdp': 2, 'tensor': 2})
+  l1, s1 = _run(config, single)
+  l8, s8 = _run(config, sharded)
+  np.testing.assert_allclose(l8, l1, rtol=2e-5)
+  assert l1[-1] < l1[0]
+  for a, b in zip(jax.tree.leaves(s1.params), jax.tree.leaves(s8.params)):
+    np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=2e-5)
+  # the parameters and Adam moments are sharded as the rules say
+  fc1 = s8.params['blocks_0']['ffn']['fc1']['kernel']
+  assert fc1.sharding.spec == P('fsdp', 'tensor')
+  assert fc1.addressable_shards[0].data.shape == (fc1.shape[0] // 2, fc1.shape[1] // 2)
+  assert s8.params['class_emb'].sharding.spec == P(None, 'fsdp')
+  assert s8.params['head']['kernel'].sharding.spec == P('fsdp', 'tensor')
+  mu = s8.opt_state[1].mu['blocks_0']['attn']['mat_qkv']['kernel']
+  assert mu.sharding.spec == P('fsdp', 'tensor')
+
+
+def test_mesh_shapes_and_errors():
+  assert shd.mesh_shape({'data': -1, 'fsdp': 2}, 8) == (4, 2, 1)
+  assert shd.mesh_shape({'data': 1, 'fsdp': -1, 'tensor': 2}, 8) == (1, 4, 2)
+  with pytest.raises(ValueError, match='at most one axis may be -1'):
+    shd.mesh_shape({'data': -1, 'fsdp': -1}, 8)
+  with pytest.raises(ValueError, match='needs 6 devices'):
+    shd.mesh_shape({'data': 3, 'fsdp': 2}, 8)
+  mesh = shd.make_mesh({'data': 4, 'fsdp': 2})
+  with pytest.raises(ValueError, match='not divisible by data x fsdp = 8'):
+    shd.global_batch_size_ok(12, mesh)

@@ -1,0 +1,107 @@
+"""Device mesh and sharding: the one module that maps logical axis names onto mesh axes.
+
+Every parameter carries logical axis names (``var_jax.models.layers``: 'embed', 'mlp', 'qkv', 'heads', 'adaln',
+'vocab', 'classes', 'length', 'latent', 'conv_in', 'conv_out', 'norm'); activations are constrained with
+'activation_batch', 'activation_length', 'activation_embed'. ``LOGICAL_AXIS_RULES`` maps them onto the mesh axes
+('data', 'fsdp', 'tensor'): parameters and optimizer state are sharded FSDP-style over 'fsdp' (and their
+matmul-output dimension over 'tensor'), the batch over data x fsdp. Linen's logical constraints only act under
+``with jax.set_mesh(mesh), nn.logical_axis_rules(rules):`` on a mesh of ``AxisType.Auto`` axes (``mesh_context``).
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Any, Dict, Optional, Sequence, Tuple
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+MESH_AXES = ('data', 'fsdp', 'tensor')
+
+LOGICAL_AXIS_RULES: Tuple[Tuple[str, Any], ...] = (
+    # activations
+    ('activation_batch', ('data', 'fsdp')),
+    ('activation_length', None),
+    ('activation_embed', None),
+    # parameters
+    ('embed', 'fsdp'),
+    ('mlp', 'tensor'),
+    ('qkv', 'tensor'),
+    ('adaln', 'tensor'),
+    ('vocab', 'tensor'),
+    ('heads', None),
+    ('classes', None),
+    ('length', None),
+    ('latent', None),
+    ('conv_in', None),
+    ('conv_out', None),
+    ('norm', None),
+)
+
+
+def mesh_shape(axis_sizes: Dict[str, int], num_devices: int) -> Tuple[int, ...]:
+  """Sizes for ('data', 'fsdp', 'tensor'); one of them may be -1 ('the rest')."""
+  sizes = [int(axis_sizes.get(a, 1)) for a in MESH_AXES]
+  if sizes.count(-1) > 1:
+    raise ValueError(f'mesh: at most one axis may be -1, got {dict(zip(MESH_AXES, sizes))}')
+  known = math.prod(s for s in sizes if s != -1)
+  if -1 in sizes:
+    if num_devices % known:
+      raise ValueError(f'mesh {dict(zip(MESH_AXES, sizes))}: {num_devices} devices are not divisible by {known}')
+    sizes[sizes.index(-1)] = num_devices // known
+  if math.prod(sizes) != num_devices:
+    raise ValueError(f'mesh {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices, '
+                     f'but {num_devices} are available')
+  return tuple(sizes)
+
+
+def make_mesh(axis_sizes: Dict[str, int], devices: Optional[Sequence[Any]] = None) -> Mesh:
+  """A mesh over all (or the given) devices with Auto axes ('data', 'fsdp', 'tensor')."""
+  devices = list(devices) if devices is not None else jax.devices()
+  shape = mesh_shape(dict(axis_sizes), len(devices))
+  if devices == jax.devices():
+    return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
+  return Mesh(np.asarray(devices).reshape(shape), MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
+
+
+def rules_from_config(rules=None) -> Tuple[Tuple[str, Any], ...]:
+  if not rules:
+    return LOGICAL_AXIS_RULES
+  return tuple((str(k), (tuple(v) if isinstance(v, (list, tuple)) else v)) for k, v in rules)
+
+
+@contextlib.contextmanager
+def mesh_context(mesh: Mesh, rules=LOGICAL_AXIS_RULES):
+  """Activate the mesh and the logical rules (what switches Linen's logical constraints on)."""
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    yield
+
+
+def logical_to_shardings(boxed_abstract_tree, mesh: Mesh, rules=LOGICAL_AXIS_RULES):
+  """A tree holding ``nn.Partitioned`` boxes (e.g. ``jax.eval_shape`` of a Linen init) -> NamedShardings of the
+  unboxed tree; unannotated leaves are replicated."""
+  specs = nn.get_partition_spec(boxed_abstract_tree)
+  return nn.logical_to_mesh_sharding(specs, mesh, rules)
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+  """Leading (batch) dimension over data x fsdp; the rest replicated."""
+  return NamedSharding(mesh, P(('data', 'fsdp')))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def global_batch_size_ok(global_batch: int, mesh: Mesh):
+  n = mesh.shape['data'] * mesh.shape['fsdp']
+  if global_batch % n:
+    raise ValueError(f'global batch size {global_batch} is not divisible by data x fsdp = {n}')
+
+
+def host_local_to_global(batch: Dict[str, np.ndarray], mesh: Mesh) -> Dict[str, jax.Array]:
+  """Each process's slice of the batch -> one global jax.Array per field, sharded over data x fsdp."""
+  sh = batch_sharding(mesh)
+  return {k: jax.make_array_from_process_local_data(sh, np.asarray(v)) for k, v in batch.items()}

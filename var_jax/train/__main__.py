@@ -1,0 +1,66 @@
+r"""Train VAR: ``python -m var_jax.train --config=configs/quickstart.py --workdir=/tmp/var_quickstart``.
+
+Every config value can be overridden: ``--config.optim.base_lr=8e-5 --config.mesh.fsdp=-1``. Run the same command
+on every host of a TPU VM slice (or every GPU node): JAX's distributed runtime is initialised from the environment
+when there is more than one process (or with ``--distributed``). Re-running a command resumes from the workdir.
+"""
+import logging as std_logging
+import os
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file('config', None, 'path to a configs/*.py file', lock_config=True)
+flags.DEFINE_string('workdir', None, 'checkpoints, metrics, TensorBoard and samples go here (local or gs://)')
+flags.DEFINE_bool('distributed', None, 'call jax.distributed.initialize() (default: auto-detect multi-host)')
+flags.mark_flags_as_required(['config', 'workdir'])
+
+_MULTIHOST_ENV = ('JAX_COORDINATOR_ADDRESS', 'TPU_WORKER_HOSTNAMES', 'MEGASCALE_COORDINATOR_ADDRESS',
+                  'SLURM_NTASKS', 'OMPI_MCA_orte_hnp_uri')
+
+
+def initialize_distributed():
+  """jax.distributed.initialize(); jax auto-detects Slurm, Cloud TPU, GKE and Open MPI. For a manual launch set
+  JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID (jax itself reads only the first)."""
+  import jax
+  n, i = os.environ.get('JAX_NUM_PROCESSES'), os.environ.get('JAX_PROCESS_ID')
+  if n is not None and i is not None:
+    jax.distributed.initialize(os.environ['JAX_COORDINATOR_ADDRESS'], num_processes=int(n), process_id=int(i))
+  else:
+    jax.distributed.initialize()
+
+
+def setup_logging():
+  """Our progress lines to stdout; library INFO chatter (orbax, grain) off unless --verbosity asks for it."""
+  if not FLAGS['verbosity'].present:
+    logging.set_verbosity(logging.WARNING)
+  lg = std_logging.getLogger('var_jax')
+  lg.setLevel(std_logging.INFO)
+  h = std_logging.StreamHandler(sys.stdout)
+  h.setFormatter(std_logging.Formatter('%(asctime)s %(levelname).1s %(message)s', '%H:%M:%S'))
+  lg.addHandler(h)
+  lg.propagate = False
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  setup_logging()
+  import jax
+  distributed = FLAGS.distributed
+  if distributed is None:
+    distributed = any(os.environ.get(k) for k in _MULTIHOST_ENV) and os.environ.get('SLURM_NTASKS', '2') != '1'
+  if distributed:
+    initialize_distributed()
+  std_logging.getLogger('var_jax').info('process %d/%d, %d local / %d global devices', jax.process_index(), jax.process_count(),
+               jax.local_device_count(), jax.device_count())
+  from var_jax.train import trainer
+  if jax.process_index() == 0:
+    os.makedirs(FLAGS.workdir, exist_ok=True) if '://' not in FLAGS.workdir else None
+  trainer.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+
+
+if __name__ == '__main__':
+  app.run(main)
