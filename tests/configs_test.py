@@ -1,0 +1,72 @@
+"""Every config file loads, is consistent, and matches the reference recipes; schedules follow the reference."""
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from tests_helpers import REPO, load_config, quickstart_config
+from var_jax.train import trainer
+
+CONFIGS = sorted(p.stem for p in (REPO / 'configs').glob('*.py') if p.stem != 'common')
+
+
+@pytest.mark.parametrize('name', CONFIGS)
+def test_config_loads_and_validates(name):
+  c = load_config(name)
+  vae_cfg, var_cfg = trainer.model_configs(c)        # raises on inconsistent tokenizer/transformer/data
+  assert c.global_batch_size > 0 and c.optim.base_lr > 0
+  assert var_cfg.patch_nums == vae_cfg.patch_nums
+
+
+def test_reference_recipes():
+  d16, d30, d36 = load_config('var_d16'), load_config('var_d30'), load_config('var_d36')
+  assert (d16.model.depth, d16.model.embed_dim, d16.model.num_heads) == (16, 1024, 16)
+  assert (d16.global_batch_size, d16.epochs, d16.optim.end_ratio, d16.model.init_adaln_gamma) == (768, 200, 0.1, 1e-3)
+  assert (d30.global_batch_size, d30.optim.base_lr, d30.optim.weight_decay_end) == (1024, 8e-5, 0.08)
+  assert d36.model.shared_aln and d36.data.image_size == 512 and d36.model.patch_nums[-1] == 32
+  np.testing.assert_allclose(d16.model.drop_path_rate, 0.1 * 16 / 24)
+
+
+def test_progressive_schedule_matches_reference():
+  c = quickstart_config()
+  c.total_steps = 1000
+  c.progressive.update(fraction=0.8, start_stage=1, warmup_epochs=0.5)
+  s = trainer.make_schedule(c, 16 * 20)     # 20 steps per epoch at the test batch of 16
+  assert (s.steps_per_epoch, s.warmup_steps, s.prog_warmup_steps) == (20, 10, 10)   # quickstart: 0.5-epoch warmup
+  K = len(c.model.patch_nums)
+
+  def ref_si(it):   # the reference train.py, transcribed
+    if it <= s.warmup_steps:
+      return 1
+    if it >= 1000 * 0.8:
+      return K - 1
+    progress = min(max((it - s.warmup_steps) / (1000 * 0.8 - s.warmup_steps), 0), 1)
+    return 1 + round(progress * (K - 1 - 1))
+
+  for it in [0, 5, 20, 21, 300, 500, 799, 800, 999]:
+    si, ramp = s.stage(it)
+    want = ref_si(it)
+    assert si == (-1 if want == K - 1 else want), it
+    assert 0.01 <= ramp <= 1
+  assert s.stage(0)[1] == 1.0                          # no ramp at the first stage
+  no_prog = trainer.make_schedule(quickstart_config(), 1000)
+  assert no_prog.stage(10) == (-1, 1.0)
+
+
+def test_progressive_train_step_runs():
+  from var_jax import sharding as shd
+  from var_jax.models.transformer import VAR
+  from var_jax.models.vqvae import VQVAE
+  c = quickstart_config()
+  mesh = shd.make_mesh({'data': 1}, devices=jax.devices()[:1])
+  vae_cfg, var_cfg = trainer.model_configs(c)
+  tx = trainer.build_optimizer(c, trainer.make_schedule(c, 1000))
+  state, _, _ = trainer.init_state(VAR(var_cfg), tx, mesh, shd.LOGICAL_AXIS_RULES, 0)
+  vae_vars = trainer.load_tokenizer(c, vae_cfg, mesh)
+  batch = {'image': jnp.zeros((16, 32, 32, 3)), 'label': jnp.arange(16) % 10}
+  step = jax.jit(trainer.make_train_step(VAR(var_cfg), VQVAE(vae_cfg), tx, c, prog_si=1))
+  state2, m = step(state, batch, vae_vars, jnp.float32(0.5))
+  assert np.isfinite(float(m['train_loss'])) and int(state2.step) == 1
+  assert m['loss_per_scale'].shape == (2,)             # scales 0 and 1 only
