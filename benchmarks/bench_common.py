@@ -155,7 +155,8 @@ def import_reference(path):
     stub = types.ModuleType('huggingface_hub')
     stub.PyTorchModelHubMixin = object
     sys.modules['huggingface_hub'] = stub
-  sys.path.insert(0, path)
+  if path not in sys.path:
+    sys.path.insert(0, path)
   from models.var import VAR as RefVAR        # noqa: E402  (imports the reference's dist.py: device fixed there)
   from models.vqvae import VQVAE as RefVQVAE  # noqa: E402
   return RefVQVAE, RefVAR

@@ -29,7 +29,9 @@ from absl import app
 from absl import flags
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))   # bench_common (when not run as a script)
+_HERE = os.path.dirname(os.path.abspath(__file__))
+if _HERE not in sys.path:   # bench_common sits beside this file (sys.path[0] when run as a script)
+  sys.path.insert(0, _HERE)
 import bench_common as bc  # noqa: E402  (also puts the checkout first on sys.path and defines the shared flags)
 
 FLAGS = flags.FLAGS
@@ -58,69 +60,16 @@ def time_ours(pipe, labels, dtype_name):
     t0 = time.perf_counter()
     images, tokens = pipe.sample(labels[i], FLAGS.seed + i, **kw)   # host numpy: synchronous
     lats.append(time.perf_counter() - t0)
-  return _stats(first, lats, FLAGS.batch_size)
-
-
-def _cpu_name():
-  try:
-    with open('/proc/cpuinfo') as f:
-      for line in f:
-        if line.startswith('model name'):
-          return line.split(':', 1)[1].strip()
-  except OSError:
-    pass
-  return platform.processor() or platform.machine()
-
-
-def _reference_dir(path):
-  path = os.path.abspath(os.path.expanduser(path))
-  if not os.path.isfile(os.path.join(path, 'models', 'var.py')) or not os.path.isfile(os.path.join(path, 'dist.py')):
-    raise app.UsageError(f'--reference_path={path} does not look like a FoundationVision/VAR checkout '
-                         f'(models/var.py and dist.py expected)')
-  return path
-
-
-def import_reference(path):
-  """The reference ``VQVAE`` and ``VAR`` classes, imported from the user's checkout (never copied here)."""
-  path = _reference_dir(path)
-  loaded = sys.modules.get('models')
-  if loaded is not None and not os.path.abspath(getattr(loaded, '__file__', '') or '').startswith(path):
-    raise RuntimeError(f'a different top-level `models` package is already imported ({loaded!r})')
-  try:
-    import huggingface_hub  # noqa: F401
-  except ImportError:   # only used by the reference's VARHF mixin
-    stub = types.ModuleType('huggingface_hub')
-    stub.PyTorchModelHubMixin = object
-    sys.modules['huggingface_hub'] = stub
-  sys.path.insert(0, path)
-  from models.var import VAR as RefVAR        # noqa: E402  (imports the reference's dist.py: device fixed there)
-  from models.vqvae import VQVAE as RefVQVAE  # noqa: E402
-  return RefVQVAE, RefVAR
+  return bc.timing_stats(first, lats, FLAGS.batch_size)
 
 
 def time_reference(pipe, labels, dtype_name):
   import torch
   vae_cfg, var_cfg = pipe.vae_config, pipe.var_config
-  RefVQVAE, RefVAR = import_reference(FLAGS.reference_path)
-  dev = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
-  if dev.type == 'cuda':
-    torch.backends.cudnn.allow_tf32 = FLAGS.tf32
-    torch.backends.cuda.matmul.allow_tf32 = FLAGS.tf32
-    torch.set_float32_matmul_precision('high' if FLAGS.tf32 else 'highest')
+  bc.import_reference(FLAGS.reference_path)
+  dev = bc.torch_device()
   t0 = time.perf_counter()
-  with tempfile.TemporaryDirectory(prefix='var_jax_bench_') as tmp:
-    vae_path, var_path = os.path.join(tmp, 'vae.pth'), os.path.join(tmp, 'var.pth')
-    with warnings.catch_warnings():   # torch.from_numpy on read-only arrays: harmless here, the copy is saved
-      warnings.filterwarnings('ignore', message='The given NumPy array is not writable')
-      pipe.save_torch(vae_path, var_path)
-    vae = RefVQVAE(vocab_size=vae_cfg.vocab_size, z_channels=vae_cfg.z_channels, ch=vae_cfg.ch, test_mode=True,
-                   share_quant_resi=vae_cfg.share_quant_resi, v_patch_nums=vae_cfg.patch_nums)
-    var = RefVAR(vae_local=vae, num_classes=var_cfg.num_classes, depth=var_cfg.depth, embed_dim=var_cfg.embed_dim,
-                 num_heads=var_cfg.num_heads, mlp_ratio=var_cfg.mlp_ratio, norm_eps=var_cfg.norm_eps,
-                 shared_aln=var_cfg.shared_aln, attn_l2_norm=True, patch_nums=var_cfg.patch_nums,
-                 flash_if_available=True, fused_if_available=True)
-    vae.load_state_dict(torch.load(vae_path, map_location='cpu', weights_only=True), strict=True)
-    var.load_state_dict(torch.load(var_path, map_location='cpu', weights_only=True), strict=True)
+  vae, var = bc.load_reference_models(pipe, FLAGS.reference_path)
   vae, var = vae.to(dev).eval(), var.to(dev).eval()
   setup_s = time.perf_counter() - t0
 
@@ -146,12 +95,9 @@ def time_reference(pipe, labels, dtype_name):
     t0 = time.perf_counter()
     run(i)
     lats.append(time.perf_counter() - t0)
-  out = _stats(first, lats, FLAGS.batch_size)
+  out = bc.timing_stats(first, lats, FLAGS.batch_size)
   out.pop('compile_s_est')
-  out.update(setup_s=setup_s, torch=torch.__version__, torch_device=str(dev),
-             torch_device_name=torch.cuda.get_device_name(dev) if dev.type == 'cuda' else _cpu_name(),
-             torch_threads=torch.get_num_threads(), autocast_bf16=use_amp,
-             tf32=bool(FLAGS.tf32 and dev.type == 'cuda'))
+  out.update(setup_s=setup_s, **bc.torch_info(dev), autocast_bf16=use_amp, tf32=bool(FLAGS.tf32 and dev.type == 'cuda'))
   return out
 
 
@@ -169,63 +115,47 @@ def main(argv):
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   if FLAGS.batch_size < 1 or FLAGS.num_batches < 1:
     raise app.UsageError('--batch_size and --num_batches must be >= 1')
-  if FLAGS.reference_path:
-    _reference_dir(FLAGS.reference_path)   # fail before the (long) JAX part
-    # JAX would otherwise reserve 75% of the GPU memory at start-up and leave little to PyTorch.
-    os.environ.setdefault('XLA_PYTHON_CLIENT_PREALLOCATE', 'false')
+  bc.prepare_reference()
   import jax
-  import var_jax
   from var_jax import VARPipeline
 
-  vae_cfg, var_cfg = build_configs()
-  devs = jax.devices()
-  d0 = devs[0]
-  kind = f'{d0.device_kind} ({_cpu_name()}, {os.cpu_count()} cores)' if d0.platform == 'cpu' else d0.device_kind
-  print(f'device: {d0.platform} / {kind} x{len(devs)} (local {jax.local_device_count()}) | jax {jax.__version__} | '
-        f'python {platform.python_version()} | var_jax from {os.path.dirname(var_jax.__file__)}')
+  vae_cfg, var_cfg = bc.build_configs()
+  device_line, device = bc.describe_jax_devices()
+  print(device_line)
 
   t0 = time.perf_counter()
   pipe = VARPipeline.init_random(vae_cfg, var_cfg, jax.random.key(FLAGS.seed))
   jax.block_until_ready((pipe.vae_variables, pipe.var_variables))
   init_s = time.perf_counter() - t0
-  n_var = sum(int(np.prod(a.shape)) for a in jax.tree.leaves(pipe.var_variables['params']))
-  n_vae = sum(int(np.prod(a.shape)) for a in jax.tree.leaves(pipe.vae_variables['params']))
+  n_var = bc.num_params(pipe.var_variables['params'])
+  n_vae = bc.num_params(pipe.vae_variables['params'])
   config = dict(depth=var_cfg.depth, embed_dim=var_cfg.embed_dim, num_heads=var_cfg.num_heads,
                 shared_aln=var_cfg.shared_aln, patch_nums=list(var_cfg.patch_nums), seq_len=var_cfg.seq_len,
                 vae_ch=vae_cfg.ch, vocab_size=vae_cfg.vocab_size, z_channels=vae_cfg.z_channels,
                 num_classes=var_cfg.num_classes, image_size=vae_cfg.image_size, var_params=n_var, vae_params=n_vae,
                 batch_size=FLAGS.batch_size, num_batches=FLAGS.num_batches, dtype=FLAGS.dtype, cfg=FLAGS.cfg,
                 top_k=FLAGS.top_k, top_p=FLAGS.top_p, shard=FLAGS.shard, seed=FLAGS.seed)
-  print(f'config: VAR-d{var_cfg.depth} (C={var_cfg.embed_dim}, heads={var_cfg.num_heads}, '
-        f'{n_var / 1e6:.1f}M params{", shared AdaLN" if var_cfg.shared_aln else ""}), '
-        f'patch_nums={var_cfg.patch_nums} (L={var_cfg.seq_len}) | VQVAE ch={vae_cfg.ch} V={vae_cfg.vocab_size} '
-        f'Cvae={vae_cfg.z_channels} ({n_vae / 1e6:.1f}M params), {vae_cfg.image_size}px')
+  print(f'config: {bc.model_summary(vae_cfg, var_cfg, n_var, n_vae)}')
   print(f'sampling: batch {FLAGS.batch_size} x {FLAGS.num_batches} timed batches | {FLAGS.dtype} | cfg={FLAGS.cfg} '
         f'top_k={FLAGS.top_k} top_p={FLAGS.top_p} | random-weight init {init_s:.1f} s')
 
   rng = np.random.default_rng(FLAGS.seed)
   labels = rng.integers(0, var_cfg.num_classes, size=(FLAGS.num_batches + 1, FLAGS.batch_size)).astype(np.int32)
 
-  results = dict(device=dict(platform=d0.platform, device_kind=d0.device_kind, count=len(devs), jax=jax.__version__),
-                 config=config)
+  results = dict(device=device, config=config)
   results['ours'] = ours = time_ours(pipe, labels, FLAGS.dtype)
   print(_fmt_run('ours:', ours), flush=True)
 
   if FLAGS.reference_path:
     results['reference'] = refr = time_reference(pipe, labels, FLAGS.dtype)
-    print(f'reference: torch {refr["torch"]} on {refr["torch_device"]} ({refr["torch_device_name"]}, '
-          f'{refr["torch_threads"]} threads) | autocast bf16 {refr["autocast_bf16"]} | tf32 {refr["tf32"]} | '
-          f'build + strict load {refr["setup_s"]:.1f} s')
+    print(bc.reference_line(refr))
     print(_fmt_run('reference:', refr))
     results['ratio_ours_over_reference'] = ratio = ours['images_per_s'] / refr['images_per_s']
     results['ratio_ours_over_reference_best'] = ours['images_per_s_best'] / refr['images_per_s_best']
     print(f'ratio ours/reference (images/s, mean latency): {ratio:.2f}x '
           f'(best-batch: {results["ratio_ours_over_reference_best"]:.2f}x)')
 
-  if FLAGS.json_out:
-    with open(FLAGS.json_out, 'w') as f:
-      json.dump(results, f, indent=2)
-    print(f'wrote {FLAGS.json_out}')
+  bc.write_json(results, FLAGS.json_out)
 
 
 if __name__ == '__main__':
