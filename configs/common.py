@@ -94,3 +94,27 @@ def var_recipe(depth: int, **kw) -> ml_collections.ConfigDict:
   for k, v in kw.items():
     c[k] = v
   return c
+
+
+def tokenizer_base() -> ml_collections.ConfigDict:
+  """Tokenizer (VQVAE) training: ``python -m var_jax.train --config=configs/vqvae_*.py`` (``task='vqvae'``)."""
+  c = base()
+  c.task = 'vqvae'
+  for k in ('model', 'init_from', 'vae_ckpt', 'vae_dtype', 'optim', 'progressive', 'label_smoothing', 'grad_accum',
+            'sample_classes', 'sample', 'eval_every', 'eval_batches'):
+    del c[k]
+  c.init_from = ''              # a reference VQVAE .pth/.safetensors to fine-tune (e.g. vae_ch160v4096z32.pth)
+  c.dtype = 'float32'
+  c.loss = ml_collections.ConfigDict(dict(
+      l1=1.0, l2=0.0, vq=1.0,
+      lpips=1.0, lpips_path='',  # converted LPIPS-VGG weights (python -m var_jax.models.lpips ...); 0 disables
+      gan=0.5, disc_start=20000, disc_loss='hinge', adaptive=True,
+  ))
+  c.disc = ml_collections.ConfigDict(dict(ndf=64, n_layers=3, norm='batch', in_channels=3))
+  c.optim_g = ml_collections.ConfigDict(dict(lr=1e-4, b1=0.5, b2=0.9, weight_decay=0.0, warmup_steps=0,
+                                             schedule='constant', end_ratio=0.0, grad_clip=0.0))
+  c.optim_d = ml_collections.ConfigDict(dict(lr=1e-4, b1=0.5, b2=0.9, weight_decay=0.0, warmup_steps=0,
+                                             schedule='constant', end_ratio=0.0, grad_clip=0.0))
+  # codebook health: restart dead codes every N steps (0: off)
+  c.codebook = ml_collections.ConfigDict(dict(restart_every=0))
+  return c

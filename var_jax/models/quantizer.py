@@ -71,6 +71,12 @@ class MultiScaleQuantizer(nn.Module):
     self._phi_idx = phi_index_per_scale(c)
 
   # ------------------------------------------------------------------ pieces
+  def init_phis(self, h):
+    """Touch every phi (init): with few scales some phis are never selected, but the reference has them all."""
+    for p in self.phis:
+      h = p(h)
+    return h
+
   def phi(self, si: int, h):
     i = self._phi_idx[si]
     return h if i is None else self.phis[i](h)

@@ -136,7 +136,8 @@ class Decoder(nn.Module):
   dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, z, train: bool = False):
+  def __call__(self, z, train: bool = False, return_pre_out: bool = False):
+    """z -> image; with ``return_pre_out`` also the input of the last conv (for VQGAN's adaptive GAN weight)."""
     n = len(self.ch_mult)
     h = Conv(self.ch * self.ch_mult[-1], 3, name='conv_in', dtype=self.dtype)(z)
     h = _Mid(h.shape[-1], self.dropout, self.using_mid_sa, name='mid', dtype=self.dtype)(h, train)
@@ -145,7 +146,8 @@ class Decoder(nn.Module):
                  with_attn=(i == n - 1 and self.using_sa), resample='up' if i != 0 else '',
                  name=f'up_{i}', dtype=self.dtype)(h, train)
     h = nn.silu(GroupNorm(name='norm_out', dtype=self.dtype)(h))
-    return Conv(self.out_channels, 3, name='conv_out', dtype=self.dtype)(h)
+    out = Conv(self.out_channels, 3, name='conv_out', dtype=self.dtype)(h)
+    return (out, h) if return_pre_out else out
 
 
 class VQVAE(nn.Module):
@@ -176,8 +178,10 @@ class VQVAE(nn.Module):
     """
     f = self.encode_features(x, train)
     f_hat, aux = self.quantize(f)
-    rec = self.decoder(self.post_quant_conv(f_hat), train)
-    return rec, aux
+    rec, pre_out = self.decoder(self.post_quant_conv(f_hat), train, return_pre_out=True)
+    aux['pre_out'] = pre_out     # the last decoder conv's input (VQGAN's adaptive weight needs it)
+    aux['features'] = f          # encoder features (dead-code restart draws from them)
+    return rec.astype(jnp.float32), aux
 
   # ---- inference ----
   def encode_features(self, x, train: bool = False):
@@ -205,5 +209,6 @@ class VQVAE(nn.Module):
 
   def init_all(self, x):
     """Touch every submodule (used by ``init``)."""
-    rec, _ = self(x, train=False)
+    rec, aux = self(x, train=False)
+    self.quantize.init_phis(aux['features'])
     return rec

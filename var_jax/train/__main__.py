@@ -1,4 +1,5 @@
-r"""Train VAR: ``python -m var_jax.train --config=configs/quickstart.py --workdir=/tmp/var_quickstart``.
+r"""Train VAR (``config.task`` unset or 'var') or its tokenizer (``task='vqvae'``), e.g.
+``python -m var_jax.train --config=configs/quickstart.py --workdir=/tmp/var_quickstart``.
 
 Every config value can be overridden: ``--config.optim.base_lr=8e-5 --config.mesh.fsdp=-1``. Run the same command
 on every host of a TPU VM slice (or every GPU node): JAX's distributed runtime is initialised from the environment
@@ -56,10 +57,17 @@ def main(argv):
     initialize_distributed()
   std_logging.getLogger('var_jax').info('process %d/%d, %d local / %d global devices', jax.process_index(), jax.process_count(),
                jax.local_device_count(), jax.device_count())
-  from var_jax.train import trainer
-  if jax.process_index() == 0:
-    os.makedirs(FLAGS.workdir, exist_ok=True) if '://' not in FLAGS.workdir else None
-  trainer.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  if jax.process_index() == 0 and '://' not in FLAGS.workdir:
+    os.makedirs(FLAGS.workdir, exist_ok=True)
+  task = FLAGS.config.get('task', 'var')
+  if task == 'var':
+    from var_jax.train import trainer
+    trainer.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  elif task == 'vqvae':
+    from var_jax.train import vqvae_trainer
+    vqvae_trainer.train_tokenizer(FLAGS.config, FLAGS.workdir)
+  else:
+    raise app.UsageError(f'config.task={task!r}: expected "var" or "vqvae"')
 
 
 if __name__ == '__main__':

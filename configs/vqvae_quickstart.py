@@ -1,0 +1,33 @@
+r"""Tokenizer quickstart: a small multi-scale VQVAE on scikit-learn's bundled digits, on a laptop CPU in minutes.
+
+  python -m var_jax.train --config=configs/vqvae_quickstart.py --workdir=/tmp/vqvae_quickstart
+then train VAR on its tokens:
+  python -m var_jax.train --config=configs/quickstart.py --workdir=/tmp/var_quickstart \
+      --config.vae_ckpt=/tmp/vqvae_quickstart/vqvae.safetensors
+LPIPS is off here (its VGG weights are a user-given file); the GAN loss starts at step 300.
+"""
+import importlib.util
+import os
+
+_spec = importlib.util.spec_from_file_location(
+    'var_jax_configs_common', os.path.join(os.path.dirname(os.path.abspath(__file__)), 'common.py'))
+common = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(common)   # configs are loaded by path (--config=configs/x.py), not as a package
+
+
+def get_config():
+  c = common.tokenizer_base()
+  c.data.update(name='digits', image_size=32, num_workers=0, hflip=False)
+  # the quickstart VAR's tokenizer (configs/quickstart.py): V=256, Cvae=16, 32px -> patch_nums 1,2,3,4
+  c.vae.update(vocab_size=256, z_channels=16, ch=32, ch_mult=(1, 1, 2, 2), num_res_blocks=1, patch_nums=(1, 2, 3, 4))
+  c.global_batch_size = 32
+  c.epochs = 8.0
+  c.loss.update(lpips=0.0, gan=0.1, disc_start=300)
+  c.disc.update(ndf=32, n_layers=2, norm='group')
+  c.optim_g.update(lr=3e-4, b1=0.9, b2=0.99, warmup_steps=20)
+  c.optim_d.update(lr=3e-4, b1=0.5, b2=0.9)
+  c.codebook.restart_every = 50
+  c.log_every = 20
+  c.ckpt_every = 200
+  c.sample_every = 200
+  return c
