@@ -14,7 +14,6 @@ import os
 import platform
 import sys
 import tempfile
-import time
 import types
 import warnings
 

@@ -1,5 +1,4 @@
 """Every config file loads, is consistent, and matches the reference recipes; schedules follow the reference."""
-import pathlib
 
 import jax
 import jax.numpy as jnp

@@ -6,7 +6,6 @@ params and caches jitted functions so repeated calls do not recompile.
 from __future__ import annotations
 
 import functools
-import os
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import jax

@@ -17,11 +17,10 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from var_jax.models.transformer import VAR
 from var_jax.models.vqvae import VQVAE

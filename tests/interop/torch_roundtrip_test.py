@@ -1,5 +1,4 @@
 """Import a reference checkpoint, export it again: every key, order, dtype, shape and value identical."""
-import collections
 
 import numpy as np
 import pytest

@@ -10,7 +10,6 @@ import pytest
 from flax import traverse_util
 
 from var_jax import VAR, VQVAE, VARConfig, VQVAEConfig, VARPipeline
-from var_jax.interop import reference as ref
 from var_jax.models.quantizer import phi_index_per_scale
 
 CONFIGS = {

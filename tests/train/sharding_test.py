@@ -2,7 +2,6 @@
 sharded as the logical-axis rules say."""
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P

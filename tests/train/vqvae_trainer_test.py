@@ -80,7 +80,6 @@ def straight(tmp_path_factory):
 
 
 def test_train_end_to_end(straight):
-  tmp_path = straight.parent
   m = _metrics(straight)
   assert sorted(m) == list(range(1, 41))
   first5 = np.mean([m[s]['l1'] for s in range(1, 6)])

@@ -21,7 +21,6 @@ import numpy as np
 from flax import traverse_util
 
 from var_jax.models.configs import PATCH_NUMS_256, VARConfig, VQVAEConfig, infer_patch_nums
-from var_jax.models.quantizer import phi_index_per_scale
 from var_jax.models.transformer import block_causal_mask, level_ids
 
 Array = np.ndarray

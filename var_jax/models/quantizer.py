@@ -10,8 +10,7 @@ reference's: linspace(1/3/K, 1-1/3/K, K) when K == 4 else linspace(1/2/K, 1-1/2/
 """
 from __future__ import annotations
 
-import functools
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import flax.linen as nn
 import jax

@@ -5,7 +5,7 @@ module tree (``down_{i}/block_{j}`` for ``down.{i}.block.{j}``) so that ``var_ja
 """
 from __future__ import annotations
 
-from typing import Any, Dict, List, Sequence, Tuple
+from typing import Any, List, Sequence, Tuple
 
 import flax.linen as nn
 import jax

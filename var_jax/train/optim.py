@@ -6,9 +6,8 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Any, Callable, Sequence
+from typing import Sequence
 
-import jax
 import jax.numpy as jnp
 import optax
 from flax import traverse_util

@@ -10,16 +10,11 @@ uninterrupted one.
 from __future__ import annotations
 
 import dataclasses
-import functools
-import json
-import math
 import os
-import signal
 import time
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, Tuple
 
 import flax
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -34,6 +29,7 @@ from var_jax import sharding as shd
 from var_jax.models.configs import VARConfig, VQVAEConfig
 from var_jax.models.transformer import VAR
 from var_jax.models.vqvae import VQVAE
+from var_jax.train import loop_common
 from var_jax.train import metrics as metrics_lib
 from var_jax.train import optim
 from var_jax.train.losses import label_smoothed_cross_entropy
@@ -262,53 +258,8 @@ def load_tokenizer(config, vae_cfg: VQVAEConfig, mesh):
   return jax.device_put(v, shd.replicated(mesh))
 
 
-def _dotted(path) -> str:
-  parts = []
-  for k in path:
-    for attr in ('key', 'name', 'idx'):
-      if hasattr(k, attr):
-        parts.append(str(getattr(k, attr)))
-        break
-  return '.'.join(parts)
-
-
-def check_restorable(abstract, metadata, what='checkpoint'):
-  """Compare a checkpoint's stored shapes with the state the config builds; name the first mismatched leaf."""
-  want = {_dotted(p): tuple(x.shape) for p, x in jax.tree_util.tree_flatten_with_path(abstract)[0]}
-  have = {}
-  for p, x in jax.tree_util.tree_flatten_with_path(metadata)[0]:
-    have[getattr(x, 'name', None) or _dotted(p)] = tuple(getattr(x, 'shape', ()))
-  for k in sorted(set(want) | set(have)):
-    if k not in have:
-      raise ValueError(f'{what}: leaf {k} (shape {want[k]}) is missing from the checkpoint')
-    if k not in want:
-      raise ValueError(f'{what}: the checkpoint has leaf {k} (shape {have[k]}) that this config does not')
-    if want[k] != have[k]:
-      raise ValueError(f'{what}: leaf {k} has shape {have[k]} in the checkpoint but {want[k]} in this config')
-
-
 # ----------------------------------------------------------------------------- the loop
-class _Preemption:
-  """Single host: a SIGTERM handler sets a flag. Multi-host: JAX's distributed runtime owns SIGTERM (its
-  preemption notifier) and orbax's ``reached_preemption`` makes all hosts stop at the same step."""
-
-  def __init__(self):
-    self.requested = False
-    self._old = None
-    if jax.process_count() == 1:
-      self._old = signal.signal(signal.SIGTERM, self._handler)
-
-  def _handler(self, signum, frame):
-    logging.warning('SIGTERM received: saving a checkpoint and exiting')
-    self.requested = True
-
-  def restore(self):
-    if self._old is not None:
-      signal.signal(signal.SIGTERM, self._old)
-
-
 def _sample_grid(config, vae_cfg, var_cfg, state, vae_vars, workdir, step, sampler_cache):
-  from PIL import Image
   from var_jax import sampling
   from var_jax.sample import labelled_grid, to_uint8
   labels = np.asarray(config.sample_classes, np.int32) % var_cfg.num_classes
@@ -317,15 +268,8 @@ def _sample_grid(config, vae_cfg, var_cfg, state, vae_vars, workdir, step, sampl
     sampler_cache['fn'] = sampling.make_sampler(vae_cfg, var_cfg, opts)
   keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(config.seed), i))(jnp.arange(len(labels)))
   imgs, _ = sampler_cache['fn'](vae_vars, {'params': state.params}, jnp.asarray(labels), keys)
-  if jax.process_index() == 0:
-    import io
-    from etils import epath
-    d = epath.Path(workdir) / 'samples'
-    d.mkdir(parents=True, exist_ok=True)
-    buf = io.BytesIO()
-    labelled_grid(to_uint8(jax.device_get(imgs)), labels.tolist(), cols=min(len(labels), 8)).save(buf, 'PNG')
-    (d / f'step_{step:08d}.png').write_bytes(buf.getvalue())
-    return str(d / f'step_{step:08d}.png')
+  grid = labelled_grid(to_uint8(jax.device_get(imgs)), labels.tolist(), cols=min(len(labels), 8))
+  return loop_common.write_png(workdir, 'samples', step, grid)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, float]:
@@ -334,13 +278,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
   from var_jax.data import pipeline as data_lib
 
   # ---- mesh ----
-  rules = shd.rules_from_config(config.logical_axis_rules)
-  mesh = shd.make_mesh(config.mesh.to_dict())
-  shd.global_batch_size_ok(config.global_batch_size, mesh)
-  if config.global_batch_size % (jax.process_count() * config.grad_accum):
-    raise ValueError(f'global_batch_size {config.global_batch_size} must divide into {jax.process_count()} '
-                     f'processes x {config.grad_accum} micro-batches')
-  logging.info('mesh %s on %d devices (%s)', dict(mesh.shape), jax.device_count(), jax.devices()[0].device_kind)
+  mesh, rules = loop_common.setup_mesh(config)
 
   # ---- data ----
   per_process = config.global_batch_size // jax.process_count()
@@ -361,12 +299,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
   # ---- state: restore or init ----
   ckpt = checkpoint.TrainCheckpointer(os.path.join(workdir, 'checkpoints'), config.ckpt_every, config.keep_ckpts)
   abstract, shardings, _ = abstract_state_and_shardings(var, tx, mesh, rules)
-  latest = ckpt.latest_step()
-  if latest is not None:
-    check_restorable(abstract, ckpt.state_metadata(latest), f'{workdir}/checkpoints/{latest}')
-    state = ckpt.restore(latest, abstract, shardings, train_iter)
-    logging.info('resumed from step %d', latest)
-  else:
+
+  def fresh():
     state, _, _ = init_state(var, tx, mesh, rules, config.seed)
     if config.init_from:
       state = _init_from_reference(config.init_from, var_cfg, state, shardings)
@@ -374,6 +308,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
       from etils import epath
       epath.Path(workdir).mkdir(parents=True, exist_ok=True)
       (epath.Path(workdir) / 'config.json').write_text(config.to_json_best_effort(indent=1))
+    return state
+
+  state, _ = loop_common.restore_or_init(ckpt, abstract, shardings, train_iter, fresh, f'{workdir}/checkpoints')
   n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
   logging.info('VAR params: %.2fM; %d steps (%d per epoch), warmup %.0f', n_params / 1e6, schedule.total_steps,
                schedule.steps_per_epoch, schedule.warmup_steps)
@@ -395,7 +332,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
   writer = metrics_lib.MetricWriter(metrics_lib.local_logdir(workdir))
   flops_img = metrics_lib.var_train_flops_per_image(var_cfg)
   peak = metrics_lib.peak_flops_per_device()
-  preempt = _Preemption()
+  preempt = loop_common.Preemption()
   sampler_cache = {}
   step = int(jax.device_get(state.step))
   t_last, steps_since, last = time.time(), 0, {}
@@ -424,7 +361,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
           eta = (schedule.total_steps - step) * dt
           logging.info('step %d/%d loss %.4f (last %.4f) acc %.2f%% (last %.2f%%) gnorm %.3f lr %.3g %.1f img/s '
                        'ETA %s', step, schedule.total_steps, last['loss'], last['loss_last'], last['acc'],
-                       last['acc_last'], last['grad_norm'], last['lr'], ips, _fmt_eta(eta))
+                       last['acc_last'], last['grad_norm'], last['lr'], ips, loop_common.fmt_eta(eta))
           t_last, steps_since = time.time(), 0
         if config.eval_every > 0 and (step % config.eval_every == 0 or step == schedule.total_steps):
           ev = evaluate(config, eval_fn, state.params, vae_vars, mesh)
@@ -434,8 +371,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
           path = _sample_grid(config, vae_cfg, var_cfg, state, vae_vars, workdir, step, sampler_cache)
           if path:
             logging.info('wrote %s', path)
-        # multi-host: every host must agree to stop at the same step (orbax's preemption sync); single host: SIGTERM
-        stop = preempt.requested if jax.process_count() == 1 else ckpt.manager.reached_preemption(step)
+        stop = loop_common.should_stop(preempt, ckpt, step)
         ckpt.maybe_save(step, state, train_iter, config, force=step == schedule.total_steps or stop)
         if stop:
           ckpt.wait()
@@ -478,8 +414,3 @@ def _init_from_reference(path, var_cfg, state, shardings):
   params = jax.device_put(v['params'], shardings.params)
   logging.info('initialised the transformer from %s', path)
   return state.replace(params=params)
-
-
-def _fmt_eta(s: float) -> str:
-  s = int(max(s, 0))
-  return f'{s // 3600}h{(s % 3600) // 60:02d}m{s % 60:02d}s'

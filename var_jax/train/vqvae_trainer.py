@@ -17,12 +17,10 @@ below the margin are re-drawn from the batch's encoder features) and cosine (l2-
 """
 from __future__ import annotations
 
-import dataclasses
-import io
 import logging as std_logging
 import os
 import time
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, Tuple
 
 import flax
 import jax
@@ -38,8 +36,8 @@ from var_jax.models.discriminator import DiscriminatorConfig, NLayerDiscriminato
 from var_jax.models.layers import Conv
 from var_jax.models.vqvae import VQVAE
 from var_jax.train import gan_losses
+from var_jax.train import loop_common
 from var_jax.train import metrics as metrics_lib
-from var_jax.train.trainer import _fmt_eta, _Preemption, check_restorable
 
 logging = std_logging.getLogger('var_jax.train')
 
@@ -244,7 +242,6 @@ def init_state(vae: VQVAE, disc: NLayerDiscriminator, tx_g, tx_d, config, mesh, 
 
 def _recon_grid(vae_fn, state, batch, workdir, step):
   """Originals (top row) over reconstructions (bottom row)."""
-  from etils import epath
   from PIL import Image
   from var_jax.sample import to_uint8
   n = min(8, batch['image'].shape[0])
@@ -252,12 +249,7 @@ def _recon_grid(vae_fn, state, batch, workdir, step):
   rec = np.asarray(jax.device_get(vae_fn(state.g_params, jnp.asarray(x))))
   top, bot = to_uint8((x + 1) / 2), to_uint8((rec + 1) / 2)
   grid = np.concatenate([np.concatenate(list(top), 1), np.concatenate(list(bot), 1)], 0)
-  d = epath.Path(workdir) / 'reconstructions'
-  d.mkdir(parents=True, exist_ok=True)
-  buf = io.BytesIO()
-  Image.fromarray(grid).save(buf, 'PNG')
-  (d / f'step_{step:08d}.png').write_bytes(buf.getvalue())
-  return str(d / f'step_{step:08d}.png')
+  return loop_common.write_png(workdir, 'reconstructions', step, Image.fromarray(grid))
 
 
 def train_tokenizer(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, float]:
@@ -266,9 +258,7 @@ def train_tokenizer(config: ml_collections.ConfigDict, workdir: str) -> Dict[str
   from var_jax.data import pipeline as data_lib
   from var_jax.interop import reference as ref
 
-  rules = shd.rules_from_config(config.logical_axis_rules)
-  mesh = shd.make_mesh(config.mesh.to_dict())
-  shd.global_batch_size_ok(config.global_batch_size, mesh)
+  mesh, rules = loop_common.setup_mesh(config)
   per_process = config.global_batch_size // jax.process_count()
   n_train = len(data_lib.make_source(config.data, config.data.train_split))
   spe = data_lib.epoch_steps(n_train, config.global_batch_size)
@@ -286,12 +276,8 @@ def train_tokenizer(config: ml_collections.ConfigDict, workdir: str) -> Dict[str
   margins = usage_margins(vae_cfg, config.global_batch_size)
 
   ckpt = checkpoint.TrainCheckpointer(os.path.join(workdir, 'checkpoints'), config.ckpt_every, config.keep_ckpts)
-  latest = ckpt.latest_step()
-  if latest is not None:
-    check_restorable(abstract, ckpt.state_metadata(latest), f'{workdir}/checkpoints/{latest}')
-    state = ckpt.restore(latest, abstract, shardings, train_iter)
-    logging.info('resumed from step %d', latest)
-  else:
+
+  def fresh():
     with shd.mesh_context(mesh, rules):
       state = jax.jit(init_fn, out_shardings=shardings)(jax.random.key(config.seed))
     if config.init_from:
@@ -299,6 +285,9 @@ def train_tokenizer(config: ml_collections.ConfigDict, workdir: str) -> Dict[str
       state = state.replace(g_params=jax.device_put(v['params'], shardings.g_params),
                             vq_stats=jax.device_put(v['vq_stats'], shardings.vq_stats))
       logging.info('initialised the tokenizer from %s', config.init_from)
+    return state
+
+  state, _ = loop_common.restore_or_init(ckpt, abstract, shardings, train_iter, fresh, f'{workdir}/checkpoints')
   n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.g_params))
   logging.info('VQVAE params %.2fM, discriminator %.2fM; %d steps (%d per epoch)', n_params / 1e6,
                sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.d_params)) / 1e6, total, spe)
@@ -308,7 +297,7 @@ def train_tokenizer(config: ml_collections.ConfigDict, workdir: str) -> Dict[str
                     out_shardings=(shardings, shd.replicated(mesh)), donate_argnums=(0,))
   recon_fn = jax.jit(lambda g, x: vae.apply({'params': g}, x, method=VQVAE.img_to_reconstructed_img))
   writer = metrics_lib.MetricWriter(metrics_lib.local_logdir(workdir))
-  preempt = _Preemption()
+  preempt = loop_common.Preemption()
   step = int(jax.device_get(state.step))
   t_last, since, last, t0 = time.time(), 0, {}, time.time()
   try:
@@ -329,12 +318,13 @@ def train_tokenizer(config: ml_collections.ConfigDict, workdir: str) -> Dict[str
           logging.info('step %d/%d l1 %.4f psnr %.2f vq %.4f g %.3f d %.3f (w %.3g) usage/scale %s %.1f img/s ETA %s',
                        step, total, last['l1'], last['psnr'], last['vq_loss'], last['g_loss'], last['d_loss'],
                        last['d_weight'], ' '.join(f'{u:.0f}' for u in m['usage_per_scale']),
-                       last['images_per_s'], _fmt_eta((total - step) * dt))
+                       last['images_per_s'], loop_common.fmt_eta((total - step) * dt))
           t_last, since = time.time(), 0
-        if config.sample_every > 0 and (step % config.sample_every == 0 or step == total) and \
-            jax.process_index() == 0:
-          logging.info('wrote %s', _recon_grid(recon_fn, state, batch, workdir, step))
-        stop = preempt.requested if jax.process_count() == 1 else ckpt.manager.reached_preemption(step)
+        if config.sample_every > 0 and (step % config.sample_every == 0 or step == total):
+          path = _recon_grid(recon_fn, state, batch, workdir, step)
+          if path:
+            logging.info('wrote %s', path)
+        stop = loop_common.should_stop(preempt, ckpt, step)
         ckpt.maybe_save(step, state, train_iter, config, force=step == total or stop)
         if stop:
           ckpt.wait()
