@@ -18,7 +18,9 @@ def get_config():
   c = common.base()
   pn = (1, 2, 3, 4)
   c.data.update(name='digits', image_size=32, num_workers=0, eval_split='val', mid_reso=1.125)
-  c.vae.update(vocab_size=256, z_channels=16, ch=32, ch_mult=(1, 1, 2, 2), num_res_blocks=1, patch_nums=pn)
+  # the tokenizer of configs/vqvae_quickstart.py (cosine code lookup: its collapse mitigation)
+  c.vae.update(vocab_size=256, z_channels=16, ch=32, ch_mult=(1, 1, 2, 2), num_res_blocks=1, patch_nums=pn,
+               using_znorm=True)
   c.vae_ckpt = ''
   c.model.update(vocab_size=256, z_channels=16, num_classes=10, depth=4, embed_dim=128, num_heads=2,
                  drop_path_rate=0.0, patch_nums=pn)

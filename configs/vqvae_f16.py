@@ -4,6 +4,9 @@ sharing 4) trained on ImageNet 256px with L1 + VQ + LPIPS + PatchGAN.
   python -m var_jax.train --config=configs/vqvae_f16.py --workdir=gs://bucket/vqvae \
       --config.data.path=/data/imagenet --config.loss.lpips_path=/ckpt/lpips_vgg.safetensors
 Fine-tune the released weights: --config.init_from=/ckpt/vae_ch160v4096z32.pth
+Collapse mitigation: dead-code restart (the lookup stays the reference's squared-L2 one, so the result drops into
+the reference VAR code unchanged); --config.vae.using_znorm=True adds cosine lookup (see configs/vqvae_quickstart.py
+for the measurement; a cosine-lookup tokenizer must then be loaded with using_znorm=True everywhere).
 """
 import importlib.util
 import os

@@ -51,12 +51,16 @@ class VARPipeline:
   # ------------------------------------------------------------------ construction
   @classmethod
   def from_torch(cls, vae_path: str, var_path: str, patch_nums: Optional[Sequence[int]] = None,
-                 num_heads: Optional[int] = None, **var_overrides) -> 'VARPipeline':
-    """Load reference checkpoints (``.pth`` or ``.safetensors``); the configs are inferred from the tensors."""
+                 num_heads: Optional[int] = None, vae_overrides: Optional[Dict[str, Any]] = None,
+                 **var_overrides) -> 'VARPipeline':
+    """Load reference checkpoints (``.pth`` or ``.safetensors``); the configs are inferred from the tensors.
+
+    What the tensors cannot tell goes in the overrides, e.g. ``vae_overrides={'using_znorm': True}`` for a
+    tokenizer trained with cosine code lookup, or ``drop_path_rate=...`` for the transformer."""
     var_sd = ref.load_state_dict(var_path)
     var_cfg = ref.var_config_from_state_dict(var_sd, patch_nums=patch_nums, num_heads=num_heads, **var_overrides)
     vae_sd = ref.load_state_dict(vae_path)
-    vae_cfg = ref.vae_config_from_state_dict(vae_sd, patch_nums=var_cfg.patch_nums)
+    vae_cfg = ref.vae_config_from_state_dict(vae_sd, patch_nums=var_cfg.patch_nums, **(vae_overrides or {}))
     try:
       vae_vars = ref.import_vae(vae_sd, vae_cfg)
     except ref.CheckpointMismatchError as e:
