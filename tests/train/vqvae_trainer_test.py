@@ -106,3 +106,43 @@ def test_exact_resume(straight, tmp_path):
   for s in range(21, 41):
     for k in ('l1', 'vq_loss', 'd_loss', 'g_loss', 'usage_scale2'):
       assert r[s][k] == m[s][k], (s, k)
+
+
+@pytest.mark.slow
+def test_tokenizer_step_sharded_equals_single_device():
+  """The tokenizer step on data=2 x fsdp=2 x tensor=2 (8 fake devices) equals one device (BatchNorm included)."""
+  from var_jax import sharding as shd
+  from var_jax.models.discriminator import NLayerDiscriminator
+  from var_jax.models.vqvae import VQVAE
+  c = tiny_config()
+  c.disc.update(norm='batch', n_layers=1)
+  c.loss.disc_start = 0
+  vae_cfg, disc_cfg = vt.tokenizer_configs(c)
+  vae, disc = VQVAE(vae_cfg), NLayerDiscriminator(disc_cfg)
+  tx_g, tx_d = vt.make_optimizer(c.optim_g, 10), vt.make_optimizer(c.optim_d, 10)
+  margins = vt.usage_margins(vae_cfg, c.global_batch_size)
+  batches = [{'image': np.random.default_rng(i).uniform(-1, 1, (32, 8, 8, 3)).astype(np.float32)} for i in range(3)]
+
+  def run(mesh):
+    init_fn, _, shardings = vt.init_state(vae, disc, tx_g, tx_d, c, mesh, shd.LOGICAL_AXIS_RULES)
+    step = jax.jit(vt.make_step(vae, disc, tx_g, tx_d, c, False, margins),
+                   in_shardings=(shardings, shd.batch_sharding(mesh), shd.replicated(mesh)),
+                   out_shardings=(shardings, shd.replicated(mesh)))
+    with shd.mesh_context(mesh):
+      state = jax.jit(init_fn, out_shardings=shardings)(jax.random.key(0))
+      out = []
+      for b in batches:
+        state, m = step(state, shd.host_local_to_global(b, mesh), {})
+        out.append({k: float(m[k]) for k in ('l1', 'vq_loss', 'g_loss', 'd_loss', 'd_weight')})
+    return out, state
+
+  single, s1 = run(shd.make_mesh({'data': 1}, devices=jax.devices()[:1]))
+  sharded, s8 = run(shd.make_mesh({'data': 2, 'fsdp': 2, 'tensor': 2}))
+  for a, b in zip(single, sharded):
+    for k in a:
+      np.testing.assert_allclose(b[k], a[k], rtol=1e-4, atol=1e-6, err_msg=k)
+  # Adam's first steps are ~lr * sign(g): float-noise gradients near zero can flip, so params agree to ~lr/10
+  for a, b in zip(jax.tree.leaves(s1.g_params), jax.tree.leaves(s8.g_params)):
+    np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=1e-4)
+  assert s8.g_params['decoder']['conv_in']['kernel'].sharding.spec == jax.sharding.PartitionSpec(
+      None, None, None, None)   # conv kernels are replicated by the default rules ('conv_in'/'conv_out' -> None)
