@@ -381,7 +381,8 @@ def save_state_dict(sd: Mapping[str, Array], path: str):
   except ImportError as e:  # pragma: no cover
     raise ImportError(f'writing {path} needs torch: pip install "var_jax[torch]" (or use .safetensors)') from e
   tmp = path + '.tmp'
-  torch.save(collections.OrderedDict((k, torch.from_numpy(np.ascontiguousarray(v))) for k, v in sd.items()), tmp)
+  torch.save(collections.OrderedDict((k, torch.from_numpy(np.require(v, requirements=['C', 'W']))) for k, v in sd.items()),
+             tmp)
   os.replace(tmp, path)   # never leave a half-written checkpoint behind
 
 
