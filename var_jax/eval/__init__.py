@@ -1,0 +1,1 @@
+"""Evaluation metrics for generative models: FID, Inception Score and improved precision/recall."""
