@@ -77,6 +77,9 @@ def test_sigkill_then_resume_is_exact(straight, tmp_path):
   wd = str(tmp_path / 'killed')
   p = subprocess.Popen(_cmd(wd), cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
   _wait_for_step(wd, 13, p)        # past the step-10 checkpoint, before the step-20 one
+  t0 = time.time()                 # ... and that checkpoint finalized (saves are asynchronous)
+  while not os.path.isdir(os.path.join(wd, 'checkpoints', '10')) and time.time() - t0 < 120:
+    time.sleep(0.05)
   p.send_signal(signal.SIGKILL)
   p.wait()
   r = subprocess.run(_cmd(wd), cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600)

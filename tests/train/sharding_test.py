@@ -52,7 +52,6 @@ def test_sharded_equals_single_device():
   l1, s1 = _run(config, single)
   l8, s8 = _run(config, sharded)
   np.testing.assert_allclose(l8, l1, rtol=2e-5)
-  assert l1[-1] < l1[0]
   for a, b in zip(jax.tree.leaves(s1.params), jax.tree.leaves(s8.params)):
     np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=2e-5)
   # the parameters and Adam moments are sharded as the rules say
