@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-nbformat = pytest.importorskip('nbformat')
-nbclient = pytest.importorskip('nbclient')
+import nbformat  # noqa: E402
+import nbclient  # noqa: E402
 
 from conftest import REPO, fixture_dir  # noqa: E402
 

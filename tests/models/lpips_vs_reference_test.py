@@ -14,7 +14,7 @@ from flax.core import meta
 from conftest import REPO, nchw_to_nhwc, rel_err
 from var_jax.models import lpips as lp
 
-torch = pytest.importorskip('torch')
+import torch  # noqa: E402  (the [torch] extra; a missing torch must fail, not skip)
 tnn = torch.nn
 
 B = 2

@@ -7,7 +7,7 @@ import pytest
 
 from var_jax.ops.resize import area_resize, bicubic_resize, nearest_upsample_2x
 
-torch = pytest.importorskip('torch')
+import torch  # noqa: E402  (the [torch] extra; a missing torch must fail, not skip)
 F = torch.nn.functional
 
 ATOL = 1e-5
