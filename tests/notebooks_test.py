@@ -20,7 +20,7 @@ NOTEBOOKS = REPO / 'notebooks'
 KERNEL = 'python3'
 CELL_TIMEOUT_S = 300
 
-pytestmark = pytest.mark.notebook
+pytestmark = [pytest.mark.notebook, pytest.mark.slow]   # ~1 min: in CI's second (slow) pass
 
 
 @pytest.fixture(scope='session')

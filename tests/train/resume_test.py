@@ -88,6 +88,7 @@ def test_sigkill_then_resume_is_exact(straight, tmp_path):
   assert _losses(wd) == _losses(straight[0])      # bitwise-equal losses at every step
 
 
+@pytest.mark.slow
 def test_sigterm_saves_and_exits(tmp_path):
   wd = str(tmp_path / 'term')
   p = subprocess.Popen(_cmd(wd, ['--config.ckpt_every=1000']), cwd=REPO, env=ENV, stdout=subprocess.PIPE,
@@ -101,6 +102,7 @@ def test_sigterm_saves_and_exits(tmp_path):
   assert len(steps) == 1 and 5 <= steps[0] < 40
 
 
+@pytest.mark.slow
 def test_mismatched_checkpoint_names_the_leaf(straight, tmp_path):
   r = subprocess.run(_cmd(straight[0], ['--config.model.embed_dim=128', '--config.total_steps=41']), cwd=REPO,
                      env=ENV, capture_output=True, text=True, timeout=600)
