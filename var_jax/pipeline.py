@@ -210,7 +210,8 @@ class VARPipeline:
     return self._jit_cache[key]
 
   @staticmethod
-  def _mesh(batch_size: int):
+  def _mesh():
+    """A 1-D 'data' mesh over the local devices (None with one device)."""
     devs = jax.local_devices()
     if len(devs) <= 1:
       return None
@@ -260,7 +261,7 @@ class VARPipeline:
       raise ValueError(f'{ids.shape[0]} sample_ids for {n} samples')
     keys = jax.vmap(lambda i: jax.random.fold_in(rng, i))(ids)
     bs = int(batch_size or n)
-    mesh = self._mesh(bs) if shard else None
+    mesh = self._mesh() if shard else None
     if mesh is not None:
       nd = mesh.devices.size
       bs = -(-bs // nd) * nd                   # a multiple of the device count
