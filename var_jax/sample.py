@@ -92,9 +92,31 @@ def load_pipeline(vae_ckpt=None, var_ckpt=None, checkpoint=None, patch_nums=None
   return VARPipeline.from_torch(vae_ckpt, var_ckpt, patch_nums=[int(p) for p in patch_nums] if patch_nums else None)
 
 
+def write_npz(out_dir: str, labels: List[int]) -> str:
+  """``samples.npz`` (``arr_0``: uint8 NHWC) built from the PNGs on disk (the uint8 round trip is part of the FID
+  protocol): exactly what OpenAI's evaluator reads. Written atomically."""
+  import numpy as np
+  from PIL import Image
+  paths = [os.path.join(out_dir, image_name(i, l)) for i, l in enumerate(labels)]
+  missing = [p for p in paths if not os.path.exists(p)]
+  if missing:
+    raise FileNotFoundError(f'{out_dir}: {len(missing)} of {len(paths)} samples are missing (first: {missing[0]}); '
+                            f'rerun the sampling to complete the set')
+  arr = np.stack([np.asarray(Image.open(p).convert('RGB')) for p in paths])
+  path = os.path.join(out_dir, 'samples.npz')
+  np.savez(path + '.tmp.npz', arr_0=arr)
+  os.replace(path + '.tmp.npz', path)
+  return path
+
+
 def run(pipe, labels: List[int], seed: int, cfg: float, top_k: int, top_p: float, more_smooth: bool,
-        batch_size: int, dtype: str, out: Optional[str] = None, out_dir: Optional[str] = None, grid_cols: int = 8):
-  """Sample ``labels`` and write the grid and/or the per-image PNGs + npz. Returns the number of new images."""
+        batch_size: int, dtype: str, out: Optional[str] = None, out_dir: Optional[str] = None, grid_cols: int = 8,
+        shard_index: int = 0, shard_count: int = 1, write_outputs: bool = True):
+  """Sample ``labels`` and write the grid and/or the per-image PNGs + npz. Returns the number of new images.
+
+  ``shard_index``/``shard_count``: sample only images ``i % shard_count == shard_index`` (one share per process of a
+  multi-host job writing to a shared folder); ``write_outputs=False`` skips the grid and npz (written once, by one
+  process, after all shares are done)."""
   import jax.numpy as jnp
   import numpy as np
   from PIL import Image
@@ -102,12 +124,13 @@ def run(pipe, labels: List[int], seed: int, cfg: float, top_k: int, top_p: float
     raise ValueError('give --out (a grid PNG) and/or --out_dir (one PNG per image + npz)')
   jdtype = jnp.bfloat16 if dtype == 'bfloat16' else jnp.float32
   total = len(labels)
-  todo = list(range(total))
+  todo = list(range(shard_index, total, shard_count))
   if out_dir:
     os.makedirs(out_dir, exist_ok=True)
     todo = [i for i in todo if not os.path.exists(os.path.join(out_dir, image_name(i, labels[i])))]
-    if len(todo) < total:
-      print(f'{out_dir}: {total - len(todo)} of {total} images exist already; sampling the other {len(todo)}')
+    n_mine = len(range(shard_index, total, shard_count))
+    if len(todo) < n_mine:
+      print(f'{out_dir}: {n_mine - len(todo)} of {n_mine} images exist already; sampling the other {len(todo)}')
   grid_imgs = {}
   t0 = time.time()
   for start in range(0, len(todo), batch_size):
@@ -125,6 +148,8 @@ def run(pipe, labels: List[int], seed: int, cfg: float, top_k: int, top_p: float
     _progress(min(start + batch_size, len(todo)), len(todo), t0, min(start + batch_size, len(todo)))
   if todo:
     sys.stderr.write('\n')
+  if not write_outputs:
+    return len(todo)
   if out:
     if len(grid_imgs) < total:   # grid of a resumed run: read the existing PNGs back
       for i in range(total):
@@ -135,11 +160,8 @@ def run(pipe, labels: List[int], seed: int, cfg: float, top_k: int, top_p: float
     labelled_grid(arr, labels, grid_cols).save(out)
     print(f'wrote {out} ({total} images)')
   if out_dir:
-    # the FID evaluator's format, built from the PNGs on disk (the uint8 round trip is part of the protocol)
-    arr = np.stack([np.asarray(Image.open(os.path.join(out_dir, image_name(i, labels[i]))).convert('RGB'))
-                    for i in range(total)])
-    np.savez(os.path.join(out_dir, 'samples.npz'), arr_0=arr)
-    print(f'wrote {total} PNGs and samples.npz {arr.shape} to {out_dir}')
+    write_npz(out_dir, labels)
+    print(f'wrote {total} PNGs and samples.npz to {out_dir}')
   return len(todo)
 
 

@@ -314,6 +314,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
   n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
   logging.info('VAR params: %.2fM; %d steps (%d per epoch), warmup %.0f', n_params / 1e6, schedule.total_steps,
                schedule.steps_per_epoch, schedule.warmup_steps)
+  if jax.process_index() == 0 and '://' not in workdir:
+    # what scaling-law fits read (var_jax.scaling): model size and the compute of one training example
+    _write_run_info(workdir, var_cfg, state.params, config)
 
   # ---- jitted steps (one per progressive stage; compiled lazily, cached) ----
   batch_sh = shd.batch_sharding(mesh)
@@ -389,6 +392,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
     logging.info('wrote %s', os.path.join(workdir, 'model'))
   last['wall_time_s'] = time.time() - t_start
   return last
+
+
+def _write_run_info(workdir: str, var_cfg: VARConfig, params, config):
+  import json
+  leaves = jax.tree_util.tree_leaves_with_path(params)
+  n_params = sum(int(np.prod(x.shape)) for _, x in leaves)
+  n_embed = sum(int(np.prod(x.shape)) for p, x in leaves
+                if any(getattr(k, 'key', None) in ('class_emb', 'pos_1LC', 'lvl_embed', 'pos_start') for k in p))
+  info = {'n_params': n_params, 'n_params_non_embedding': n_params - n_embed, 'depth': var_cfg.depth,
+          'embed_dim': var_cfg.embed_dim, 'seq_len': var_cfg.seq_len,
+          'train_flops_per_image': metrics_lib.var_train_flops_per_image(var_cfg),
+          'global_batch_size': int(config.global_batch_size)}
+  os.makedirs(workdir, exist_ok=True)
+  with open(os.path.join(workdir, 'run_info.json'), 'w') as f:
+    json.dump(info, f, indent=1)
 
 
 def evaluate(config, eval_fn, params, vae_vars, mesh) -> Dict[str, float]:

@@ -1,0 +1,321 @@
+"""The evaluation protocol as a library: image sets, Inception activations, FID / IS / precision-recall against a
+reference batch, tokenizer rFID, and the test-set loss of a VAR checkpoint.
+
+The CLI over this is ``python -m var_jax.evaluate``. The protocol (what makes numbers comparable with the paper's):
+
+* Generated images go through a **uint8 PNG round trip** before any feature is computed (``var_jax.sample`` writes
+  PNGs and builds ``samples.npz`` from the files on disk), as the reference's ``create_npz_from_sample_folder`` does.
+* Features are those of the FID Inception-v3 (pytorch-fid's port of the 2015 TF graph, ``var_jax.eval.inception``):
+  uint8 -> [0, 1] -> bilinear resize to 299 (torch's ``align_corners=False``, no antialias) -> [-1, 1].
+  ``pool3`` (2048-d) for FID and precision/recall, the 1008-way logits for the Inception Score.
+* FID: Frechet distance of the Gaussians of the two ``pool3`` sets (float64 statistics, pytorch-fid's numerics);
+  IS: 10 splits; precision/recall: k = 3 nearest-neighbour manifolds (Kynkaanniemi et al.).
+* The paper's tables come from OpenAI's guided-diffusion evaluator (TF Inception, its own resize) on
+  ``samples.npz`` vs ``VIRTUAL_imagenet256_labeled.npz``. Our numbers use the same network weights and formulas but
+  torch's resize, so they are close but not bit-identical to that evaluator: report which one you used. The
+  ``samples.npz`` written here is exactly what that evaluator reads.
+"""
+from __future__ import annotations
+
+import dataclasses
+import glob
+import math
+import os
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from var_jax.eval import metrics
+
+IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.bmp', '.webp')
+
+
+# ----------------------------------------------------------------------------- image sets
+@dataclasses.dataclass
+class ImageSet:
+  """A finite set of uint8 RGB images (N, H, W, 3), read lazily in batches.
+
+  Built from a folder of image files (sorted by name, PNG preferred: JPEG artefacts change FID), an ``.npz`` with
+  an ``'arr_0'`` array (the OpenAI evaluator's layout), or an in-memory array.
+  """
+  name: str
+  length: int
+  _batches: Callable[[int], Iterator[np.ndarray]]
+
+  def __len__(self) -> int:
+    return self.length
+
+  def batches(self, batch_size: int) -> Iterator[np.ndarray]:
+    return self._batches(batch_size)
+
+  @classmethod
+  def from_array(cls, images, name: str = 'array') -> 'ImageSet':
+    images = _check_uint8_images(np.asarray(images), name)
+
+    def gen(bs):
+      for s in range(0, len(images), bs):
+        yield images[s:s + bs]
+    return cls(name, len(images), gen)
+
+  @classmethod
+  def from_folder(cls, path: str) -> 'ImageSet':
+    files = sorted(f for f in glob.glob(os.path.join(path, '**', '*'), recursive=True)
+                   if f.lower().endswith(IMAGE_EXTENSIONS) and os.path.isfile(f))
+    if not files:
+      raise FileNotFoundError(f'{path}: no image files ({", ".join(IMAGE_EXTENSIONS)}) found')
+
+    def gen(bs):
+      from PIL import Image
+      shape = None
+      for s in range(0, len(files), bs):
+        out = []
+        for f in files[s:s + bs]:
+          try:
+            with Image.open(f) as im:
+              a = np.asarray(im.convert('RGB'))
+          except Exception as e:  # PIL raises many types for a corrupt file
+            raise ValueError(f'{f}: cannot be read as an image ({e})') from e
+          if shape is None:
+            shape = a.shape
+          elif a.shape != shape:
+            raise ValueError(f'{f}: image size {a.shape[:2]} differs from the first image\'s {shape[:2]} in {path}; '
+                             f'resize the set to one size first')
+          out.append(a)
+        yield np.stack(out)
+    return cls(path, len(files), gen)
+
+  @classmethod
+  def from_npz(cls, path: str, key: str = 'arr_0') -> 'ImageSet':
+    with np.load(path) as data:
+      if key not in data.files:
+        raise KeyError(f'{path} has no {key!r} images (keys present: {data.files})')
+      images = data[key]
+    return cls.from_array(images, path)
+
+  @classmethod
+  def open(cls, path: str) -> 'ImageSet':
+    """A folder or an ``.npz`` with ``'arr_0'`` images."""
+    if os.path.isdir(path):
+      return cls.from_folder(path)
+    if not os.path.exists(path):
+      raise FileNotFoundError(f'{path}: no such file or folder')
+    if path.endswith('.npz'):
+      return cls.from_npz(path)
+    raise ValueError(f'{path}: expected a folder of images or an .npz with an \'arr_0\' uint8 NHWC array')
+
+
+def _check_uint8_images(a: np.ndarray, name: str) -> np.ndarray:
+  if a.ndim != 4 or a.shape[-1] != 3:
+    raise ValueError(f'{name}: expected uint8 images of shape (N, H, W, 3), got shape {a.shape}')
+  if a.dtype != np.uint8:
+    raise ValueError(f'{name}: expected uint8 images (the PNG round trip is part of the protocol), got {a.dtype}')
+  if len(a) == 0:
+    raise ValueError(f'{name}: the image set is empty')
+  return a
+
+
+def to_uint8(images) -> np.ndarray:
+  """Float images in [0, 1] -> uint8, rounding as PIL's PNG writer sees it (``round(x * 255)``, clipped)."""
+  return np.clip(np.round(np.asarray(images, np.float32) * 255.0), 0, 255).astype(np.uint8)
+
+
+# ----------------------------------------------------------------------------- Inception activations
+class InceptionFeatures:
+  """Batched, device-sharded Inception-v3 activations: ``pool3`` (N, 2048) and ``logits`` (N, 1008)."""
+
+  def __init__(self, variables, batch_size: int = 200, devices: Optional[Sequence[jax.Device]] = None):
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+    from var_jax.eval import inception
+    devices = list(devices or jax.local_devices())
+    self.batch_size = int(math.ceil(batch_size / len(devices)) * len(devices))
+    mesh = Mesh(np.array(devices), ('batch',))
+    self._in = NamedSharding(mesh, P('batch'))
+    rep = NamedSharding(mesh, P())
+    self._vars = jax.device_put(variables, rep)
+    net = inception.InceptionV3()
+    self._fn = jax.jit(lambda v, x: net.apply(v, x), in_shardings=(rep, self._in))
+
+  def __call__(self, images_u8: np.ndarray) -> Dict[str, np.ndarray]:
+    n = images_u8.shape[0]
+    pad = (-n) % self.batch_size if n > self.batch_size else (-n) % len(self._in.mesh.devices.flat)
+    x = np.concatenate([images_u8, np.zeros((pad,) + images_u8.shape[1:], images_u8.dtype)]) if pad else images_u8
+    out = jax.device_get(self._fn(self._vars, jax.device_put(x, self._in)))
+    return {'pool3': np.asarray(out['pool3'][:n], np.float32), 'logits': np.asarray(out['logits'][:n], np.float32)}
+
+  def of_set(self, images: ImageSet, progress: Optional[Callable[[int, int], None]] = None) -> Dict[str, np.ndarray]:
+    pools, logits, done = [], [], 0
+    for batch in images.batches(self.batch_size):
+      out = self(_check_uint8_images(np.asarray(batch), images.name))
+      pools.append(out['pool3'])
+      logits.append(out['logits'])
+      done += len(batch)
+      if progress:
+        progress(done, len(images))
+    return {'pool3': np.concatenate(pools), 'logits': np.concatenate(logits)}
+
+
+# ----------------------------------------------------------------------------- reference batches
+@dataclasses.dataclass
+class Reference:
+  """What a reference batch gives: FID statistics always, ``pool3`` features when images were available (needed
+  for precision/recall)."""
+  mu: np.ndarray
+  sigma: np.ndarray
+  pool3: Optional[np.ndarray] = None
+  source: str = ''
+
+
+def load_reference(path: str, features: Optional[InceptionFeatures] = None,
+                   cache: Optional[str] = None) -> Reference:
+  """A reference batch from an ``.npz`` (OpenAI reference batch: ``arr_0`` images + ``mu``/``sigma``; pytorch-fid or
+  ``save_reference`` statistics: ``mu``/``sigma`` [+ ``pool3``]) or a folder of images.
+
+  Images are preferred over stored statistics when both exist: the stored ones come from a different Inception
+  port (the OpenAI evaluator's TF graph) and mixing ports biases FID. ``cache``: where to store / reuse the computed
+  ``mu``/``sigma``/``pool3`` (computing them for 50k images takes a while).
+  """
+  if cache and os.path.exists(cache):
+    return _reference_from_npz(cache, None)
+  if os.path.isdir(path):
+    ref = _reference_from_images(ImageSet.from_folder(path), features)
+  elif not os.path.exists(path):
+    raise FileNotFoundError(f'reference batch {path}: no such file or folder')
+  else:
+    ref = _reference_from_npz(path, features)
+  if cache:
+    save_reference(cache, ref)
+  return ref
+
+
+def _reference_from_images(images: ImageSet, features: Optional[InceptionFeatures]) -> Reference:
+  if features is None:
+    raise ValueError(f'{images.name}: computing reference statistics from images needs the Inception weights')
+  pool3 = features.of_set(images)['pool3']
+  mu, sigma = metrics.feature_statistics(pool3)
+  return Reference(mu, sigma, pool3, images.name)
+
+
+def _reference_from_npz(path: str, features: Optional[InceptionFeatures]) -> Reference:
+  with np.load(path) as data:
+    files = set(data.files)
+    if 'arr_0' in files and features is not None:
+      return _reference_from_images(ImageSet.from_array(data['arr_0'], path), features)
+    if {'mu', 'sigma'} <= files:
+      mu, sigma = metrics.load_statistics(path)
+      pool3 = np.asarray(data['pool3'], np.float32) if 'pool3' in files else None
+      return Reference(mu, sigma, pool3, path)
+  raise KeyError(f'{path}: expected \'arr_0\' images (needs --inception) or \'mu\'/\'sigma\' statistics; '
+                 f'found keys {sorted(files)}')
+
+
+def save_reference(path: str, ref: Reference):
+  """``mu``/``sigma`` (pytorch-fid layout) plus ``pool3`` when known. Written atomically."""
+  os.makedirs(os.path.dirname(os.path.abspath(path)) or '.', exist_ok=True)
+  arrays = {'mu': ref.mu, 'sigma': ref.sigma}
+  if ref.pool3 is not None:
+    arrays['pool3'] = ref.pool3
+  tmp = path + '.tmp.npz'
+  np.savez(tmp, **arrays)
+  os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------- the metrics
+def sample_metrics(fake: Dict[str, np.ndarray], ref: Reference, k: int = 3, is_splits: int = 10,
+                   pr_batch: int = 1000) -> Dict[str, float]:
+  """FID, IS and (when the reference has features) precision/recall of generated activations ``fake``."""
+  mu, sigma = metrics.feature_statistics(fake['pool3'])
+  out = {'fid': metrics.frechet_distance(mu, sigma, ref.mu, ref.sigma), 'num_samples': int(len(fake['pool3']))}
+  splits = min(is_splits, len(fake['logits']))
+  out['inception_score'], out['inception_score_std'] = metrics.inception_score(fake['logits'], splits=splits)
+  if ref.pool3 is not None:
+    if len(ref.pool3) <= k or len(fake['pool3']) <= k:
+      raise ValueError(f'precision/recall with k={k} needs more than {k} images in each set '
+                       f'({len(ref.pool3)} reference, {len(fake["pool3"])} generated)')
+    out['precision'], out['recall'] = metrics.precision_recall(ref.pool3, fake['pool3'], k=k, batch_size=pr_batch)
+    out['num_reference'] = int(len(ref.pool3))
+  return out
+
+
+# ----------------------------------------------------------------------------- rFID of a tokenizer
+def reconstruction_sets(pipe, data_cfg, split: str, batch_size: int, max_images: int = -1
+                        ) -> Tuple[np.ndarray, np.ndarray, Dict[str, float]]:
+  """Originals and VQVAE reconstructions (both uint8, after the same round trip) of ``split``, plus pixel metrics
+  (PSNR of the uint8 images, L1 in [0, 1] units). Center-cropped as the eval pipeline does."""
+  from var_jax.data import pipeline as data_lib
+  ds = data_lib.make_eval_dataset(data_cfg, batch_size, source=data_lib.make_source(data_cfg, split))
+  origs, recs = [], []
+  n = 0
+  for batch in ds:
+    m = np.asarray(batch['mask']).astype(bool)
+    img = np.asarray(batch['image'])[m]          # [-1, 1] NHWC
+    if max_images > 0:
+      img = img[:max_images - n]
+    if len(img) == 0:
+      break
+    rec = np.asarray(pipe.reconstruct(img))
+    origs.append(to_uint8((img + 1) / 2))
+    recs.append(to_uint8((rec + 1) / 2))
+    n += len(img)
+    if 0 < max_images <= n:
+      break
+  if not origs:
+    raise ValueError(f'split {split!r} of {data_cfg.name!r} gave no images')
+  o, r = np.concatenate(origs), np.concatenate(recs)
+  mse = np.mean((o.astype(np.float64) - r.astype(np.float64)) ** 2, axis=(1, 2, 3))
+  psnr = float(np.mean(10 * np.log10(255.0 ** 2 / np.maximum(mse, 1e-10))))
+  l1 = float(np.mean(np.abs(o.astype(np.float64) - r.astype(np.float64))) / 255.0)
+  return o, r, {'psnr': psnr, 'l1': l1, 'num_images': int(len(o))}
+
+
+# ----------------------------------------------------------------------------- test-set loss of VAR
+def test_loss(pipe, data_cfg, split: str, batch_size: int, max_batches: int = -1) -> Dict[str, float]:
+  """Teacher-forced cross-entropy and token accuracy of ``pipe``'s VAR over ``split`` (the quantities of the paper's
+  scaling laws): overall, on the last scale, and per scale. Tokens come from ``pipe``'s VQVAE, images are
+  center-cropped like the training eval. Batches are split over the local devices; padding is masked out."""
+  from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+  from var_jax.data import pipeline as data_lib
+  from var_jax.train.losses import label_smoothed_cross_entropy
+  cfg = pipe.var_config
+  devices = jax.local_devices()
+  if batch_size % len(devices):
+    raise ValueError(f'batch_size {batch_size} must be a multiple of the {len(devices)} local devices')
+  mesh = Mesh(np.array(devices), ('batch',))
+  bsh, rep = NamedSharding(mesh, P('batch')), NamedSharding(mesh, P())
+  vae, var = pipe.vae, pipe.var
+
+  def fn(vae_vars, var_vars, images, labels, mask):
+    from var_jax.models.vqvae import VQVAE
+    idx = vae.apply(vae_vars, images, method=VQVAE.img_to_idx)
+    x_in = vae.apply(vae_vars, idx, method=VQVAE.idx_to_var_input)
+    gt = jnp.concatenate(idx, axis=1)
+    logits = var.apply(var_vars, labels, x_in)
+    ce = label_smoothed_cross_entropy(logits, gt, 0.0)
+    correct = (jnp.argmax(logits, -1) == gt).astype(jnp.float32)
+    w = mask.astype(jnp.float32)[:, None]
+    per_scale_l = jnp.stack([jnp.sum(ce[:, b:e].mean(1, keepdims=True) * w) for b, e in cfg.begin_ends])
+    per_scale_a = jnp.stack([jnp.sum(correct[:, b:e].mean(1, keepdims=True) * w) for b, e in cfg.begin_ends])
+    return {'loss': jnp.sum(ce.mean(1, keepdims=True) * w), 'acc': jnp.sum(correct.mean(1, keepdims=True) * w),
+            'scale_loss': per_scale_l, 'scale_acc': per_scale_a, 'count': jnp.sum(w)}
+
+  jfn = jax.jit(fn, in_shardings=(rep, rep, bsh, bsh, bsh), out_shardings=rep)
+  vae_vars, var_vars = jax.device_put(pipe.vae_variables, rep), jax.device_put(pipe.var_variables, rep)
+  ds = data_lib.make_eval_dataset(data_cfg, batch_size, source=data_lib.make_source(data_cfg, split))
+  tot = None
+  for i, batch in enumerate(ds):
+    if 0 <= max_batches <= i:
+      break
+    out = jax.device_get(jfn(vae_vars, var_vars, *(jax.device_put(np.asarray(batch[k]), bsh)
+                                                   for k in ('image', 'label', 'mask'))))
+    tot = out if tot is None else jax.tree.map(np.add, tot, out)
+  if tot is None or tot['count'] == 0:
+    raise ValueError(f'split {split!r} of {data_cfg.name!r} gave no examples')
+  n = float(tot['count'])
+  res = {'test_loss': float(tot['loss']) / n, 'test_acc': 100 * float(tot['acc']) / n,
+         'test_error': 1 - float(tot['acc']) / n, 'examples': int(n)}
+  res['test_loss_last'] = float(tot['scale_loss'][-1]) / n
+  res['test_acc_last'] = 100 * float(tot['scale_acc'][-1]) / n
+  for s, (l, a) in enumerate(zip(tot['scale_loss'], tot['scale_acc'])):
+    res[f'test_loss_scale{s}'], res[f'test_acc_scale{s}'] = float(l) / n, 100 * float(a) / n
+  return res
