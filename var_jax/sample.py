@@ -20,22 +20,26 @@ from typing import List, Optional, Sequence
 from absl import app, flags
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string('vae_ckpt', None, 'reference-layout VQVAE weights (.pth or .safetensors)')
-flags.DEFINE_string('var_ckpt', None, 'reference-layout VAR weights (.pth or .safetensors)')
-flags.DEFINE_string('checkpoint', None, 'a var_jax model checkpoint directory (instead of --vae_ckpt/--var_ckpt)')
-flags.DEFINE_list('patch_nums', None, 'override the inferred patch_nums (comma list)')
-flags.DEFINE_list('classes', None, 'class labels to sample, e.g. 207,360 (one image each, times --num_per_class)')
-flags.DEFINE_integer('num_per_class', 1, 'images per class; with no --classes: over all classes')
-flags.DEFINE_float('cfg', 1.5, 'classifier-free guidance ratio')
-flags.DEFINE_integer('top_k', 900, 'top-k filtering (0: off)')
-flags.DEFINE_float('top_p', 0.96, 'top-p filtering (0: off)')
-flags.DEFINE_integer('seed', 0, 'PRNG seed')
-flags.DEFINE_bool('more_smooth', False, 'Gumbel-softmax smoothing (visualisation only; not for FID)')
-flags.DEFINE_integer('batch_size', 32, 'images per compiled call (split over local devices)')
-flags.DEFINE_enum('dtype', 'float32', ['float32', 'bfloat16'], 'compute dtype')
-flags.DEFINE_string('out', None, 'write one labelled grid PNG here')
-flags.DEFINE_string('out_dir', None, 'write one PNG per image and samples.npz (arr_0: uint8 NHWC) here')
-flags.DEFINE_integer('grid_cols', 8, 'columns of the --out grid')
+
+
+def define_flags():
+  """The CLI's flags (defined only when run as a program, so that importing this module defines none)."""
+  flags.DEFINE_string('vae_ckpt', None, 'reference-layout VQVAE weights (.pth or .safetensors)')
+  flags.DEFINE_string('var_ckpt', None, 'reference-layout VAR weights (.pth or .safetensors)')
+  flags.DEFINE_string('checkpoint', None, 'a var_jax model checkpoint directory (instead of --vae_ckpt/--var_ckpt)')
+  flags.DEFINE_list('patch_nums', None, 'override the inferred patch_nums (comma list)')
+  flags.DEFINE_list('classes', None, 'class labels to sample, e.g. 207,360 (one image each, times --num_per_class)')
+  flags.DEFINE_integer('num_per_class', 1, 'images per class; with no --classes: over all classes')
+  flags.DEFINE_float('cfg', 1.5, 'classifier-free guidance ratio')
+  flags.DEFINE_integer('top_k', 900, 'top-k filtering (0: off)')
+  flags.DEFINE_float('top_p', 0.96, 'top-p filtering (0: off)')
+  flags.DEFINE_integer('seed', 0, 'PRNG seed')
+  flags.DEFINE_bool('more_smooth', False, 'Gumbel-softmax smoothing (visualisation only; not for FID)')
+  flags.DEFINE_integer('batch_size', 32, 'images per compiled call (split over local devices)')
+  flags.DEFINE_enum('dtype', 'float32', ['float32', 'bfloat16'], 'compute dtype')
+  flags.DEFINE_string('out', None, 'write one labelled grid PNG here')
+  flags.DEFINE_string('out_dir', None, 'write one PNG per image and samples.npz (arr_0: uint8 NHWC) here')
+  flags.DEFINE_integer('grid_cols', 8, 'columns of the --out grid')
 
 
 def sample_plan(num_classes: int, classes: Optional[Sequence[int]], num_per_class: int) -> List[int]:
@@ -179,4 +183,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  define_flags()
   app.run(main)

@@ -122,8 +122,15 @@ def to_uint8(images) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------- Inception activations
+def _inception_outputs(out):
+  # IS uses softmax(pool3 @ W) without the fc bias, as OpenAI's evaluator, the improved-GAN code and torch-fidelity
+  # (pytorch-fid has no IS); see var_jax/eval/inception.py
+  return {'pool3': out['pool3'], 'logits': out['logits_unbiased']}
+
+
 class InceptionFeatures:
-  """Batched, device-sharded Inception-v3 activations: ``pool3`` (N, 2048) and ``logits`` (N, 1008)."""
+  """Batched, device-sharded Inception-v3 activations: ``pool3`` (N, 2048) and the Inception-Score ``logits``
+  (N, 1008; the fc output without its bias, as the published IS implementations use)."""
 
   def __init__(self, variables, batch_size: int = 200, devices: Optional[Sequence[jax.Device]] = None):
     from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
@@ -133,15 +140,14 @@ class InceptionFeatures:
     mesh = Mesh(np.array(devices), ('batch',))
     self._in = NamedSharding(mesh, P('batch'))
     rep = NamedSharding(mesh, P())
-    self._vars = jax.device_put(variables, rep)
-    net = inception.InceptionV3()
-    self._fn = jax.jit(lambda v, x: net.apply(v, x), in_shardings=(rep, self._in))
+    self._params = jax.device_put(variables, rep)
+    self._fn = jax.jit(lambda p, x: _inception_outputs(inception.apply(p, x)), in_shardings=(rep, self._in))
 
   def __call__(self, images_u8: np.ndarray) -> Dict[str, np.ndarray]:
     n = images_u8.shape[0]
     pad = (-n) % self.batch_size if n > self.batch_size else (-n) % len(self._in.mesh.devices.flat)
     x = np.concatenate([images_u8, np.zeros((pad,) + images_u8.shape[1:], images_u8.dtype)]) if pad else images_u8
-    out = jax.device_get(self._fn(self._vars, jax.device_put(x, self._in)))
+    out = jax.device_get(self._fn(self._params, jax.device_put(x, self._in)))
     return {'pool3': np.asarray(out['pool3'][:n], np.float32), 'logits': np.asarray(out['logits'][:n], np.float32)}
 
   def of_set(self, images: ImageSet, progress: Optional[Callable[[int, int], None]] = None) -> Dict[str, np.ndarray]:
