@@ -1,0 +1,323 @@
+"""Llama-style transformer blocks shared by ELM (AR and MLM) and BiGR.
+
+Mirrors the blocks of the reference ``llama/ar_model.py`` / ``llama/mlm_model.py`` (Pepper-lll/LMforImageGeneration)
+and ``llama/gpt*.py`` (haoosz/BiGR):
+
+- pre-norm ``RMSNorm`` (``x * rsqrt(mean(x^2) + eps) * weight``, the normalisation in float32);
+- ``Attention``: one fused ``wqkv`` projection (q, k, v in that order, no bias), 2D rotary embedding on q and k,
+  softmax attention with scale ``1/sqrt(head_dim)`` (or the reference's cosine-similarity variant, no scale), ``wo``
+  (no bias). ``n_kv_head < n_head`` (grouped keys/values) is supported as the reference does (``repeat_interleave``);
+  every release has ``n_kv_head == n_head``;
+- ``FeedForward``: SwiGLU ``w2(silu(w1 x) * w3 x)``, hidden width ``find_multiple(int(2 * 4 * dim / 3), multiple_of)``
+  (optionally times ``ffn_dim_multiplier`` before rounding);
+- ``TransformerBlock``: ``x + attn(norm(x))`` then ``+ ffn(norm(.))``, optional adaLN modulation (its own
+  ``adaLN_modulation`` Linear on SiLU(cond) as ELM AR's ``use_adaLN``, or modulation computed outside, as BiGR's
+  shared adaLN), optional drop path.
+
+Attention masking is explicit: ``causal=True`` for autoregressive models, ``causal=False`` (full attention) for the
+masked models, plus an optional boolean ``mask`` (True = may attend). A preallocated KV cache (``init_kv_cache``) with a
+write index makes step-by-step decoding possible: the new keys/values are written at ``[cache_index, cache_index+S)``
+and the queries see the slots ``< cache_index + S`` (causally: ``<=`` their own position).
+
+Initialisers follow the reference ``_init_weights``: Linear weights and Embeddings N(0, initializer_range), biases
+zero, norms one; the models zero their output heads and adaLN layers themselves. Every parameter carries logical
+axis names for ``var_jax.sharding``.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Dict, List, Optional, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from var_jax.models.layers import Dense, logical
+
+Dtype = Any
+KVCache = Dict[str, jax.Array]   # {'k': (B, L, n_kv_head, head_dim), 'v': (B, L, n_kv_head, head_dim)}
+
+
+def find_multiple(n: int, k: int) -> int:
+  """The smallest multiple of k that is >= n (the reference's helper)."""
+  return n if n % k == 0 else n + k - (n % k)
+
+
+def ffn_hidden_dim(dim: int, multiple_of: int = 256, ffn_dim_multiplier: Optional[float] = None) -> int:
+  """SwiGLU hidden width of the reference ``FeedForward`` (dim 1024 -> 2816, 1280 -> 3584, 1536 -> 4096)."""
+  hidden = int(2 * (4 * dim) / 3)
+  if ffn_dim_multiplier is not None:
+    hidden = int(ffn_dim_multiplier * hidden)
+  return find_multiple(hidden, multiple_of)
+
+
+def normal_init(std: float):
+  """``tensor.normal_(0, std)`` (not truncated), the reference ``_init_weights`` for Linear and Embedding."""
+  def init(key, shape, dtype=jnp.float32):
+    return (jax.random.normal(key, shape, jnp.float32) * std).astype(dtype)
+  return init
+
+
+def zeros_init(key, shape, dtype=jnp.float32):
+  del key
+  return jnp.zeros(shape, dtype)
+
+
+def ones_init(key, shape, dtype=jnp.float32):
+  del key
+  return jnp.ones(shape, dtype)
+
+
+def l2_normalize(x, eps: float = 1e-12):
+  """``F.normalize(x, dim=-1)`` = x / max(||x||, eps), with a finite gradient at x = 0 (torch's norm has a zero
+  subgradient there; ELM's class slot has zero q and k)."""
+  xf = x.astype(jnp.float32)
+  n = jnp.sqrt(jnp.maximum(jnp.sum(xf * xf, axis=-1, keepdims=True), eps * eps))
+  return (xf / n).astype(x.dtype)
+
+
+# ----------------------------------------------------------------------------- rotary embedding
+def precompute_rope_2d(head_dim: int, grid: int, base: float = 10000.0, cls_slots: int = 1,
+                       repeat: int = 1) -> np.ndarray:
+  """2D RoPE table of the reference ``precompute_freqs_cis_2d``: ((cls_slots + grid^2) * repeat, head_dim/2, 2).
+
+  The last axis is (cos, sin). Pair j < head_dim/4 rotates by row * f_j and pair j >= head_dim/4 by col * f_(j -
+  head_dim/4), with f_j = base^(-4j/head_dim); grid cell s (raster order) is row s // grid, col s % grid. The first
+  ``cls_slots`` rows are **zeros** (cos = sin = 0, not the identity): the class slots' queries and keys become zero
+  vectors. ``repeat`` repeats every row that many times (ELM MLM: the T sub-token slots of one position share it).
+  Computed in float32 as the reference does.
+  """
+  if head_dim % 4:
+    raise ValueError(f'2D RoPE needs head_dim divisible by 4, got {head_dim} (the reference table would not fit)')
+  half = head_dim // 2
+  freqs = (np.float32(1.0) / (np.float32(base) ** (np.arange(0, half, 2)[: half // 2].astype(np.float32)
+                                                     / np.float32(half)))).astype(np.float32)
+  t = np.arange(grid, dtype=np.float32)
+  f = np.outer(t, freqs).astype(np.float32)                                   # (grid, head_dim / 4)
+  grid_f = np.concatenate([np.broadcast_to(f[:, None, :], (grid, grid, f.shape[1])),
+                           np.broadcast_to(f[None, :, :], (grid, grid, f.shape[1]))], axis=-1)
+  cache = np.stack([np.cos(grid_f), np.sin(grid_f)], axis=-1).reshape(grid * grid, half, 2).astype(np.float32)
+  table = np.concatenate([np.zeros((cls_slots, half, 2), np.float32), cache], axis=0)
+  if repeat > 1:
+    table = np.repeat(table, repeat, axis=0)
+  return table
+
+
+def apply_rope(x, freqs):
+  """Rotate pairs (x[2j], x[2j+1]) of x (B, S, H, Dh) by freqs (S, Dh/2, 2) = (cos, sin); float32 inside."""
+  xf = x.astype(jnp.float32).reshape(x.shape[:-1] + (-1, 2))
+  f = jnp.asarray(freqs, jnp.float32)[None, :, None]                          # (1, S, 1, Dh/2, 2)
+  c, s = f[..., 0], f[..., 1]
+  x0, x1 = xf[..., 0], xf[..., 1]
+  out = jnp.stack([x0 * c - x1 * s, x1 * c + x0 * s], axis=-1)
+  return out.reshape(x.shape).astype(x.dtype)
+
+
+# ----------------------------------------------------------------------------- modules
+class RMSNorm(nn.Module):
+  """``x * rsqrt(mean(x^2, -1) + eps) * weight``; the normalisation runs in float32 (reference ``RMSNorm``)."""
+  eps: float = 1e-5
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    weight = self.param('weight', logical(ones_init, ('norm',)), (x.shape[-1],), jnp.float32)
+    xf = x.astype(jnp.float32)
+    y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+    return y.astype(self.dtype) * weight.astype(self.dtype)
+
+
+def init_kv_cache(batch: int, max_len: int, n_kv_head: int, head_dim: int, n_layer: int,
+                  dtype=jnp.float32) -> List[KVCache]:
+  """One zeroed cache per layer: {'k', 'v'} of shape (batch, max_len, n_kv_head, head_dim)."""
+  shape = (batch, max_len, n_kv_head, head_dim)
+  return [{'k': jnp.zeros(shape, dtype), 'v': jnp.zeros(shape, dtype)} for _ in range(n_layer)]
+
+
+class Attention(nn.Module):
+  """Multi-head self-attention with fused ``wqkv`` (q, k, v order, no bias), RoPE, optional KV cache.
+
+  ``__call__(x, freqs=None, mask=None, *, causal=False, cache=None, cache_index=None, train=False)``
+  -> ``(y, new_cache)``:
+
+  - ``x`` (B, S, dim); ``freqs`` (S, head_dim/2, 2) RoPE rows of these S positions (None: no rotation);
+  - ``mask``: optional bool, broadcastable to (B, n_head, S, K) with K = S (no cache) or the cache length; True =
+    may attend;
+  - ``causal``: query i attends keys j <= i (with a cache: absolute positions, query i is at cache_index + i);
+  - ``cache``: {'k', 'v'} (B, L, n_kv_head, head_dim) preallocated (``init_kv_cache``); the S new keys/values are
+    written at ``cache_index`` (int, may be traced) and the queries attend the cache slots ``< cache_index + S``.
+    ``new_cache`` is None without a cache.
+  """
+  dim: int
+  n_head: int
+  n_kv_head: Optional[int] = None
+  attn_type: str = 'sdp'            # 'sdp' scaled dot product; 'cs' cosine similarity (reference option, no scale)
+  attn_dropout_p: float = 0.0
+  resid_dropout_p: float = 0.0
+  init_std: float = 0.02
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, freqs=None, mask=None, *, causal: bool = False, cache: Optional[KVCache] = None,
+               cache_index=None, train: bool = False):
+    if self.dim % self.n_head:
+      raise ValueError(f'dim={self.dim} is not divisible by n_head={self.n_head}')
+    h = self.n_head
+    hkv = self.n_kv_head or h
+    if h % hkv:
+      raise ValueError(f'n_head={h} is not a multiple of n_kv_head={hkv}')
+    hd = self.dim // h
+    b, s, _ = x.shape
+    init = normal_init(self.init_std)
+    qkv = Dense((h + 2 * hkv) * hd, use_bias=False, kernel_axes=('embed', 'qkv'), kernel_init=init, name='wqkv',
+                dtype=self.dtype)(x)
+    q = qkv[..., :h * hd].reshape(b, s, h, hd)
+    k = qkv[..., h * hd:(h + hkv) * hd].reshape(b, s, hkv, hd)
+    v = qkv[..., (h + hkv) * hd:].reshape(b, s, hkv, hd)
+    if freqs is not None:
+      q = apply_rope(q, freqs)
+      k = apply_rope(k, freqs)
+
+    q_pos = jnp.arange(s)
+    if cache is None:
+      keys, values, new_cache = k, v, None
+      k_pos = jnp.arange(s)
+      valid = None
+    else:
+      if cache_index is None:
+        raise ValueError('Attention: a cache needs cache_index (where the new keys/values are written)')
+      idx = jnp.asarray(cache_index, jnp.int32)
+      ck = jax.lax.dynamic_update_slice(cache['k'], k.astype(cache['k'].dtype), (0, idx, 0, 0))
+      cv = jax.lax.dynamic_update_slice(cache['v'], v.astype(cache['v'].dtype), (0, idx, 0, 0))
+      new_cache = {'k': ck, 'v': cv}
+      keys, values = ck.astype(self.dtype), cv.astype(self.dtype)
+      q_pos = q_pos + idx
+      k_pos = jnp.arange(ck.shape[1])
+      valid = (k_pos[None, :] < idx + s)[None, None]                         # (1, 1, 1, L)
+    if causal:
+      c = (k_pos[None, :] <= q_pos[:, None])[None, None]                      # (1, 1, S, K)
+      valid = c if valid is None else valid & c
+    if mask is not None:
+      m = jnp.asarray(mask, bool)
+      valid = m if valid is None else valid & m
+    if hkv != h:
+      keys = jnp.repeat(keys, h // hkv, axis=2)
+      values = jnp.repeat(values, h // hkv, axis=2)
+
+    if self.attn_type == 'cs':
+      q, keys, scale = l2_normalize(q), l2_normalize(keys), 1.0
+    elif self.attn_type == 'sdp':
+      scale = 1.0 / math.sqrt(hd)
+    else:
+      raise ValueError(f"attn_type must be 'sdp' or 'cs', got {self.attn_type!r}")
+    scores = jnp.einsum('bqhd,bkhd->bhqk', q, keys, preferred_element_type=jnp.float32) * scale
+    if valid is not None:
+      scores = jnp.where(valid, scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1)
+    if train and self.attn_dropout_p > 0:
+      probs = nn.Dropout(self.attn_dropout_p, deterministic=False)(probs)
+    out = jnp.einsum('bhqk,bkhd->bqhd', probs.astype(self.dtype), values).reshape(b, s, h * hd)
+    out = Dense(self.dim, use_bias=False, kernel_axes=('qkv', 'embed'), kernel_init=init, name='wo',
+                dtype=self.dtype)(out)
+    if self.resid_dropout_p > 0:
+      out = nn.Dropout(self.resid_dropout_p, deterministic=not train)(out)
+    return out, new_cache
+
+
+class FeedForward(nn.Module):
+  """SwiGLU ``w2(silu(w1 x) * w3 x)`` (no biases) and ffn dropout; hidden width ``ffn_hidden_dim``."""
+  dim: int
+  multiple_of: int = 256
+  ffn_dim_multiplier: Optional[float] = None
+  ffn_dropout_p: float = 0.0
+  init_std: float = 0.02
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    hidden = ffn_hidden_dim(self.dim, self.multiple_of, self.ffn_dim_multiplier)
+    init = normal_init(self.init_std)
+    a = Dense(hidden, use_bias=False, kernel_axes=('embed', 'mlp'), kernel_init=init, name='w1', dtype=self.dtype)(x)
+    g = Dense(hidden, use_bias=False, kernel_axes=('embed', 'mlp'), kernel_init=init, name='w3', dtype=self.dtype)(x)
+    y = Dense(self.dim, use_bias=False, kernel_axes=('mlp', 'embed'), kernel_init=init, name='w2',
+              dtype=self.dtype)(nn.silu(a) * g)
+    if self.ffn_dropout_p > 0:
+      y = nn.Dropout(self.ffn_dropout_p, deterministic=not train)(y)
+    return y
+
+
+def drop_path(module: nn.Module, x, rate: float, train: bool):
+  """Stochastic depth per sample (timm ``drop_path``, scale_by_keep), rng stream 'dropout'."""
+  if not train or rate <= 0:
+    return x
+  keep = 1.0 - rate
+  m = jax.random.bernoulli(module.make_rng('dropout'), keep, (x.shape[0],) + (1,) * (x.ndim - 1))
+  return jnp.where(m, x / keep, 0).astype(x.dtype)
+
+
+def modulate(x, shift, scale):
+  return x * (1 + scale) + shift
+
+
+class TransformerBlock(nn.Module):
+  """Pre-norm Llama block: ``h = x + attn(attention_norm(x))``, ``out = h + ffn(ffn_norm(h))``.
+
+  ``__call__(x, freqs=None, mask=None, *, causal=False, cache=None, cache_index=None, cond=None, modulation=None,
+  train=False) -> (out, new_cache)``.
+
+  adaLN: with ``use_adaln`` the block owns ``adaLN_modulation`` (Linear dim -> 6 dim with bias, zero-initialised) on
+  SiLU(``cond``) (ELM AR ``use_adaLN``); otherwise a ``modulation`` computed outside may be passed (BiGR's shared
+  adaLN). Either way the six parts (shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp), each
+  broadcastable to x, act as ``x + gate * attn(norm(x) * (1 + scale) + shift)`` (and the same for the FFN).
+  """
+  dim: int
+  n_head: int
+  n_kv_head: Optional[int] = None
+  multiple_of: int = 256
+  ffn_dim_multiplier: Optional[float] = None
+  norm_eps: float = 1e-5
+  attn_type: str = 'sdp'
+  attn_dropout_p: float = 0.0
+  resid_dropout_p: float = 0.0
+  ffn_dropout_p: float = 0.0
+  drop_path: float = 0.0
+  use_adaln: bool = False
+  init_std: float = 0.02
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, freqs=None, mask=None, *, causal: bool = False, cache: Optional[KVCache] = None,
+               cache_index=None, cond=None, modulation: Optional[Sequence[Any]] = None, train: bool = False):
+    if self.use_adaln:
+      if cond is None:
+        raise ValueError('TransformerBlock(use_adaln=True) needs cond')
+      mods = Dense(6 * self.dim, kernel_axes=('embed', 'adaln'), kernel_init=zeros_init, bias_init=zeros_init,
+                   name='adaLN_modulation', dtype=self.dtype)(nn.silu(cond.astype(self.dtype)))
+      modulation = jnp.split(mods, 6, axis=-1)
+    attn = Attention(self.dim, self.n_head, self.n_kv_head, attn_type=self.attn_type,
+                     attn_dropout_p=self.attn_dropout_p, resid_dropout_p=self.resid_dropout_p,
+                     init_std=self.init_std, dtype=self.dtype, name='attention')
+    ffn = FeedForward(self.dim, self.multiple_of, self.ffn_dim_multiplier, self.ffn_dropout_p, self.init_std,
+                      dtype=self.dtype, name='feed_forward')
+    attention_norm = RMSNorm(self.norm_eps, dtype=self.dtype, name='attention_norm')
+    ffn_norm = RMSNorm(self.norm_eps, dtype=self.dtype, name='ffn_norm')
+
+    a_in = attention_norm(x)
+    if modulation is not None:
+      shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = [jnp.asarray(m).astype(self.dtype)
+                                                                        for m in modulation]
+      a_in = modulate(a_in, shift_msa, scale_msa)
+    a, new_cache = attn(a_in, freqs, mask, causal=causal, cache=cache, cache_index=cache_index, train=train)
+    if modulation is not None:
+      a = gate_msa * a
+    h = x + drop_path(self, a, self.drop_path, train)
+    f_in = ffn_norm(h)
+    if modulation is not None:
+      f_in = modulate(f_in, shift_mlp, scale_mlp)
+    f = ffn(f_in, train)
+    if modulation is not None:
+      f = gate_mlp * f
+    out = h + drop_path(self, f, self.drop_path, train)
+    out = nn.with_logical_constraint(out, ('activation_batch', 'activation_length', 'activation_embed'))
+    return out, new_cache
