@@ -32,6 +32,7 @@ setup(
         # if you do not want pip to pull a CUDA build.
         'torch': ['torch>=2.4'],
         'gcs': ['gcsfs'],   # gs:// workdirs
-        'test': ['pytest>=8.0', 'nbclient>=0.10', 'nbformat>=5.10', 'ipykernel>=6.29'],
+        'eval': ['matplotlib>=3.8'],   # scaling-law plots (python -m var_jax.scaling)
+        'test': ['pytest>=8.0', 'nbclient>=0.10', 'nbformat>=5.10', 'ipykernel>=6.29', 'matplotlib>=3.8'],
     },
 )
