@@ -1,0 +1,453 @@
+"""``ELMPipeline``: the binary autoencoder (BAE) + an ELM transformer (AR or MLM) with params.
+
+A thin facade in the manner of ``VARPipeline`` / ``BiGRPipeline``: the logic lives in ``var_jax.models.bae``,
+``var_jax.models.elm`` and ``var_jax.elm_sampling``; the pipeline holds configs and params, checks shapes, caches
+jitted functions (one compilation per setting and batch size), splits large batches (padding the last) and shards
+them over the local devices.
+
+Conventions: images are NHWC float32 in [0, 1] (the reference does not normalise); bits are NHWC (B, h, w, K) uint8
+(the reference's (B, K, h, w) transposed); tokens are (B, N, T) int32 sub-tokens, N = h*w in raster order, the K
+bits of a cell split into T chunks of code_dim bits, most significant bit first (``var_jax.models.elm``).
+
+Usage::
+
+  pipe = ELMPipeline.from_torch('binaryae_ema_k20.th', 'L-2-10.pth')          # AR or MLM from the keys
+  bits = pipe.encode(images)                        # (B, 16, 16, 20) uint8, threshold p > 0.5
+  tokens = pipe.tokenize(images)                    # (B, 256, 2) int32
+  logits = pipe.logits(labels, tokens)              # (B, 512, 1024) teacher-forced
+  images, tokens = pipe.sample([207, 360], rng=0)   # FID settings: linear CFG 4.0, top-k 1000, temperature 1
+"""
+from __future__ import annotations
+
+import functools
+import os
+from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Union
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from var_jax import elm_sampling as es
+from var_jax.interop import bae as ibae
+from var_jax.interop import elm as ielm
+from var_jax.interop.reference import CheckpointMismatchError, load_state_dict
+from var_jax.models import elm as E
+from var_jax.models.bae import BAEConfig, BinaryAutoEncoder
+from var_jax.models.elm import ELMConfig
+
+PathLike = Union[str, os.PathLike]
+
+
+def _cast_floating(tree, dtype):
+  return jax.tree.map(lambda a: a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a, tree)
+
+
+class ELMPipeline:
+  """BAE + ELM with params, e.g. ``ELMPipeline.from_torch('binaryae.th', 'model.pth', **model_args)``."""
+
+  def __init__(self, bae_config: BAEConfig, elm_config: ELMConfig, bae_variables: Mapping[str, Any],
+               elm_variables: Mapping[str, Any]):
+    if bae_config.codebook_size != elm_config.bits_per_cell:
+      raise ValueError(f'the BAE has K={bae_config.codebook_size} bits per cell; the ELM model needs token_each * '
+                       f'code_dim = {elm_config.token_each} * {elm_config.code_dim} = {elm_config.bits_per_cell}')
+    self.bae_config, self.elm_config = bae_config, elm_config
+    self.latent_size = elm_config.grid
+    self.image_size = elm_config.grid * bae_config.downsample
+    self.bae = BinaryAutoEncoder(bae_config)
+    self.model = ielm.elm_model(elm_config)
+    self.bae_variables = jax.tree.map(jnp.asarray, dict(bae_variables))
+    elm_variables = dict(elm_variables)
+    # the MLM checkpoint's unused tensors (kept for save_torch), never passed to the model
+    self._elm_unused = {k: np.asarray(a) for k, a in dict(elm_variables.pop(ielm.UNUSED, {})).items()}
+    self.elm_variables = jax.tree.map(jnp.asarray, elm_variables)
+    self._jit_cache: Dict[Any, Any] = {}
+    self._param_cache: Dict[Any, Any] = {}
+
+  # ------------------------------------------------------------------ construction
+  @classmethod
+  def from_torch(cls, bae_path: PathLike, model_path: PathLike, *, bae_overrides: Optional[Dict[str, Any]] = None,
+                 **model_args) -> 'ELMPipeline':
+    """Load the reference checkpoints: ``binaryae*.th`` (``ae.``-prefixed or plain) and the ELM ``model.pth``
+    (a plain state_dict; ``.safetensors`` too).
+
+    AR or MLM is inferred from the keys. ``model_args``: the reference ``ModelArgs`` keyword arguments (as given to
+    ``GPT_models[...]``), e.g. ``n_head`` for a non-preset size, ``block_size`` for a non-256 AR grid. The fields
+    the shapes determine (dim, n_layer, code_dim, token_each, num_classes, the FFN width, ...) are checked: a
+    contradiction raises ``CheckpointMismatchError`` naming the field (``var_jax.interop.elm.infer_elm_config``).
+    The BAE config is inferred from its keys; its ``resolution`` (only naming the attention levels) is the image
+    size the ELM grid implies.
+    """
+    sd = load_state_dict(model_path)
+    try:
+      elm_cfg = ielm.infer_elm_config(sd, **model_args)
+      elm_vars = ielm.import_elm(sd, elm_cfg, keep_unused=True, what=os.fspath(model_path))
+    except CheckpointMismatchError as e:
+      raise CheckpointMismatchError(f'{os.fspath(model_path)}: {e}') from None
+    own, _ = ibae.split_bae_state_dict(load_state_dict(bae_path), what=os.fspath(bae_path))
+    probe = ibae.bae_config_from_state_dict(own)
+    bae_cfg = ibae.bae_config_from_state_dict(own, resolution=elm_cfg.grid * probe.downsample,
+                                              **(bae_overrides or {}))
+    try:
+      bae_vars = ibae.import_bae(own, bae_cfg)
+    except CheckpointMismatchError as e:
+      raise CheckpointMismatchError(f'{os.fspath(bae_path)}: {e}') from None
+    return cls(bae_cfg, elm_cfg, bae_vars, elm_vars)
+
+  @classmethod
+  def init_random(cls, bae_config: BAEConfig, elm_config: ELMConfig, rng) -> 'ELMPipeline':
+    """Fresh weights with the reference initialisation (tests, benchmarks). As in the reference, the AR output
+    heads (and adaLN layers) start at zero, so a fresh AR model samples uniformly among the top-k."""
+    from flax.core import meta
+    if isinstance(rng, (int, np.integer)):
+      rng = jax.random.key(int(rng))
+    k1, k2 = jax.random.split(rng)
+    s = bae_config.resolution
+    bae_vars = jax.jit(functools.partial(BinaryAutoEncoder(bae_config).init, train=False))(
+        k1, jnp.zeros((1, s, s, bae_config.in_channels), jnp.float32))
+    c = elm_config
+    tokens = jnp.zeros((1, c.seq_len, c.token_each), jnp.int32)
+    elm_vars = jax.jit(ielm.elm_model(c).init)(k2, tokens, jnp.zeros((1,), jnp.int32))
+    return cls(bae_config, elm_config, meta.unbox(bae_vars), meta.unbox(elm_vars))
+
+  # ------------------------------------------------------------------ export
+  def save_torch(self, bae_path: Optional[PathLike], model_path: Optional[PathLike]):
+    """Write the reference layouts: ``binaryae.th`` with ``ae.``-prefixed keys (what ``load_pretrain`` reads) and
+    the ELM ``model.pth`` state_dict (loads with ``strict=True``; an MLM's unused tensors are written back as read,
+    zeros when absent). Either path may be None to skip it."""
+    if bae_path:
+      ibae.save_bae(jax.device_get(self.bae_variables), self.bae_config, os.fspath(bae_path))
+    if model_path:
+      v = dict(jax.device_get(self.elm_variables))
+      if self._elm_unused:
+        v[ielm.UNUSED] = self._elm_unused
+      ielm.save_elm(v, self.elm_config, os.fspath(model_path))
+
+  def __repr__(self) -> str:
+    c, b = self.elm_config, self.bae_config
+    return (f'ELMPipeline({c.modeling.upper()}: {c.n_layer} layers, dim {c.dim}, {c.n_head} heads, split '
+            f'{c.token_each}-{c.code_dim} (V={c.codebook_size}), N={c.seq_len}, {c.num_classes} classes | BAE '
+            f'K={b.codebook_size}, nf={b.nf}, ch_mult={b.ch_mult} | {self.image_size}px)')
+
+  # ------------------------------------------------------------------ properties
+  @property
+  def modeling(self) -> str:
+    return self.elm_config.modeling
+
+  @property
+  def num_classes(self) -> int:
+    return self.elm_config.num_classes
+
+  @property
+  def null_class(self) -> int:
+    return self.elm_config.num_classes
+
+  @property
+  def seq_len(self) -> int:
+    return self.elm_config.seq_len
+
+  @property
+  def token_each(self) -> int:
+    return self.elm_config.token_each
+
+  @property
+  def code_dim(self) -> int:
+    return self.elm_config.code_dim
+
+  @property
+  def codebook_size(self) -> int:
+    return self.elm_config.codebook_size
+
+  @property
+  def bits_per_cell(self) -> int:
+    return self.bae_config.codebook_size
+
+  # ------------------------------------------------------------------ devices and params
+  @staticmethod
+  def _mesh():
+    """A 1-D 'data' mesh over the local devices (None with one device)."""
+    devs = jax.local_devices()
+    if len(devs) <= 1:
+      return None
+    from jax.sharding import AxisType, Mesh
+    return Mesh(np.asarray(devs).reshape(len(devs)), ('data',), axis_types=(AxisType.Auto,))
+
+  def _params(self, which: str, dtype=jnp.float32, sharding=None):
+    """The BAE or ELM variables, cast (ELM only) and placed (replicated) once per (dtype, sharding)."""
+    key = (which, jnp.dtype(dtype).name, sharding)
+    if key not in self._param_cache:
+      if which == 'bae':
+        v = self.bae_variables
+      else:
+        v = self.elm_variables if jnp.dtype(dtype) == jnp.float32 else _cast_floating(self.elm_variables, dtype)
+      self._param_cache[key] = jax.device_put(v, sharding) if sharding is not None else v
+    return self._param_cache[key]
+
+  def _placed(self, which: str, arrays: Sequence[jax.Array], shard: bool):
+    """(params, arrays): arrays sharded on their batch axis over the local devices when it divides evenly."""
+    mesh = self._mesh() if shard else None
+    b = arrays[0].shape[0]
+    if mesh is None or b % mesh.devices.size:
+      return self._params(which), list(arrays)
+    from jax.sharding import NamedSharding, PartitionSpec as P
+    data = NamedSharding(mesh, P('data'))
+    return self._params(which, sharding=NamedSharding(mesh, P())), [jax.device_put(a, data) for a in arrays]
+
+  # ------------------------------------------------------------------ checks
+  def _check_images(self, images, what='images') -> jax.Array:
+    x = jnp.asarray(images)
+    c = self.bae_config.in_channels
+    if x.ndim != 4 or x.shape[-1] != c:
+      raise ValueError(f'{what} must be NHWC with {c} channels in [0, 1], got shape {tuple(x.shape)}')
+    s = self.image_size
+    if x.shape[1:3] != (s, s):
+      raise ValueError(f'{what} must be {s}x{s} (ELM grid {self.latent_size} x BAE downsample '
+                       f'{self.bae_config.downsample}), got {x.shape[1]}x{x.shape[2]}')
+    return x.astype(jnp.float32)
+
+  def _check_bits(self, bits, what='bits') -> jax.Array:
+    """(B, h, w, K) 0/1 -> uint8."""
+    b = jnp.asarray(bits)
+    g, k = self.latent_size, self.bits_per_cell
+    if b.ndim != 4 or b.shape[1:] != (g, g, k):
+      raise ValueError(f'{what} must be (B, {g}, {g}, {k}), got shape {tuple(b.shape)}')
+    return (b > 0).astype(jnp.uint8) if jnp.issubdtype(b.dtype, jnp.floating) else b.astype(jnp.uint8)
+
+  def _check_tokens(self, tokens, allow_mask: bool = False, what='tokens') -> jax.Array:
+    t = np.asarray(tokens)
+    n, te = self.seq_len, self.token_each
+    if t.ndim != 3 or t.shape[1:] != (n, te) or not np.issubdtype(t.dtype, np.integer):
+      raise ValueError(f'{what} must be integer (B, {n}, {te}) sub-tokens, got {t.dtype} {tuple(t.shape)}')
+    hi = self.codebook_size + int(allow_mask)
+    if t.size and (t.min() < 0 or t.max() >= hi):
+      raise ValueError(f'{what} must lie in [0, {hi}){" (the mask id included)" if allow_mask else ""}, got '
+                       f'[{t.min()}, {t.max()}]')
+    return jnp.asarray(t, jnp.int32)
+
+  def _labels(self, labels, batch: int) -> jax.Array:
+    lab = np.asarray(labels)
+    if not np.issubdtype(lab.dtype, np.integer):
+      raise ValueError(f'labels must be integers in [0, {self.num_classes}], got {labels!r}')
+    lab = np.full((batch,), int(lab)) if lab.ndim == 0 else lab.reshape(-1)
+    if lab.shape != (batch,):
+      raise ValueError(f'{lab.size} labels for a batch of {batch}')
+    if lab.min() < 0 or lab.max() > self.num_classes:
+      raise ValueError(f'class labels must lie in [0, {self.num_classes}] ({self.num_classes} = null class), got '
+                       f'min {lab.min()} max {lab.max()}')
+    return jnp.asarray(lab, jnp.int32)
+
+  # ------------------------------------------------------------------ jitted pieces
+  def _fn(self, name: str):
+    if name not in self._jit_cache:
+      bae, model = self.bae, self.model
+      fns = {
+          'encode': lambda v, x: bae.apply(v, x, method=BinaryAutoEncoder.bits),
+          'decode': lambda v, bits: bae.apply(v, bits, method=BinaryAutoEncoder.decode),
+          'logits_ar': lambda v, labels, toks: model.apply(v, toks, labels),
+          'logits_mlm': lambda v, labels, toks, mask: model.apply(v, toks, labels, token_all_mask=mask),
+      }
+      self._jit_cache[name] = jax.jit(fns[name])
+    return self._jit_cache[name]
+
+  # ------------------------------------------------------------------ public API
+  def encode(self, images, *, shard: bool = True) -> jax.Array:
+    """Images NHWC in [0, 1] -> bits (B, h, w, K) uint8 by the threshold ``p > 0.5`` (the reference
+    ``encode()`` with ``deterministic``; training tokenises with Bernoulli samples: ``BinaryAutoEncoder.bits``
+    with mode 'bernoulli')."""
+    params, (x,) = self._placed('bae', [self._check_images(images)], shard)
+    return self._fn('encode')(params, x)
+
+  def bits_to_tokens(self, bits) -> jax.Array:
+    """(B, h, w, K) bits -> (B, N, T) sub-tokens (MSB first within a chunk)."""
+    return E.bits_to_tokens(self._check_bits(bits), self.token_each)
+
+  def tokens_to_bits(self, tokens) -> jax.Array:
+    """(B, N, T) sub-tokens -> (B, h, w, K) uint8 bits."""
+    return E.tokens_to_bits(self._check_tokens(tokens), self.code_dim, (self.latent_size, self.latent_size))
+
+  def tokenize(self, images, *, shard: bool = True) -> jax.Array:
+    """Images -> (B, N, T) int32 sub-tokens of the threshold bits."""
+    return self.bits_to_tokens(self.encode(images, shard=shard))
+
+  def decode(self, bits, *, clip: bool = False, shard: bool = True) -> jax.Array:
+    """Bits (B, h, w, K) -> images NHWC float32 (the reference ``bae.decode(bits, is_bin=True)``). A trained BAE
+    decodes to about [0, 1]; the output is clamped only with ``clip`` (the reference clamps when saving)."""
+    params, (b,) = self._placed('bae', [self._check_bits(bits)], shard)
+    out = self._fn('decode')(params, b)
+    return jnp.clip(out, 0.0, 1.0) if clip else out
+
+  def decode_tokens(self, tokens, *, clip: bool = False, shard: bool = True) -> jax.Array:
+    """(B, N, T) sub-tokens -> images NHWC float32."""
+    return self.decode(self.tokens_to_bits(tokens), clip=clip, shard=shard)
+
+  def logits(self, labels, tokens, token_all_mask=None, *, shard: bool = True) -> jax.Array:
+    """Teacher-forced logits (B, N*T, V) float32 (eval mode: no label dropout); row s*T+i is sub-token i of
+    position s.
+
+    AR: input [class, tokens 0..N-2], position s predicts ``tokens[:, s]``. MLM: ``tokens`` may contain the mask
+    id 2^code_dim; ``token_all_mask`` (B, N) (1 = masked position, all its sub-tokens) writes it; None = the
+    tokens as given. ``labels``: ints in [0, num_classes] (num_classes = the null class), one int for all.
+    """
+    is_mlm = self.modeling == 'mlm'
+    toks = self._check_tokens(tokens, allow_mask=is_mlm)
+    labels = self._labels(labels, toks.shape[0])
+    if not is_mlm:
+      if token_all_mask is not None:
+        raise ValueError('token_all_mask is for ELM MLM; this is an AR model')
+      params, (labels, toks) = self._placed('elm', [labels, toks], shard)
+      return self._fn('logits_ar')(params, labels, toks)
+    mask = (jnp.zeros(toks.shape[:2], jnp.uint8) if token_all_mask is None
+            else jnp.asarray(token_all_mask).astype(jnp.uint8))
+    if mask.shape != toks.shape[:2]:
+      raise ValueError(f'token_all_mask must be (B, N) = {toks.shape[:2]}, got {mask.shape}')
+    params, (labels, toks, mask) = self._placed('elm', [labels, toks, mask], shard)
+    return self._fn('logits_mlm')(params, labels, toks, mask)
+
+  # ------------------------------------------------------------------ sampling
+  def _resolve_labels(self, labels, rng, num_samples):
+    nc = self.num_classes
+    if labels is None:
+      if num_samples is None:
+        raise ValueError('labels=None samples random classes: give num_samples too')
+      return np.asarray(jax.random.randint(jax.random.fold_in(rng, 0x7fffffff), (num_samples,), 0, nc), np.int32)
+    lab = np.asarray(labels).reshape(-1)
+    if num_samples is not None and lab.size == 1:
+      lab = np.repeat(lab, num_samples)
+    if lab.size == 0 or not np.issubdtype(lab.dtype, np.integer):
+      raise ValueError(f'labels must be integers in [0, {nc}] ({nc} = unconditional), got {labels!r}')
+    if lab.min() < 0 or lab.max() > nc:
+      raise ValueError(f'class label out of range: labels must lie in [0, {nc}] ({nc} = unconditional), '
+                       f'got min {lab.min()} max {lab.max()}')
+    return lab.astype(np.int32)
+
+  def _settings(self, cfg, cfg_schedule, temperature, top_k, num_iter, scale_pow) -> Tuple:
+    """Validated sampler settings as a hashable tuple (the jit cache key)."""
+    c = self.elm_config
+    if self.modeling == 'ar':
+      if num_iter is not None and int(num_iter) != c.seq_len:
+        raise ValueError(f'ELM AR generates one position per step: num_iter must be None or N={c.seq_len}, got '
+                         f'{num_iter}')
+      if not float(temperature) > 0:
+        raise ValueError(f'temperature must be > 0, got {temperature}')
+      if top_k is not None and int(top_k) < 0:
+        raise ValueError(f'top_k must be >= 0 (0/None = off), got {top_k}')
+      es.cfg_scales(float(cfg), cfg_schedule, 1, 'ar')          # validates the schedule name
+      s = dict(cfg_scale=float(cfg), cfg_schedule=cfg_schedule, temperature=float(temperature),
+               top_k=None if not top_k else int(top_k))
+    else:
+      num_iter = c.gen_iter if num_iter is None else int(num_iter)
+      if num_iter < 1:
+        raise ValueError(f'num_iter must be >= 1, got {num_iter}')
+      if float(temperature) < 0:
+        raise ValueError(f'temperature must be >= 0, got {temperature}')
+      es.cfg_scales(float(cfg), cfg_schedule, 1, 'mlm', float(scale_pow))
+      s = dict(num_iter=num_iter, cfg_scale=float(cfg), cfg_schedule=cfg_schedule, temperature=float(temperature),
+               scale_pow=float(scale_pow))
+    return tuple(sorted(s.items()))
+
+  def _token_fn(self, settings: Tuple, dtype, injected: bool):
+    model = ielm.elm_model(self.elm_config, dtype=dtype)
+    if self.modeling == 'ar':
+      return functools.partial(es.ar_sample_tokens, model, injected=injected, **dict(settings))
+    return functools.partial(es.mlm_sample_tokens, model, injected=injected, **dict(settings))
+
+  def _sampler(self, settings: Tuple, batch: int, dtype, clip: bool, mesh, injected: bool = False):
+    """A jitted ``fn(bae_vars, elm_vars, labels (B,), keys (B,) or noise) -> (images NHWC, tokens (B, N, T))``."""
+    key = ('sample', settings, batch, jnp.dtype(dtype).name, clip, mesh, injected)
+    if key in self._jit_cache:
+      return self._jit_cache[key]
+    tokens_fn = self._token_fn(settings, dtype, injected)
+    bae, code_dim, g = self.bae, self.code_dim, self.latent_size
+
+    def fn(bae_vars, elm_vars, labels, randomness):
+      tokens = tokens_fn(elm_vars, labels, randomness)['tokens']
+      bits = E.tokens_to_bits(tokens, code_dim, (g, g))
+      images = bae.apply(bae_vars, bits, method=BinaryAutoEncoder.decode)
+      return (jnp.clip(images, 0.0, 1.0) if clip else images), tokens
+
+    kw = {}
+    if mesh is not None:
+      from jax.sharding import NamedSharding, PartitionSpec as P
+      rep, data = NamedSharding(mesh, P()), NamedSharding(mesh, P('data'))
+      kw = dict(in_shardings=(rep, rep, data, data), out_shardings=(data, data))
+    self._jit_cache[key] = jax.jit(fn, **kw)
+    return self._jit_cache[key]
+
+  def sample(self, labels, rng=None, cfg: float = 4.0, cfg_schedule: str = 'linear', temperature: float = 1.0,
+             top_k: Optional[int] = 1000, num_iter: Optional[int] = None, *, scale_pow: float = 1.0,
+             num_samples: Optional[int] = None, batch_size: Optional[int] = None, shard: bool = True,
+             dtype=jnp.float32, clip: bool = True, sample_ids=None,
+             noise: Optional[Mapping[str, Any]] = None) -> Tuple[np.ndarray, np.ndarray]:
+    """Class-conditional generation (the reference ``generate_cfg`` + ``bae.decode``) -> host arrays (images NHWC
+    float32, clamped to [0, 1] unless ``clip=False``; tokens (B, N, T) int32).
+
+    Defaults are the release FID settings of ELM AR (sample_fid.sh: linear CFG 4.0, top-k 1000, temperature 1).
+
+    Args:
+      labels: ints in [0, num_classes] (num_classes = the null class), one int with ``num_samples``, or None for
+        random classes (``num_samples`` of them).
+      rng: PRNG key or int seed. Sample i uses only ``fold_in(rng, i)`` (``sample_ids`` replaces i by given global
+        ids), so results do not change with ``batch_size``, padding or the device count.
+      cfg, cfg_schedule: ``u + (c - u) * cfg(step)``. AR: constant, linear, cos, log, square, square_root; MLM:
+        constant, linear, powercos (with ``scale_pow``).
+      temperature: AR: divides the guided logits; MLM: scales the Gumbel noise of the re-masking order, times
+        (1 - ratio) (the reference MLM samples the tokens at temperature 1).
+      top_k: AR only (keep logits >= the k-th largest; None/0: off; 1: greedy). The reference MLM generate ignores
+        it, and so does this.
+      num_iter: MLM iterations (default the config's ``gen_iter``); AR: None (always N steps).
+      batch_size: images per compiled call (the last batch is padded); rounded up to a multiple of the local
+        device count when sharding.
+      dtype: compute dtype of the transformer (and its KV cache); the BAE decodes in float32.
+      noise: injected randomness for the whole batch (one call, no batching/sharding), the reference fixtures'
+        layout: AR {'uniforms': (N, B, T)}; MLM {'uniforms': (I, B, N*T), 'gumbel': (I, B, N, T)}.
+    """
+    settings = self._settings(cfg, cfg_schedule, temperature, top_k, num_iter, scale_pow)
+    if noise is not None:
+      return self._sample_injected(labels, settings, noise, clip, dtype)
+    if rng is None:
+      raise ValueError('sample needs rng (a PRNG key or an int seed) unless noise is given')
+    if isinstance(rng, (int, np.integer)):
+      rng = jax.random.key(int(rng))
+    lab = self._resolve_labels(labels, rng, num_samples)
+    n = lab.shape[0]
+    ids = np.arange(n) if sample_ids is None else np.asarray(sample_ids).reshape(-1)
+    if ids.shape[0] != n:
+      raise ValueError(f'{ids.shape[0]} sample_ids for {n} samples')
+    keys = es.per_sample_keys(rng, n, ids)
+    bs = int(batch_size or n)
+    if bs < 1:
+      raise ValueError(f'batch_size must be >= 1, got {batch_size}')
+    mesh = self._mesh() if shard else None
+    if mesh is not None:
+      from jax.sharding import NamedSharding, PartitionSpec as P
+      nd = mesh.devices.size
+      bs = -(-bs // nd) * nd
+      rep = NamedSharding(mesh, P())
+      params = (self._params('bae', sharding=rep), self._params('elm', dtype, sharding=rep))
+    else:
+      params = (self._params('bae'), self._params('elm', dtype))
+    fn = self._sampler(settings, bs, dtype, bool(clip), mesh)
+    imgs, toks = [], []
+    for start in range(0, n, bs):
+      stop = min(start + bs, n)
+      m = stop - start
+      pad = lambda a: jnp.concatenate([a, jnp.repeat(a[-1:], bs - m, axis=0)]) if m < bs else a
+      im, tk = fn(*params, pad(jnp.asarray(lab[start:stop])), pad(keys[start:stop]))
+      imgs.append(np.asarray(im)[:m])
+      toks.append(np.asarray(tk)[:m])
+    return np.concatenate(imgs), np.concatenate(toks)
+
+  def _sample_injected(self, labels, settings, noise, clip, dtype):
+    lab = np.asarray(labels).reshape(-1)
+    if lab.size == 0 or not np.issubdtype(lab.dtype, np.integer) or lab.min() < 0 or lab.max() > self.num_classes:
+      raise ValueError(f'labels must be integers in [0, {self.num_classes}], got {labels!r}')
+    if self.modeling == 'ar':
+      r = jnp.asarray(noise['uniforms'], jnp.float32)
+    else:
+      r = {'uniforms': jnp.asarray(noise['uniforms'], jnp.float32), 'gumbel': jnp.asarray(noise['gumbel'],
+                                                                                         jnp.float32)}
+    fn = self._sampler(settings, lab.shape[0], dtype, bool(clip), None, injected=True)
+    im, tk = fn(self._params('bae'), self._params('elm', dtype), jnp.asarray(lab, jnp.int32), r)
+    return np.asarray(im), np.asarray(tk)
+
+
+__all__ = ['ELMPipeline']
