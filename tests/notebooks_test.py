@@ -69,7 +69,7 @@ def outputs_text(nb):
   return ''.join(out)
 
 
-@pytest.mark.parametrize('name', ['sampling.ipynb', 'zero_shot_edit.ipynb'])
+@pytest.mark.parametrize('name', ['sampling.ipynb', 'zero_shot_edit.ipynb', 'elm_sampling.ipynb'])
 def test_stored_without_outputs(name):
   nb = nbformat.read(NOTEBOOKS / name, as_version=4)
   nbformat.validate(nb)
@@ -107,3 +107,21 @@ def test_zero_shot_edit_notebook(tmp_path, kernel_name, source):
   with Image.open(png) as im:
     assert im.size == (4 * (64 + 2) + 2, 3 * (64 + 2) + 2)   # 3 edits x (input, kept part, 2 variants)
   assert 'input (64, 64, 3)' in outputs_text(nb)
+
+
+@pytest.mark.parametrize('fixture', ['elm_ar_2x4', 'elm_mlm_1x8'])
+def test_elm_sampling_notebook(tmp_path, kernel_name, fixture):
+  import json
+  from conftest import SHARED
+  d = SHARED / 'fixtures' / 'elm_bigr_reference'
+  margs = json.loads((d / fixture / 'config.json').read_text())['model_args']
+  params = dict(BAE_CKPT=str((d / 'bae_k8' / 'binaryae.th').resolve()),
+                MODEL_CKPT=str((d / fixture / 'model.pth').resolve()), MODEL='tiny-' + fixture[-3:].replace('x', '-'),
+                MODEL_ARGS=margs, DOWNLOAD=False, CLASSES=[1, 3, 5], SAMPLES_PER_CLASS=1, BATCH_SIZE=4, NUM_TIMED=4,
+                TOP_K=5, NUM_ITER=4, OUTPUT_PNG='elm.png')
+  nb = run_notebook('elm_sampling.ipynb', params, tmp_path, kernel_name)
+  from PIL import Image
+  with Image.open(tmp_path / 'elm.png') as im:
+    assert im.size == (3 * (64 + 2) + 2, 64 + 2 + 2)
+  text = outputs_text(nb)
+  assert 'images/s' in text and ('mlm' in text.lower()) == ('mlm' in fixture)
