@@ -1,4 +1,5 @@
 """The sampling CLI: outputs, FID-evaluator npz, resumability, errors; and our model checkpoint round trip."""
+import json
 import os
 import subprocess
 import sys
@@ -89,3 +90,51 @@ def test_cli_end_to_end(tmp_path):
                        capture_output=True, text=True, timeout=300)
   assert bad.returncode != 0 and 'class 99 is out of range' in bad.stderr
   assert not (tmp_path / 'x.png').exists()
+
+
+# ----------------------------------------------------------------------------- ELM / BiGR through the same CLI
+def _bits_fixture(name):
+  import json
+  from conftest import SHARED
+  d = SHARED / 'fixtures' / 'elm_bigr_reference'
+  cfg = json.loads((d / name / 'config.json').read_text())
+  ckpt = next(p for p in (d / name).iterdir() if p.suffix in ('.pth', '.pt'))
+  return d / 'bae_k8' / 'binaryae.th', ckpt, cfg['model_args']
+
+
+@pytest.mark.parametrize('name,family', [('elm_ar_2x4', 'elm'), ('elm_mlm_2x4', 'elm'), ('bigr_k8', 'bigr')])
+def test_bits_models_through_the_cli(tmp_path, name, family):
+  bae, ckpt, margs = _bits_fixture(name)
+  assert cli.detect_family(str(ckpt)) == family
+  args = [f'{k}={json.dumps(v)}' for k, v in margs.items()]
+  pipe = cli.load_pipeline(bae_ckpt=str(bae), model_ckpt=str(ckpt), model_args=cli.parse_model_args(args))
+  assert cli.model_kind(pipe) == family and cli.num_classes(pipe) == 10
+  labels = cli.sample_plan(10, ['3', '7'], 2)
+  extra = {'num_iter': 4} if family != 'elm' or 'mlm' in name else {}
+  if family == 'bigr':
+    extra['infer_steps'] = 5
+  out_dir = tmp_path / 's'
+  n = cli.run(pipe, labels, 0, None, 5 if family == 'elm' else None, None, False, 4, 'float32',
+              out=str(tmp_path / 'grid.png'), out_dir=str(out_dir), options=extra)
+  assert n == 4
+  arr = np.load(out_dir / 'samples.npz')['arr_0']
+  assert arr.shape == (4, 64, 64, 3) and arr.dtype == np.uint8
+  # the same images as the pipeline draws directly with the family's defaults (per-image keys)
+  opts = cli.sampling_options(family, top_k=5 if family == 'elm' else None, **extra)
+  imgs, _ = pipe.sample(labels, 0, sample_ids=list(range(4)), batch_size=4, **opts)
+  np.testing.assert_array_equal(arr, cli.to_uint8(imgs))
+
+
+def test_sampling_options_per_family():
+  assert cli.sampling_options('var') == {'cfg': 1.5, 'top_k': 900, 'top_p': 0.96, 'more_smooth': False}
+  assert cli.sampling_options('elm', cfg_schedule='cos') == {'cfg': 4.0, 'top_k': 1000, 'cfg_schedule': 'cos'}
+  assert cli.sampling_options('bigr', cfg=2.0, gumbel_temp=0.5) == {'cfg': 2.0, 'gumbel_temp': 0.5}
+  with pytest.raises(ValueError, match='--top_p do not apply to ELM'):
+    cli.sampling_options('elm', top_p=0.9)
+  with pytest.raises(ValueError, match='--top_k do not apply to BIGR'):
+    cli.sampling_options('bigr', top_k=10)
+  with pytest.raises(ValueError, match='--gumbel_temp do not apply to VAR'):
+    cli.sampling_options('var', gumbel_temp=0.1)
+  assert cli.parse_model_args(['n_head=4', 'p_flip=true', 'name=x']) == {'n_head': 4, 'p_flip': True, 'name': 'x'}
+  with pytest.raises(ValueError, match='key=value'):
+    cli.parse_model_args(['n_head'])

@@ -1,4 +1,5 @@
-"""var_jax: VAR (Visual AutoRegressive modeling, next-scale prediction) in JAX/Flax.
+"""var_jax: VAR (Visual AutoRegressive modeling, next-scale prediction) in JAX/Flax, and its binary-latent
+siblings ELM (AR / MLM over binary-autoencoder bits) and BiGR.
 
 Never imports torch: the reference-checkpoint interop imports it lazily, only for ``.pth`` files.
 """
@@ -6,7 +7,9 @@ from var_jax.models.configs import PATCH_NUMS_256, PATCH_NUMS_512, VARConfig, VQ
 from var_jax.models.transformer import VAR
 from var_jax.models.vqvae import VQVAE
 from var_jax.pipeline import VARPipeline
+from var_jax.elm_pipeline import ELMPipeline
+from var_jax.bigr_pipeline import BiGRPipeline
 
 __version__ = '0.1.0'
-__all__ = ['VARPipeline', 'VAR', 'VQVAE', 'VARConfig', 'VQVAEConfig', 'var_preset', 'PATCH_NUMS_256',
-           'PATCH_NUMS_512']
+__all__ = ['VARPipeline', 'ELMPipeline', 'BiGRPipeline', 'VAR', 'VQVAE', 'VARConfig', 'VQVAEConfig', 'var_preset',
+           'PATCH_NUMS_256', 'PATCH_NUMS_512']

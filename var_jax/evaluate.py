@@ -35,14 +35,18 @@ flags.DEFINE_string('checkpoint', None, 'a var_jax model directory (workdir/mode
 flags.DEFINE_string('vae_ckpt', None, 'reference-layout VQVAE weights (.pth or .safetensors)')
 flags.DEFINE_string('var_ckpt', None, 'reference-layout VAR weights (.pth or .safetensors)')
 flags.DEFINE_list('patch_nums', None, 'override the inferred patch_nums (comma list)')
+flags.DEFINE_enum('model', 'auto', ['auto', 'var', 'elm', 'bigr'], 'model family (auto: from the checkpoint flags)')
+flags.DEFINE_string('bae_ckpt', None, 'ELM/BiGR: reference binary autoencoder weights')
+flags.DEFINE_string('model_ckpt', None, 'ELM/BiGR: reference generator weights')
+flags.DEFINE_list('model_args', [], 'ELM/BiGR: reference ModelArgs fields as key=value (JSON values)')
 flags.DEFINE_string('samples', None, 'evaluate these samples (folder of images or .npz with arr_0) instead of '
                     'generating')
 # generation protocol (defaults: the paper's FID setting)
 flags.DEFINE_integer('num_per_class', 50, 'images per class (the paper: 50 x 1000 classes)')
 flags.DEFINE_list('classes', None, 'restrict to these classes (default: all)')
-flags.DEFINE_float('cfg', 1.5, 'classifier-free guidance ratio')
-flags.DEFINE_integer('top_k', 900, 'top-k filtering (0: off)')
-flags.DEFINE_float('top_p', 0.96, 'top-p filtering (0: off)')
+flags.DEFINE_float('cfg', None, 'classifier-free guidance (default: the family\'s paper setting, VAR 1.5)')
+flags.DEFINE_integer('top_k', None, 'top-k filtering (0: off; default VAR 900, ELM 1000)')
+flags.DEFINE_float('top_p', None, 'VAR top-p filtering (0: off; default 0.96)')
 flags.DEFINE_integer('seed', 0, 'PRNG seed (image i uses fold_in(seed, i))')
 flags.DEFINE_integer('batch_size', 64, 'images per compiled sampling call (split over local devices)')
 flags.DEFINE_enum('dtype', 'float32', ['float32', 'bfloat16'], 'sampling compute dtype')
@@ -80,7 +84,7 @@ def generate(pipe, out_dir: str) -> str:
   Returns the path of ``samples.npz``."""
   import jax
   from var_jax import sample as sample_lib
-  labels = sample_lib.sample_plan(pipe.var_config.num_classes, FLAGS.classes, FLAGS.num_per_class)
+  labels = sample_lib.sample_plan(sample_lib.num_classes(pipe), FLAGS.classes, FLAGS.num_per_class)
   t0 = time.time()
   n_new = sample_lib.run(pipe, labels, FLAGS.seed, FLAGS.cfg, FLAGS.top_k, FLAGS.top_p, False, FLAGS.batch_size,
                          FLAGS.dtype, out_dir=out_dir, shard_index=jax.process_index(),
@@ -103,7 +107,11 @@ def evaluate(pipe=None) -> Dict[str, Any]:
   results: Dict[str, Any] = {}
   want_model = not FLAGS.samples or FLAGS.rfid or FLAGS.test_loss
   if pipe is None and want_model:
-    pipe = sample_lib.load_pipeline(FLAGS.vae_ckpt, FLAGS.var_ckpt, FLAGS.checkpoint, FLAGS.patch_nums)
+    pipe = sample_lib.load_pipeline(FLAGS.vae_ckpt, FLAGS.var_ckpt, FLAGS.checkpoint, FLAGS.patch_nums,
+                                    model=FLAGS.model, bae_ckpt=FLAGS.bae_ckpt, model_ckpt=FLAGS.model_ckpt,
+                                    model_args=sample_lib.parse_model_args(FLAGS.model_args))
+  if (FLAGS.rfid or FLAGS.test_loss) and pipe is not None and sample_lib.model_kind(pipe) != 'var':
+    raise ValueError('--rfid and --test_loss are implemented for VAR checkpoints (VQVAE tokenizer) only')
   if (FLAGS.rfid or FLAGS.test_loss) and FLAGS.config is None:
     raise ValueError('--rfid and --test_loss read a data split: give --config=configs/<x>.py (its data section)')
   if not FLAGS.out_dir and not FLAGS.samples:
@@ -131,7 +139,9 @@ def evaluate(pipe=None) -> Dict[str, Any]:
         results['inception_score'], results['inception_score_std'] = metrics.inception_score(
             fake['logits'], splits=min(10, len(fake['logits'])))
         results['num_samples'] = int(len(fake['logits']))
-      results['protocol'] = {'cfg': FLAGS.cfg, 'top_k': FLAGS.top_k, 'top_p': FLAGS.top_p, 'seed': FLAGS.seed,
+      opts = (sample_lib.sampling_options(sample_lib.model_kind(pipe), cfg=FLAGS.cfg, top_k=FLAGS.top_k,
+                                          top_p=FLAGS.top_p) if pipe is not None and not FLAGS.samples else {})
+      results['protocol'] = {**opts, 'seed': FLAGS.seed,
                              'num_per_class': FLAGS.num_per_class, 'samples': samples,
                              'reference': FLAGS.ref, 'features': 'FID Inception-v3 (pytorch-fid port), torch resize'}
 

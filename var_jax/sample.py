@@ -1,4 +1,4 @@
-r"""Sample images from a VAR model: ``python -m var_jax.sample``.
+r"""Sample images from a VAR, ELM or BiGR model: ``python -m var_jax.sample``.
 
 Examples:
   # a labelled grid from the released weights (reference .pth or .safetensors)
@@ -7,15 +7,24 @@ Examples:
   # 50 per class over all classes, one PNG each + an .npz for OpenAI's FID evaluator; rerunning resumes
   python -m var_jax.sample --checkpoint=workdir/model --num_per_class=50 --out_dir=samples --batch_size=64
 
+  # ELM (AR or MLM, inferred from the keys) and BiGR: the binary autoencoder + the generator; --model_args takes the
+  # reference ModelArgs fields the tensors cannot tell
+  python -m var_jax.sample --bae_ckpt=binaryae_ema.th --model_ckpt=L-2-10.pth --classes=207,360 --out=elm.png
+  python -m var_jax.sample --bae_ckpt=bae_24.th --model_ckpt=bigr_L_d24.pt --model_args=p_flip=true --out=bigr.png
+
+Sampling settings left unset take each model's release defaults (VAR: cfg 1.5, top-k 900, top-p 0.96; ELM: linear
+cfg 4.0, top-k 1000; BiGR: cfg 3.0, 20 iterations, Gumbel 0.01).
+
 Every image i draws from fold_in(PRNGKey(seed), i), so a resumed run (existing PNGs are skipped) produces exactly
 the images an uninterrupted one would, whatever the batch size or device count.
 """
 from __future__ import annotations
 
+import json
 import os
 import sys
 import time
-from typing import List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 from absl import app, flags
 
@@ -27,12 +36,25 @@ def define_flags():
   flags.DEFINE_string('vae_ckpt', None, 'reference-layout VQVAE weights (.pth or .safetensors)')
   flags.DEFINE_string('var_ckpt', None, 'reference-layout VAR weights (.pth or .safetensors)')
   flags.DEFINE_string('checkpoint', None, 'a var_jax model checkpoint directory (instead of --vae_ckpt/--var_ckpt)')
+  flags.DEFINE_enum('model', 'auto', ['auto', 'var', 'elm', 'bigr'],
+                    'model family; auto: VAR for --vae_ckpt/--var_ckpt/--checkpoint, else ELM or BiGR from the keys '
+                    'of --model_ckpt')
+  flags.DEFINE_string('bae_ckpt', None, 'ELM/BiGR: reference binary autoencoder weights (binaryae*.th)')
+  flags.DEFINE_string('model_ckpt', None, 'ELM/BiGR: reference generator weights (ELM .pth, BiGR .pt)')
+  flags.DEFINE_list('model_args', [], 'ELM/BiGR: reference ModelArgs fields as key=value (values parsed as JSON, e.g. '
+                    'n_head=16,p_flip=true)')
+  flags.DEFINE_string('cfg_schedule', None, 'ELM/BiGR: CFG schedule (ELM default linear, BiGR constant)')
+  flags.DEFINE_float('temperature', None, 'ELM/BiGR sampling temperature')
+  flags.DEFINE_integer('num_iter', None, 'ELM MLM / BiGR decoding iterations')
+  flags.DEFINE_integer('infer_steps', None, 'BiGR diffusion inference steps')
+  flags.DEFINE_float('gumbel_temp', None, 'BiGR Gumbel temperature of the unmasking order')
+  flags.DEFINE_string('gumbel_schedule', None, 'BiGR Gumbel schedule: constant, down, up')
   flags.DEFINE_list('patch_nums', None, 'override the inferred patch_nums (comma list)')
   flags.DEFINE_list('classes', None, 'class labels to sample, e.g. 207,360 (one image each, times --num_per_class)')
   flags.DEFINE_integer('num_per_class', 1, 'images per class; with no --classes: over all classes')
-  flags.DEFINE_float('cfg', 1.5, 'classifier-free guidance ratio')
-  flags.DEFINE_integer('top_k', 900, 'top-k filtering (0: off)')
-  flags.DEFINE_float('top_p', 0.96, 'top-p filtering (0: off)')
+  flags.DEFINE_float('cfg', None, 'classifier-free guidance ratio (default: the model family\'s release setting)')
+  flags.DEFINE_integer('top_k', None, 'top-k filtering (0: off; VAR default 900, ELM 1000)')
+  flags.DEFINE_float('top_p', None, 'VAR top-p filtering (0: off; default 0.96)')
   flags.DEFINE_integer('seed', 0, 'PRNG seed')
   flags.DEFINE_bool('more_smooth', False, 'Gumbel-softmax smoothing (visualisation only; not for FID)')
   flags.DEFINE_integer('batch_size', 32, 'images per compiled call (split over local devices)')
@@ -85,8 +107,19 @@ def _progress(done: int, total: int, t0: float, n_new: int):
   sys.stderr.flush()
 
 
-def load_pipeline(vae_ckpt=None, var_ckpt=None, checkpoint=None, patch_nums=None):
-  from var_jax import VARPipeline
+def load_pipeline(vae_ckpt=None, var_ckpt=None, checkpoint=None, patch_nums=None, *, model='auto', bae_ckpt=None,
+                  model_ckpt=None, model_args=None):
+  from var_jax import BiGRPipeline, ELMPipeline, VARPipeline
+  if model in ('elm', 'bigr') or (model == 'auto' and (bae_ckpt or model_ckpt)):
+    if vae_ckpt or var_ckpt or checkpoint:
+      raise ValueError('give either --bae_ckpt/--model_ckpt (ELM, BiGR) or --vae_ckpt/--var_ckpt/--checkpoint (VAR)')
+    if not (bae_ckpt and model_ckpt):
+      raise ValueError('ELM/BiGR sampling needs both --bae_ckpt and --model_ckpt')
+    family = detect_family(model_ckpt) if model == 'auto' else model
+    cls = ELMPipeline if family == 'elm' else BiGRPipeline
+    return cls.from_torch(bae_ckpt, model_ckpt, **(model_args or {}))
+  if model_args:
+    raise ValueError('--model_args applies to ELM/BiGR checkpoints only')
   if checkpoint:
     if vae_ckpt or var_ckpt:
       raise ValueError('give either --checkpoint or --vae_ckpt/--var_ckpt, not both')
@@ -94,6 +127,83 @@ def load_pipeline(vae_ckpt=None, var_ckpt=None, checkpoint=None, patch_nums=None
   if not (vae_ckpt and var_ckpt):
     raise ValueError('give --checkpoint, or both --vae_ckpt and --var_ckpt')
   return VARPipeline.from_torch(vae_ckpt, var_ckpt, patch_nums=[int(p) for p in patch_nums] if patch_nums else None)
+
+
+VAR_DEFAULTS = {'cfg': 1.5, 'top_k': 900, 'top_p': 0.96}
+ELM_DEFAULTS = {'cfg': 4.0, 'top_k': 1000}
+
+
+def model_kind(pipe) -> str:
+  from var_jax import BiGRPipeline, ELMPipeline, VARPipeline
+  for cls, name in ((VARPipeline, 'var'), (ELMPipeline, 'elm'), (BiGRPipeline, 'bigr')):
+    if isinstance(pipe, cls):
+      return name
+  raise TypeError(f'not a var_jax pipeline: {type(pipe).__name__}')
+
+
+def num_classes(pipe) -> int:
+  return pipe.var_config.num_classes if model_kind(pipe) == 'var' else pipe.num_classes
+
+
+def parse_model_args(items: Sequence[str]) -> Dict[str, Any]:
+  """``['n_head=16', 'p_flip=true']`` -> ``{'n_head': 16, 'p_flip': True}`` (values as JSON, else strings)."""
+  out = {}
+  for item in items or ():
+    if '=' not in item:
+      raise ValueError(f'--model_args: expected key=value, got {item!r}')
+    k, v = item.split('=', 1)
+    try:
+      out[k.strip()] = json.loads(v)
+    except json.JSONDecodeError:
+      out[k.strip()] = v
+  return out
+
+
+def detect_family(model_ckpt: str) -> str:
+  """'bigr' or 'elm' from a generator checkpoint's keys (BiGR has the diffusion transcoder)."""
+  if not os.path.exists(model_ckpt):
+    raise FileNotFoundError(f'--model_ckpt: {model_ckpt} does not exist')
+  if model_ckpt.endswith('.safetensors'):
+    from safetensors import safe_open
+    with safe_open(model_ckpt, 'numpy') as f:
+      keys = list(f.keys())
+  else:
+    import torch
+    obj = torch.load(model_ckpt, map_location='cpu', weights_only=True, mmap=True)
+    if isinstance(obj, dict) and isinstance(obj.get('ema'), dict):
+      obj = obj['ema']
+    keys = list(obj) if isinstance(obj, dict) else []
+  if any(k.startswith(('denoise_mlp.', 'diffusion_processor.')) for k in keys):
+    return 'bigr'
+  if any(k.startswith(('tok_embeddings', 'layers.')) for k in keys):
+    return 'elm'
+  raise ValueError(f'{model_ckpt}: neither an ELM nor a BiGR checkpoint (first keys: {keys[:5]})')
+
+
+def sampling_options(kind: str, cfg=None, top_k=None, top_p=None, more_smooth=False, cfg_schedule=None,
+                     temperature=None, num_iter=None, infer_steps=None, gumbel_temp=None,
+                     gumbel_schedule=None) -> Dict[str, Any]:
+  """The keyword arguments of ``pipe.sample`` for a model family; unset values take the family's defaults, and a
+  setting the family does not have is an error (naming the flag)."""
+  given = {'top_p': top_p, 'more_smooth': more_smooth or None, 'cfg_schedule': cfg_schedule,
+           'temperature': temperature, 'num_iter': num_iter, 'infer_steps': infer_steps, 'gumbel_temp': gumbel_temp,
+           'gumbel_schedule': gumbel_schedule}
+  allowed = {'var': ('top_p', 'more_smooth'), 'elm': ('cfg_schedule', 'temperature', 'num_iter'),
+             'bigr': ('cfg_schedule', 'temperature', 'num_iter', 'infer_steps', 'gumbel_temp', 'gumbel_schedule')}[kind]
+  bad = [f'--{k}' for k, v in given.items() if v is not None and k not in allowed]
+  if kind == 'bigr' and top_k is not None:
+    bad.append('--top_k')
+  if bad:
+    raise ValueError(f'{", ".join(bad)} do not apply to {kind.upper()} models')
+  opts = {k: v for k, v in given.items() if v is not None}
+  if kind == 'var':
+    opts = {**VAR_DEFAULTS, 'more_smooth': bool(more_smooth), **opts}
+    opts.update({k: v for k, v in (('cfg', cfg), ('top_k', top_k)) if v is not None})
+  elif kind == 'elm':
+    opts = {**ELM_DEFAULTS, **opts, **{k: v for k, v in (('cfg', cfg), ('top_k', top_k)) if v is not None}}
+  else:
+    opts.update({'cfg': cfg} if cfg is not None else {})
+  return opts
 
 
 def write_npz(out_dir: str, labels: List[int]) -> str:
@@ -113,10 +223,14 @@ def write_npz(out_dir: str, labels: List[int]) -> str:
   return path
 
 
-def run(pipe, labels: List[int], seed: int, cfg: float, top_k: int, top_p: float, more_smooth: bool,
-        batch_size: int, dtype: str, out: Optional[str] = None, out_dir: Optional[str] = None, grid_cols: int = 8,
-        shard_index: int = 0, shard_count: int = 1, write_outputs: bool = True):
+def run(pipe, labels: List[int], seed: int, cfg: Optional[float], top_k: Optional[int], top_p: Optional[float],
+        more_smooth: bool, batch_size: int, dtype: str, out: Optional[str] = None, out_dir: Optional[str] = None,
+        grid_cols: int = 8, shard_index: int = 0, shard_count: int = 1, write_outputs: bool = True,
+        options: Optional[Dict[str, Any]] = None):
   """Sample ``labels`` and write the grid and/or the per-image PNGs + npz. Returns the number of new images.
+
+  ``cfg``/``top_k``/``top_p``/``more_smooth`` (None: the family's default) and ``options`` (ELM/BiGR settings, see
+  ``sampling_options``) go to ``pipe.sample``.
 
   ``shard_index``/``shard_count``: sample only images ``i % shard_count == shard_index`` (one share per process of a
   multi-host job writing to a shared folder); ``write_outputs=False`` skips the grid and npz (written once, by one
@@ -127,6 +241,8 @@ def run(pipe, labels: List[int], seed: int, cfg: float, top_k: int, top_p: float
   if not out and not out_dir:
     raise ValueError('give --out (a grid PNG) and/or --out_dir (one PNG per image + npz)')
   jdtype = jnp.bfloat16 if dtype == 'bfloat16' else jnp.float32
+  opts = sampling_options(model_kind(pipe), cfg=cfg, top_k=top_k, top_p=top_p, more_smooth=more_smooth,
+                          **(options or {}))
   total = len(labels)
   todo = list(range(shard_index, total, shard_count))
   if out_dir:
@@ -139,8 +255,8 @@ def run(pipe, labels: List[int], seed: int, cfg: float, top_k: int, top_p: float
   t0 = time.time()
   for start in range(0, len(todo), batch_size):
     ids = todo[start:start + batch_size]
-    imgs, _ = pipe.sample([labels[i] for i in ids], seed, cfg=cfg, top_k=top_k, top_p=top_p,
-                          more_smooth=more_smooth, batch_size=batch_size, dtype=jdtype, sample_ids=ids)
+    imgs, _ = pipe.sample([labels[i] for i in ids], seed, batch_size=batch_size, dtype=jdtype, sample_ids=ids,
+                          **opts)
     u8 = to_uint8(imgs)
     for i, im in zip(ids, u8):
       if out_dir:
@@ -174,10 +290,14 @@ def main(argv):
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   from var_jax.interop.reference import CheckpointMismatchError
   try:
-    pipe = load_pipeline(FLAGS.vae_ckpt, FLAGS.var_ckpt, FLAGS.checkpoint, FLAGS.patch_nums)
-    labels = sample_plan(pipe.var_config.num_classes, FLAGS.classes, FLAGS.num_per_class)
+    pipe = load_pipeline(FLAGS.vae_ckpt, FLAGS.var_ckpt, FLAGS.checkpoint, FLAGS.patch_nums, model=FLAGS.model,
+                         bae_ckpt=FLAGS.bae_ckpt, model_ckpt=FLAGS.model_ckpt,
+                         model_args=parse_model_args(FLAGS.model_args))
+    labels = sample_plan(num_classes(pipe), FLAGS.classes, FLAGS.num_per_class)
+    extra = {k: getattr(FLAGS, k) for k in ('cfg_schedule', 'temperature', 'num_iter', 'infer_steps', 'gumbel_temp',
+                                            'gumbel_schedule')}
     run(pipe, labels, FLAGS.seed, FLAGS.cfg, FLAGS.top_k, FLAGS.top_p, FLAGS.more_smooth, FLAGS.batch_size,
-        FLAGS.dtype, FLAGS.out, FLAGS.out_dir, FLAGS.grid_cols)
+        FLAGS.dtype, FLAGS.out, FLAGS.out_dir, FLAGS.grid_cols, options=extra)
   except (FileNotFoundError, ValueError, CheckpointMismatchError) as e:
     sys.exit(f'error: {e}')
 
