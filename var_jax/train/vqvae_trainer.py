@@ -1,26 +1,52 @@
-"""Tokenizer (stage 1) training: the multi-scale VQVAE with reconstruction, VQ/commitment, LPIPS and GAN losses.
+"""Tokenizer (stage 1) training: the multi-scale VQVAE of VAR or the binary autoencoder (BAE) of ELM/BiGR, with
+reconstruction, LPIPS and GAN losses plus the tokenizer's own term (VQ/commitment, or the BAE's code-book term).
 
-One jitted step updates the generator (VQVAE) and the discriminator with separate optimizers:
+``config.tokenizer`` picks the generator: ``'vqvae'`` (default; ``var_jax.models.vqvae.VQVAE``, ``config.vae``) or
+``'bae'`` (``var_jax.models.bae.BinaryAutoEncoder``, ``config.bae``). One jitted step updates the generator and the
+discriminator with separate optimizers:
 
-  generator:     L_G = w_l1 |x - x'| + w_l2 (x - x')^2 + w_lpips LPIPS(x, x') + w_vq L_vq
+  generator:     L_G = w_l1 |x - x'| + w_l2 (x - x')^2 + w_lpips LPIPS(x, x') + w_aux L_aux
                        + adopt(w_gan, disc_start) * lambda * (-E[D(x')])
-                 lambda = ||dL_nll/dW_last|| / (||dL_gan/dW_last|| + 1e-4) (VQGAN's adaptive weight, W_last = the
-                 decoder's last conv); one forward and one full backward: the adaptive weight only needs the
-                 gradients at the last layer, computed from d(loss)/d(x') through that conv alone.
+                 L_aux = the VQ + commitment loss (``loss.vq``) or the BAE's ``code_book_loss`` (``loss.code``, the
+                 reference's ``code_weight``); lambda = min(||dL_nll/dW_last|| / (||dL_gan/dW_last|| + 1e-4),
+                 ``loss.disc_weight_max``) (VQGAN's adaptive weight, W_last = the decoder's last conv); one forward
+                 and one full backward: the adaptive weight only needs the gradients at the last layer, computed
+                 from d(loss)/d(x') through that conv alone.
   discriminator: hinge (or vanilla) loss on D(x) and D(sg(x')), from disc_start on.
 
-Codebook health: the EMA of per-scale code hits (the reference's ``ema_vocab_hit_SV`` schedule: copy, then 0.9,
-then 0.99), per-scale usage (% of codes whose EMA hits reach 8% of a uniform share, as the reference's margin) and
-perplexity, logged every ``log_every`` steps from step 1; optional dead-code restart (codes whose EMA hits fall
-below the margin are re-drawn from the batch's encoder features) and cosine (l2-normalised) code lookup
-(``vae.using_znorm``) against collapse.
+Image ranges: the data pipeline gives [-1, 1]; the VQVAE works there. The BAE works on [0, 1] (the reference's
+``ToTensor()`` range): it gets ``(x + 1) / 2``, its L1/L2 are measured on [0, 1] and its discriminator sees [0, 1]
+images, as the reference ``BinaryGAN`` (so released ``disc.*`` weights fit). The reference BinaryGAN also feeds
+LPIPS the [0, 1] images as they are (``loss.lpips_signed_input=False``, the default); ``True`` maps them to
+LPIPS's intended [-1, 1] first. PSNR is always on [0, 1].
+
+The BAE's training bits are Bernoulli samples (the reference ``encode()`` samples unless ``--deterministic``) drawn
+from an explicit key ``fold_in(fold_in(key(seed), step), 2)``: reproducible, resumable, and independent of the
+mesh (threefry keys are partitionable).
+
+Codebook health: VQVAE: the EMA of per-scale code hits (the reference's ``ema_vocab_hit_SV`` schedule: copy, then
+0.9, then 0.99), per-scale usage (% of codes whose EMA hits reach 8% of a uniform share, as the reference's
+margin) and perplexity, logged every ``log_every`` steps from step 1; optional dead-code restart (codes whose EMA
+hits fall below the margin are re-drawn from the batch's encoder features) and cosine (l2-normalised) code lookup
+(``vae.using_znorm``) against collapse. BAE: per-channel mean bit activation, the number of channels that are not
+constant over the batch (the reference's "unique codes used"), the mean binary entropy of the channel means, the
+fraction of probabilities within 0.1 of 0.5 and the mean confidence |2p - 1|.
+
+Optional EMA of the generator params (``config.ema.decay`` > 0: ``ema = decay * ema + (1 - decay) * params`` after
+the optimizer step of every step s > 0 with s % ``ema.every`` == 0; the reference BAE recipe: 0.995 every 10). At
+the end the trained tokenizer is written into the workdir in the reference layout: ``vqvae.safetensors``, or
+``binaryae.safetensors`` (+ ``binaryae.th`` when torch is installed; ``ae.*`` and ``disc.*`` keys, as the released
+``binaryae*.th``), plus ``*_ema.*`` with the EMA params. ``init_from`` fine-tunes from a reference file; for the
+BAE the ``disc.*`` tensors go into the discriminator where they fit and ``perceptual.*`` supplies LPIPS when
+``loss.lpips_path`` is empty (what is skipped is logged by name).
 """
 from __future__ import annotations
 
+import importlib.util
 import logging as std_logging
 import os
 import time
-from typing import Any, Dict, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import flax
 import jax
@@ -28,11 +54,13 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+from flax import traverse_util
 from flax.core import meta
 
 from var_jax import sharding as shd
+from var_jax.models.bae import UNUSED, BAEConfig, BAEGenerator, BinaryAutoEncoder
 from var_jax.models.configs import VQVAEConfig
-from var_jax.models.discriminator import DiscriminatorConfig, NLayerDiscriminator
+from var_jax.models.discriminator import DiscriminatorConfig, NLayerDiscriminator, taming_layout
 from var_jax.models.layers import Conv
 from var_jax.models.vqvae import VQVAE
 from var_jax.train import gan_losses
@@ -41,16 +69,21 @@ from var_jax.train import metrics as metrics_lib
 
 logging = std_logging.getLogger('var_jax.train')
 
+TOKENIZERS = ('vqvae', 'bae')
+BERNOULLI_STREAM = 2          # fold_in index of the BAE's Bernoulli key (1 is the dead-code restart's)
+
 
 @flax.struct.dataclass
 class TokenizerState:
   step: jax.Array
   g_params: Any
   g_opt: Any
-  vq_stats: Any          # {'quantize': {'ema_vocab_hit_SV': (S, V)}}
+  vq_stats: Any          # the generator's other variables: VQVAE {'quantize': {'ema_vocab_hit_SV': (S, V)}};
+  #                        BAE the 'unused' collection (tensors the reference stores but never reads)
   d_params: Any
   d_stats: Any           # discriminator batch_stats ({} without BatchNorm)
   d_opt: Any
+  g_ema: Any = flax.struct.field(default_factory=dict)   # EMA of g_params ({} when config.ema is off)
 
 
 def make_optimizer(cfg, total_steps: int) -> optax.GradientTransformation:
@@ -65,7 +98,8 @@ def make_optimizer(cfg, total_steps: int) -> optax.GradientTransformation:
   parts = []
   if cfg.get('grad_clip', 0) > 0:
     parts.append(optax.clip_by_global_norm(cfg.grad_clip))
-  parts.append(optax.adamw(lr, b1=cfg.b1, b2=cfg.b2, weight_decay=cfg.get('weight_decay', 0.0)))
+  parts.append(optax.adamw(lr, b1=cfg.b1, b2=cfg.b2, eps=cfg.get('eps', 1e-8),
+                           weight_decay=cfg.get('weight_decay', 0.0)))
   return optax.chain(*parts)
 
 
@@ -86,24 +120,248 @@ def usage_margins(vae_cfg: VQVAEConfig, global_batch: int) -> np.ndarray:
   return np.array([global_batch * p * p / vae_cfg.vocab_size * 0.08 for p in vae_cfg.patch_nums], np.float32)
 
 
-def make_step(vae: VQVAE, disc: NLayerDiscriminator, tx_g, tx_d, config, use_lpips: bool, margins):
+def bit_statistics(bits, probs, near: float = 0.1) -> Dict[str, jax.Array]:
+  """Bit-usage statistics of a batch of BAE codes: bits (..., K) 0/1 and their probabilities (..., K).
+
+  ``bit_mean_per_channel`` (K,): mean activation of each bit; ``bits_used``: channels that are not constant over
+  the batch (the reference's "unique codes used"); ``bit_entropy``: mean binary entropy (in bits) of the channel
+  means (1 = every channel balanced); ``probs_near_half``: fraction of probabilities with |p - 0.5| < ``near``;
+  ``prob_confidence``: mean |2p - 1| (1 = every bit certain).
+  """
+  k = bits.shape[-1]
+  mean = jnp.mean(bits.reshape(-1, k).astype(jnp.float32), axis=0)
+  m = jnp.clip(mean, 1e-7, 1 - 1e-7)
+  ent = -(m * jnp.log2(m) + (1 - m) * jnp.log2(1 - m))
+  ent = jnp.where((mean > 0) & (mean < 1), ent, 0.0)
+  p = probs.astype(jnp.float32)
+  return {'bit_mean_per_channel': mean, 'bits_used': jnp.sum((mean > 0) & (mean < 1)).astype(jnp.float32),
+          'bit_entropy': jnp.mean(ent), 'probs_near_half': jnp.mean((jnp.abs(p - 0.5) < near).astype(jnp.float32)),
+          'prob_confidence': jnp.mean(jnp.abs(2 * p - 1))}
+
+
+# ----------------------------------------------------------------------------- the generator being trained
+class VQVAETokenizer:
+  """The multi-scale VQVAE as the trainer's generator (images in [-1, 1])."""
+  kind = 'vqvae'
+  aux_loss_name = 'vq_loss'
+  stats_collection = 'vq_stats'
+  vector_metrics = {'usage_per_scale': 'usage_scale{}', 'perplexity_per_scale': 'perplexity_scale{}'}
+
+  def __init__(self, model: VQVAE, config, margins=None):
+    self.model, self.config = model, model.config
+    self.margins = usage_margins(model.config, config.global_batch_size) if margins is None else margins
+    self.restart_every = int(config.codebook.restart_every)
+    self.aux_weight = float(config.loss.vq)
+
+  @property
+  def image_size(self) -> int:
+    return self.config.image_size
+
+  @property
+  def in_channels(self) -> int:
+    return self.config.in_channels
+
+  def init(self, rng, x):
+    return self.model.init(rng, x, method=VQVAE.init_all)
+
+  def to_model(self, x):
+    return x
+
+  def to_signed(self, y):
+    return y
+
+  def lpips_view(self, y):
+    return y
+
+  def forward(self, params, stats, x, rng):
+    rec, aux = self.model.apply({'params': params, 'vq_stats': stats}, x, True, rngs={'dropout': rng})
+    return (rec, aux['pre_out'], aux['vq_loss']), aux
+
+  def last_conv(self, params):
+    return Conv(self.config.in_channels, 3, dtype=self.model.dtype), params['decoder']['conv_out']
+
+  def after_update(self, g_params, stats, aux, step, rng):
+    hits = aux['hits']                                         # (S, V) this step
+    ema = update_code_ema(stats['quantize']['ema_vocab_hit_SV'], hits, step)
+    if self.restart_every > 0:
+      g_params, ema = _restart_dead_codes(g_params, ema, aux['features'], self.margins, step, self.restart_every,
+                                          rng)
+    probs = hits / jnp.maximum(hits.sum(-1, keepdims=True), 1)
+    perplexity = jnp.exp(-jnp.sum(probs * jnp.log(jnp.maximum(probs, 1e-10)), -1))
+    usage = jnp.mean(ema >= jnp.asarray(self.margins)[:, None], axis=-1) * 100
+    return g_params, {'quantize': {'ema_vocab_hit_SV': ema}}, {'usage_per_scale': usage,
+                                                               'perplexity_per_scale': perplexity}
+
+  def reconstruct_signed(self, params, x):
+    return self.model.apply({'params': params}, x, method=VQVAE.img_to_reconstructed_img)
+
+  def log_line(self, step, total, last, m) -> str:
+    return (f'step {step}/{total} l1 {last["l1"]:.4f} psnr {last["psnr"]:.2f} vq {last["vq_loss"]:.4f} '
+            f'g {last["g_loss"]:.3f} d {last["d_loss"]:.3f} (w {last["d_weight"]:.3g}) usage/scale '
+            + ' '.join(f'{u:.0f}' for u in m['usage_per_scale']))
+
+  def load_init(self, path) -> Tuple[Dict[str, Any], Dict[str, Any]]:
+    from var_jax.interop import reference as ref
+    v = ref.import_vae(ref.load_state_dict(path), self.config)
+    return {'params': v['params'], 'stats': v['vq_stats']}, {}
+
+  def export(self, params, stats, disc_vars, path_stem: str) -> List[str]:
+    from var_jax.interop import reference as ref
+    out = path_stem + '.safetensors'
+    ref.save_state_dict(ref.export_vae({'params': params, 'vq_stats': stats}, self.config), out)
+    return [out]
+
+  export_stem = 'vqvae'
+  export_hint = '--config.vae_ckpt for VAR training, or the reference code'
+
+
+def _is_generator_norm_out(mdl, method_name: str) -> bool:
+  return method_name == '__call__' and mdl.name == 'norm_out' and isinstance(mdl.parent, BAEGenerator)
+
+
+class BAETokenizer:
+  """The binary autoencoder as the trainer's generator (model images in [0, 1]; see the module doc)."""
+  kind = 'bae'
+  aux_loss_name = 'codebook_loss'
+  stats_collection = UNUSED
+  vector_metrics = {'bit_mean_per_channel': 'bit_mean_{}'}
+  export_stem = 'binaryae'
+  export_hint = "reference layout, 'ae.'/'disc.' keys: var_jax.interop.bae.load_bae or the reference load_pretrain"
+
+  def __init__(self, model: BinaryAutoEncoder, config):
+    self.model, self.config = model, model.config
+    self.aux_weight = float(config.loss.get('code', 0.0))
+    self.signed_lpips = bool(config.loss.get('lpips_signed_input', False))
+    self.train_bits = config.get('train_bits', 'bernoulli')
+    if self.train_bits not in ('bernoulli', 'threshold'):
+      raise ValueError(f"config.train_bits must be 'bernoulli' or 'threshold', got {self.train_bits!r}")
+
+  @property
+  def image_size(self) -> int:
+    return self.config.resolution
+
+  @property
+  def in_channels(self) -> int:
+    return self.config.in_channels
+
+  def init(self, rng, x):
+    return self.model.init(rng, self.to_model(x), train=False)
+
+  def to_model(self, x):
+    return (x + 1) * 0.5
+
+  def to_signed(self, y):
+    return y * 2 - 1
+
+  def lpips_view(self, y):
+    return y * 2 - 1 if self.signed_lpips else y
+
+  def forward(self, params, stats, x, rng):
+    del stats     # the 'unused' collection is never read
+    (rec, aux), inter = self.model.apply({'params': params}, x, True, jax.random.fold_in(rng, BERNOULLI_STREAM),
+                                         mode=self.train_bits, capture_intermediates=_is_generator_norm_out,
+                                         mutable=['intermediates'])
+    pre_out = inter['intermediates']['generator']['norm_out']['__call__'][0]
+    return (rec, pre_out, aux['codebook_loss']), aux
+
+  def last_conv(self, params):
+    return Conv(self.config.in_channels, 3, dtype=self.model.dtype), params['generator']['conv_out']
+
+  def after_update(self, g_params, stats, aux, step, rng):
+    return g_params, stats, bit_statistics(aux['bits'], aux['probs'])
+
+  def reconstruct_signed(self, params, x):
+    rec, _ = self.model.apply({'params': params}, self.to_model(x), train=False)
+    return self.to_signed(rec)
+
+  def log_line(self, step, total, last, m) -> str:
+    bm = np.asarray(m['bit_mean_per_channel'])
+    return (f'step {step}/{total} l1 {last["l1"]:.4f} psnr {last["psnr"]:.2f} cb {last["codebook_loss"]:.4f} '
+            f'g {last["g_loss"]:.3f} d {last["d_loss"]:.3f} (w {last["d_weight"]:.3g}) bits used '
+            f'{last["bits_used"]:.0f}/{bm.size} mean {bm.min():.2f}..{bm.max():.2f} H {last["bit_entropy"]:.3f} '
+            f'near-0.5 {100 * last["probs_near_half"]:.1f}%')
+
+  def load_init(self, path) -> Tuple[Dict[str, Any], Dict[str, Any]]:
+    from var_jax.interop import bae as ibae
+    from var_jax.interop import reference as ref
+    own, extras = ibae.split_bae_state_dict(ref.load_state_dict(path), what=str(path))
+    v = ref.import_state_dict(own, ibae.bae_table(self.config), f'BAE {path}')
+    return {'params': v['params'], 'stats': v[UNUSED]}, extras
+
+  def export(self, params, stats, disc_vars, path_stem: str) -> List[str]:
+    """``ae.*`` (the BAE) and ``disc.*`` (taming layout) keys, like the released ``binaryae*.th``."""
+    from var_jax.interop import bae as ibae
+    from var_jax.interop import reference as ref
+    sd = ibae.export_bae({'params': params, UNUSED: stats}, self.config, prefix=ibae.AE_PREFIX)
+    if disc_vars is not None:
+      sd.update(export_discriminator(disc_vars[0], disc_vars[1], disc_vars[2], prefix='disc.'))
+    paths = [path_stem + '.safetensors']
+    if importlib.util.find_spec('torch') is not None:     # the .th the reference's load_pretrain reads
+      paths.append(path_stem + '.th')
+    for p in paths:
+      ref.save_state_dict(sd, p)
+    return paths
+
+
+Tokenizer = Any   # VQVAETokenizer | BAETokenizer
+
+
+def as_generator(model, config, margins=None) -> Tokenizer:
+  """Wrap a ``VQVAE`` / ``BinaryAutoEncoder`` module (or pass an already wrapped one) for the trainer."""
+  if isinstance(model, (VQVAETokenizer, BAETokenizer)):
+    return model
+  if isinstance(model, VQVAE):
+    return VQVAETokenizer(model, config, margins)
+  if isinstance(model, BinaryAutoEncoder):
+    return BAETokenizer(model, config)
+  raise TypeError(f'the tokenizer trainer trains a VQVAE or a BinaryAutoEncoder, got {type(model).__name__}')
+
+
+def export_discriminator(cfg: DiscriminatorConfig, params, stats, prefix: str = '') -> Dict[str, np.ndarray]:
+  """Our discriminator variables -> the taming ``NLayerDiscriminator.state_dict()`` layout (``main.{i}.*``, OIHW),
+  the inverse of ``import_taming_discriminator`` (``num_batches_tracked`` is not written)."""
+  flat = {'params': traverse_util.flatten_dict(params), 'batch_stats': traverse_util.flatten_dict(stats or {})}
+  out = {}
+  for key, _, col, path in taming_layout(cfg):
+    if col is None:
+      continue
+    a = np.asarray(jax.device_get(flat[col][path]), np.float32)
+    if path[-1] == 'kernel':
+      a = np.transpose(a, (3, 2, 0, 1))
+    out[prefix + key] = np.ascontiguousarray(a)
+  return out
+
+
+# ----------------------------------------------------------------------------- the step
+def _ema_settings(config) -> Tuple[float, int]:
+  e = config.get('ema', None)
+  if e is None:
+    return 0.0, 1
+  return float(e.get('decay', 0.0)), max(int(e.get('every', 1)), 1)
+
+
+def make_step(generator, disc: NLayerDiscriminator, tx_g, tx_d, config, use_lpips: bool, margins=None):
+  """The jittable ``step_fn(state, batch, lpips_params) -> (state, metrics)``. ``generator``: a ``VQVAE`` or
+  ``BinaryAutoEncoder`` module (``margins``: the VQVAE's usage margins, default from the config)."""
+  gen = as_generator(generator, config, margins)
   lc = config.loss
-  vae_cfg = vae.config
-  restart_every = int(config.codebook.restart_every)
+  max_weight = float(lc.get('disc_weight_max', 1e4))
+  ema_decay, ema_every = _ema_settings(config)
 
   from var_jax.models.lpips import lpips_distance
 
   def step_fn(state: TokenizerState, batch, lpips_params):
-    x = batch['image']
-    lpips_fn = (lambda a, b: lpips_distance(lpips_params, a, b, keepdims=False)) if use_lpips else None
+    x_signed = batch['image']
+    x = gen.to_model(x_signed)
+    lpips_fn = ((lambda a, b: lpips_distance(lpips_params, gen.lpips_view(a), gen.lpips_view(b), keepdims=False))
+                if use_lpips else None)
     rng = jax.random.fold_in(jax.random.key(int(config.seed)), state.step)
     gan_w = gan_losses.adopt_weight(lc.gan, state.step, lc.disc_start)
 
     def forward(g_params):
-      rec, aux = vae.apply({'params': g_params, 'vq_stats': state.vq_stats}, x, True, rngs={'dropout': rng})
-      return (rec, aux['pre_out'], aux['vq_loss']), aux
+      return gen.forward(g_params, state.vq_stats, x, rng)
 
-    (rec, pre_out, vq_loss), vjp_fn, aux = jax.vjp(forward, state.g_params, has_aux=True)
+    (rec, pre_out, aux_loss), vjp_fn, aux = jax.vjp(forward, state.g_params, has_aux=True)
 
     def nll_fn(r):
       l = lc.l1 * jnp.mean(jnp.abs(x - r)) + lc.l2 * jnp.mean(jnp.square(x - r))
@@ -118,16 +376,15 @@ def make_step(vae: VQVAE, disc: NLayerDiscriminator, tx_g, tx_d, config, use_lpi
     nll, g_nll = jax.value_and_grad(nll_fn)(rec)
     g_loss, g_gan = jax.value_and_grad(gan_fn)(rec)
     # adaptive weight from the gradients at the decoder's last conv only
-    last = state.g_params['decoder']['conv_out']
-    conv = Conv(vae_cfg.in_channels, 3, dtype=vae.dtype)
+    conv, last = gen.last_conv(state.g_params)
     _, conv_vjp = jax.vjp(lambda k: conv.apply({'params': {'kernel': k, 'bias': last['bias']}}, pre_out),
-                         last['kernel'])
+                          last['kernel'])
     if lc.adaptive:
       d_weight = gan_losses.adaptive_generator_weight(optax.tree.norm(conv_vjp(g_nll)[0]),
-                                                      optax.tree.norm(conv_vjp(g_gan)[0]))
+                                                      optax.tree.norm(conv_vjp(g_gan)[0]), max_weight)
     else:
       d_weight = jnp.float32(1.0)
-    (g_grads,) = vjp_fn((g_nll + d_weight * gan_w * g_gan, jnp.zeros_like(pre_out), jnp.float32(lc.vq)))
+    (g_grads,) = vjp_fn((g_nll + d_weight * gan_w * g_gan, jnp.zeros_like(pre_out), jnp.float32(gen.aux_weight)))
     g_upd, g_opt = tx_g.update(g_grads, state.g_opt, state.g_params)
     g_params = optax.apply_updates(state.g_params, g_upd)
 
@@ -146,23 +403,20 @@ def make_step(vae: VQVAE, disc: NLayerDiscriminator, tx_g, tx_d, config, use_lpi
     d_opt = jax.tree.map(lambda n, o: jnp.where(active, n, o), d_opt, state.d_opt)
     d_stats = jax.tree.map(lambda n, o: jnp.where(active, n, o), d_stats, state.d_stats)
 
-    # codebook health
-    hits = aux['hits']                                         # (S, V) this step
-    ema = update_code_ema(state.vq_stats['quantize']['ema_vocab_hit_SV'], hits, state.step)
-    if restart_every > 0:
-      g_params, ema = _restart_dead_codes(g_params, ema, aux['features'], margins, state.step, restart_every, rng)
-    probs = hits / jnp.maximum(hits.sum(-1, keepdims=True), 1)
-    perplexity = jnp.exp(-jnp.sum(probs * jnp.log(jnp.maximum(probs, 1e-10)), -1))
-    usage = jnp.mean(ema >= jnp.asarray(margins)[:, None], axis=-1) * 100
-    m = {'l1': jnp.mean(jnp.abs(x - rec)), 'l2': jnp.mean(jnp.square(x - rec)), 'psnr': psnr(x, rec),
-         'nll': nll, 'vq_loss': vq_loss, 'g_loss': g_loss, 'd_weight': d_weight, 'gan_weight': gan_w,
-         'd_loss': d_loss, 'logits_real': real_m, 'logits_fake': fake_m, 'usage_per_scale': usage,
-         'perplexity_per_scale': perplexity, 'g_grad_norm': optax.tree.norm(g_grads)}
+    # codebook health (VQVAE: code EMA, restart, usage; BAE: bit statistics)
+    g_params, g_stats, health = gen.after_update(g_params, state.vq_stats, aux, state.step, rng)
+    g_ema = state.g_ema
+    if ema_decay > 0:
+      do = jnp.logical_and(state.step > 0, state.step % ema_every == 0)
+      g_ema = jax.tree.map(lambda e, p: jnp.where(do, e * ema_decay + (1 - ema_decay) * p, e), g_ema, g_params)
+    m = {'l1': jnp.mean(jnp.abs(x - rec)), 'l2': jnp.mean(jnp.square(x - rec)),
+         'psnr': psnr(x_signed, gen.to_signed(rec)), 'nll': nll, gen.aux_loss_name: aux_loss, 'g_loss': g_loss,
+         'd_weight': d_weight, 'gan_weight': gan_w, 'd_loss': d_loss, 'logits_real': real_m, 'logits_fake': fake_m,
+         'g_grad_norm': optax.tree.norm(g_grads), **health}
     if lpips_fn is not None:
       m['lpips'] = jnp.mean(lpips_fn(x, jax.lax.stop_gradient(rec)))
-    new = TokenizerState(step=state.step + 1, g_params=g_params, g_opt=g_opt,
-                         vq_stats={'quantize': {'ema_vocab_hit_SV': ema}}, d_params=d_params, d_stats=d_stats,
-                         d_opt=d_opt)
+    new = TokenizerState(step=state.step + 1, g_params=g_params, g_opt=g_opt, vq_stats=g_stats, d_params=d_params,
+                         d_stats=d_stats, d_opt=d_opt, g_ema=g_ema)
     return new, m
 
   return step_fn
@@ -187,34 +441,133 @@ def _restart_dead_codes(g_params, ema, features, margins, step, every, rng):
 
 
 # ----------------------------------------------------------------------------- setup
-def tokenizer_configs(config) -> Tuple[VQVAEConfig, DiscriminatorConfig]:
-  vae_cfg = VQVAEConfig(**config.vae.to_dict())
-  if vae_cfg.image_size != config.data.image_size:
-    raise ValueError(f'config.data.image_size={config.data.image_size} but the tokenizer maps {vae_cfg.image_size}px'
-                     f' images to patch_nums {vae_cfg.patch_nums}')
-  return vae_cfg, DiscriminatorConfig(**config.disc.to_dict())
+def tokenizer_kind(config) -> str:
+  kind = config.get('tokenizer', 'vqvae')
+  if kind not in TOKENIZERS:
+    raise ValueError(f'config.tokenizer={kind!r}: expected one of {TOKENIZERS}')
+  return kind
 
 
-def load_lpips(config):
+def tokenizer_configs(config) -> Tuple[Any, DiscriminatorConfig]:
+  """(VQVAEConfig or BAEConfig as ``config.tokenizer`` says, DiscriminatorConfig), checked against the data."""
+  disc_cfg = DiscriminatorConfig(**config.disc.to_dict())
+  size = config.data.image_size
+  if tokenizer_kind(config) == 'bae':
+    bae_cfg = BAEConfig(**config.bae.to_dict())
+    if bae_cfg.resolution != size:
+      raise ValueError(f'config.data.image_size={size} but config.bae.resolution={bae_cfg.resolution} (the BAE '
+                       f'places attention by resolution: set both)')
+    if size % bae_cfg.downsample:
+      raise ValueError(f'config.data.image_size={size} is not divisible by the BAE downsampling '
+                       f'{bae_cfg.downsample} (ch_mult {bae_cfg.ch_mult})')
+    gen_cfg = bae_cfg
+  else:
+    gen_cfg = VQVAEConfig(**config.vae.to_dict())
+    if gen_cfg.image_size != size:
+      raise ValueError(f'config.data.image_size={size} but the tokenizer maps {gen_cfg.image_size}px'
+                       f' images to patch_nums {gen_cfg.patch_nums}')
+  if disc_cfg.output_size(size) < 1:
+    raise ValueError(f'the discriminator ({disc_cfg}) has no output for {size}px images: use fewer layers')
+  return gen_cfg, disc_cfg
+
+
+def build_generator(config, gen_cfg=None, margins=None) -> Tokenizer:
+  """The trainer's generator for ``config`` (the model in ``config.dtype``)."""
+  if gen_cfg is None:
+    gen_cfg, _ = tokenizer_configs(config)
+  dtype = jnp.bfloat16 if config.dtype == 'bfloat16' else jnp.float32
+  if isinstance(gen_cfg, BAEConfig):
+    return BAETokenizer(BinaryAutoEncoder(gen_cfg, dtype=dtype), config)
+  return VQVAETokenizer(VQVAE(gen_cfg, dtype=dtype), config, margins)
+
+
+def load_lpips(config, extras: Optional[Mapping[str, Any]] = None):
   """The frozen LPIPS-VGG params (host arrays), or None when its weight is 0. They enter the jitted step as an
-  argument (not a closure constant, which would bake ~59 MB of weights into the compiled program)."""
+  argument (not a closure constant, which would bake ~59 MB of weights into the compiled program).
+
+  Taken from ``config.loss.lpips_path``, else from the ``perceptual.*`` tensors of a released BAE file
+  (``extras``, the ``disc.*``/``perceptual.*`` part of ``config.init_from``)."""
   if config.loss.lpips <= 0:
     return None
-  if not config.loss.lpips_path:
-    raise ValueError('config.loss.lpips > 0 needs config.loss.lpips_path: convert the torchvision VGG16 and LPIPS '
-                     'weights once with `python -m var_jax.models.lpips --vgg=... --lin=... --out=...`')
   from var_jax.models import lpips as lpips_lib
-  return lpips_lib.load_converted(config.loss.lpips_path)
+  if config.loss.lpips_path:
+    return lpips_lib.load_converted(config.loss.lpips_path)
+  if extras and any(k.startswith('perceptual.') for k in extras):
+    return lpips_from_perceptual(extras)
+  raise ValueError('config.loss.lpips > 0 needs config.loss.lpips_path: convert the torchvision VGG16 and LPIPS '
+                   'weights once with `python -m var_jax.models.lpips --vgg=... --lin=... --out=...` (a released '
+                   'BAE file given as config.init_from also carries them as perceptual.*)')
 
 
-def init_state(vae: VQVAE, disc: NLayerDiscriminator, tx_g, tx_d, config, mesh, rules):
-  s = vae.config.image_size
-  x = jnp.zeros((2, s, s, vae.config.in_channels))
+def lpips_from_perceptual(sd: Mapping[str, Any], prefix: str = 'perceptual.'):
+  """LPIPS params from the reference ``bae/lpips.py`` ``LPIPS`` state_dict inside a BinaryGAN file:
+  ``net.slice{s}.{i}.weight/bias`` (i = torchvision's ``features`` index) and ``lin{k}.model.1.weight``; the
+  ``scaling_layer`` buffers must hold the standard constants."""
+  from var_jax.interop.reference import CheckpointMismatchError
+  from var_jax.models import lpips as lpips_lib
+  vgg, lin = {}, {}
+  for k, v in sd.items():
+    if not k.startswith(prefix):
+      continue
+    rest = k[len(prefix):]
+    parts = rest.split('.')
+    if parts[0] == 'net' and len(parts) == 4 and parts[1].startswith('slice'):
+      vgg[f'features.{parts[2]}.{parts[3]}'] = v
+    elif parts[0].startswith('lin'):
+      lin[rest] = v
+    elif parts[0] == 'scaling_layer':
+      want = lpips_lib.SHIFT if parts[1] == 'shift' else lpips_lib.SCALE
+      if not np.allclose(np.asarray(v, np.float64).reshape(-1), want, atol=1e-6):
+        raise CheckpointMismatchError(f'{k}: {np.asarray(v).reshape(-1)} differs from the LPIPS constants {want}')
+    else:
+      raise CheckpointMismatchError(f'{k}: not part of the reference LPIPS (expected {prefix}net.slice*/lin*)')
+  return lpips_lib.params_from_state_dicts(vgg, lin, f'{prefix}net.*', f'{prefix}lin*')
+
+
+def import_discriminator_partial(sd: Mapping[str, Any], cfg: DiscriminatorConfig, params, stats
+                                 ) -> Tuple[Any, Any, List[str], List[str]]:
+  """Copy the tensors of a taming-layout discriminator state_dict (``main.{i}.*``) whose key and shape fit
+  ``cfg`` into ``params``/``stats`` (host pytrees). -> (params, stats, imported keys, skipped 'key (why)')."""
+  flat = {'params': traverse_util.flatten_dict(jax.device_get(params)),
+          'batch_stats': traverse_util.flatten_dict(jax.device_get(stats.get('batch_stats', {})) if stats else {})}
+  layout = taming_layout(cfg)
+  known = {key for key, _, _, _ in layout}
+  imported, skipped = [], []
+  for key, shape, col, path in layout:
+    if col is None:
+      continue
+    if key not in sd:
+      skipped.append(f'{key} (missing from the file; model shape {shape})')
+      continue
+    have = tuple(np.shape(sd[key]))
+    if have != shape:
+      skipped.append(f'{key} (file {have}, model {shape})')
+      continue
+    a = np.asarray(sd[key], np.float32)
+    if path[-1] == 'kernel':
+      a = np.transpose(a, (2, 3, 1, 0))
+    flat[col][path] = np.ascontiguousarray(a)
+    imported.append(key)
+  skipped += [f'{k} (not in this discriminator: {cfg})' for k in sd if k not in known]
+  new_stats = dict(stats or {})
+  if flat['batch_stats']:
+    new_stats['batch_stats'] = traverse_util.unflatten_dict(flat['batch_stats'])
+  return traverse_util.unflatten_dict(flat['params']), new_stats, imported, skipped
+
+
+def init_state(generator, disc: NLayerDiscriminator, tx_g, tx_d, config, mesh, rules):
+  """(init_fn(rng) -> TokenizerState, its abstract value, its shardings). ``generator``: a ``VQVAE`` or
+  ``BinaryAutoEncoder`` module, or a wrapped one (``as_generator``)."""
+  gen = as_generator(generator, config)
+  s = gen.image_size
+  x = jnp.zeros((2, s, s, gen.in_channels))
+  ema_on = _ema_settings(config)[0] > 0
+  col = gen.stats_collection
 
   def init_boxed(rng):
     k1, k2 = jax.random.split(rng)
-    gv = vae.init(k1, x, method=VQVAE.init_all)
-    dv = disc.init(k2, x, False)
+    gv = gen.init(k1, x)
+    dv = disc.init(k2, gen.to_model(x), False)
     return gv, dv
 
   boxed_g, boxed_d = jax.eval_shape(init_boxed, jax.random.key(0))
@@ -226,7 +579,8 @@ def init_state(vae: VQVAE, disc: NLayerDiscriminator, tx_g, tx_d, config, mesh, 
     g_params, d_params = gv['params'], dv['params']
     d_stats = {k: v for k, v in dv.items() if k != 'params'}
     return TokenizerState(step=jnp.zeros((), jnp.int32), g_params=g_params, g_opt=tx_g.init(g_params),
-                          vq_stats=gv['vq_stats'], d_params=d_params, d_stats=d_stats, d_opt=tx_d.init(d_params))
+                          vq_stats=gv.get(col, {}), d_params=d_params, d_stats=d_stats, d_opt=tx_d.init(d_params),
+                          g_ema=jax.tree.map(lambda p: p + 0, g_params) if ema_on else {})
 
   abstract = jax.eval_shape(init, jax.random.key(0))
   rep = shd.replicated(mesh)
@@ -234,14 +588,15 @@ def init_state(vae: VQVAE, disc: NLayerDiscriminator, tx_g, tx_d, config, mesh, 
       step=rep, g_params=g_sh['params'],
       g_opt=optax.tree_map_params(tx_g, lambda _, s_: s_, abstract.g_opt, g_sh['params'],
                                   transform_non_params=lambda _: rep),
-      vq_stats=g_sh['vq_stats'], d_params=d_sh['params'], d_stats={k: v for k, v in d_sh.items() if k != 'params'},
+      vq_stats=g_sh.get(col, {}), d_params=d_sh['params'], d_stats={k: v for k, v in d_sh.items() if k != 'params'},
       d_opt=optax.tree_map_params(tx_d, lambda _, s_: s_, abstract.d_opt, d_sh['params'],
-                                  transform_non_params=lambda _: rep))
+                                  transform_non_params=lambda _: rep),
+      g_ema=g_sh['params'] if ema_on else {})
   return init, abstract, shardings
 
 
 def _recon_grid(vae_fn, state, batch, workdir, step):
-  """Originals (top row) over reconstructions (bottom row)."""
+  """Originals (top row) over reconstructions (bottom row); ``vae_fn(params, x)`` maps [-1, 1] to [-1, 1]."""
   from PIL import Image
   from var_jax.sample import to_uint8
   n = min(8, batch['image'].shape[0])
@@ -252,11 +607,45 @@ def _recon_grid(vae_fn, state, batch, workdir, step):
   return loop_common.write_png(workdir, 'reconstructions', step, Image.fromarray(grid))
 
 
+def _init_from(gen, state: TokenizerState, shardings, disc_cfg, config) -> TokenizerState:
+  """Load ``config.init_from`` into a fresh state (generator strictly; discriminator tensors where they fit)."""
+  g, extras = gen.load_init(config.init_from)
+  state = state.replace(g_params=jax.device_put(g['params'], shardings.g_params),
+                        vq_stats=jax.device_put(g['stats'], shardings.vq_stats))
+  if _ema_settings(config)[0] > 0:
+    state = state.replace(g_ema=jax.device_put(g['params'], shardings.g_ema))
+  logging.info('initialised the %s from %s', gen.kind, config.init_from)
+  disc_sd = {k[len('disc.'):]: v for k, v in extras.items() if k.startswith('disc.')}
+  if disc_sd:
+    d_params, d_stats, imported, skipped = import_discriminator_partial(disc_sd, disc_cfg, state.d_params,
+                                                                       state.d_stats)
+    state = state.replace(d_params=jax.device_put(d_params, shardings.d_params),
+                          d_stats=jax.device_put(d_stats, shardings.d_stats))
+    logging.info('init_from: %d disc.* tensors imported into the discriminator', len(imported))
+    if skipped:
+      logging.warning('init_from: skipped disc.* tensors that do not fit the discriminator: %s',
+                      ', '.join('disc.' + s for s in skipped))
+  n_perc = sum(k.startswith('perceptual.') for k in extras)
+  if n_perc and (config.loss.lpips <= 0 or config.loss.lpips_path):
+    logging.warning('init_from: %d perceptual.* tensors not used (%s)', n_perc,
+                    'LPIPS is off' if config.loss.lpips <= 0 else f'LPIPS comes from {config.loss.lpips_path}')
+  return state
+
+
+def export_tokenizer(gen, state: TokenizerState, disc_cfg: DiscriminatorConfig, workdir: str) -> List[str]:
+  """Write the trained tokenizer (and its EMA, if kept) into ``workdir`` in the reference layout; -> paths."""
+  params, stats = jax.device_get(state.g_params), jax.device_get(state.vq_stats)
+  disc_vars = (disc_cfg, jax.device_get(state.d_params), jax.device_get(state.d_stats).get('batch_stats', {}))
+  paths = gen.export(params, stats, disc_vars, os.path.join(workdir, gen.export_stem))
+  if jax.tree.leaves(state.g_ema):
+    paths += gen.export(jax.device_get(state.g_ema), stats, disc_vars, os.path.join(workdir, gen.export_stem + '_ema'))
+  return paths
+
+
 def train_tokenizer(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, float]:
-  """Train the VQVAE as ``config`` says, in ``workdir`` (resumes automatically). Returns the last metrics."""
+  """Train the VQVAE or the BAE (``config.tokenizer``) in ``workdir`` (resumes automatically); -> last metrics."""
   from var_jax import checkpoint
   from var_jax.data import pipeline as data_lib
-  from var_jax.interop import reference as ref
 
   mesh, rules = loop_common.setup_mesh(config)
   per_process = config.global_batch_size // jax.process_count()
@@ -266,14 +655,21 @@ def train_tokenizer(config: ml_collections.ConfigDict, workdir: str) -> Dict[str
   train_iter = iter(data_lib.make_train_dataset(config.data, per_process, config.seed, jax.process_index(),
                                                 jax.process_count()))
 
-  vae_cfg, disc_cfg = tokenizer_configs(config)
-  dtype = jnp.bfloat16 if config.dtype == 'bfloat16' else jnp.float32
-  vae, disc = VQVAE(vae_cfg, dtype=dtype), NLayerDiscriminator(disc_cfg)
+  gen_cfg, disc_cfg = tokenizer_configs(config)
+  gen = build_generator(config, gen_cfg)
+  disc = NLayerDiscriminator(disc_cfg)
   tx_g, tx_d = make_optimizer(config.optim_g, total), make_optimizer(config.optim_d, total)
-  init_fn, abstract, shardings = init_state(vae, disc, tx_g, tx_d, config, mesh, rules)
-  lpips_params = load_lpips(config)
+  init_fn, abstract, shardings = init_state(gen, disc, tx_g, tx_d, config, mesh, rules)
+  extras = {}
+  if (gen.kind == 'bae' and config.init_from and config.loss.lpips > 0 and not config.loss.lpips_path):
+    from var_jax.interop import bae as ibae
+    from var_jax.interop import reference as ref
+    _, extras = ibae.split_bae_state_dict(ref.load_state_dict(config.init_from), what=str(config.init_from))
+  lpips_params = load_lpips(config, extras)
+  if extras and lpips_params is not None:
+    logging.info('LPIPS from the perceptual.* tensors of %s', config.init_from)
+  del extras
   lpips_params = {} if lpips_params is None else jax.device_put(lpips_params, shd.replicated(mesh))
-  margins = usage_margins(vae_cfg, config.global_batch_size)
 
   ckpt = checkpoint.TrainCheckpointer(os.path.join(workdir, 'checkpoints'), config.ckpt_every, config.keep_ckpts)
 
@@ -281,21 +677,18 @@ def train_tokenizer(config: ml_collections.ConfigDict, workdir: str) -> Dict[str
     with shd.mesh_context(mesh, rules):
       state = jax.jit(init_fn, out_shardings=shardings)(jax.random.key(config.seed))
     if config.init_from:
-      v = ref.import_vae(ref.load_state_dict(config.init_from), vae_cfg)
-      state = state.replace(g_params=jax.device_put(v['params'], shardings.g_params),
-                            vq_stats=jax.device_put(v['vq_stats'], shardings.vq_stats))
-      logging.info('initialised the tokenizer from %s', config.init_from)
+      state = _init_from(gen, state, shardings, disc_cfg, config)
     return state
 
   state, _ = loop_common.restore_or_init(ckpt, abstract, shardings, train_iter, fresh, f'{workdir}/checkpoints')
   n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.g_params))
-  logging.info('VQVAE params %.2fM, discriminator %.2fM; %d steps (%d per epoch)', n_params / 1e6,
+  logging.info('%s params %.2fM, discriminator %.2fM; %d steps (%d per epoch)', gen.kind.upper(), n_params / 1e6,
                sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.d_params)) / 1e6, total, spe)
 
-  step_fn = jax.jit(make_step(vae, disc, tx_g, tx_d, config, bool(lpips_params), margins),
+  step_fn = jax.jit(make_step(gen, disc, tx_g, tx_d, config, bool(lpips_params)),
                     in_shardings=(shardings, shd.batch_sharding(mesh), shd.replicated(mesh)),
                     out_shardings=(shardings, shd.replicated(mesh)), donate_argnums=(0,))
-  recon_fn = jax.jit(lambda g, x: vae.apply({'params': g}, x, method=VQVAE.img_to_reconstructed_img))
+  recon_fn = jax.jit(gen.reconstruct_signed)
   writer = metrics_lib.MetricWriter(metrics_lib.local_logdir(workdir))
   preempt = loop_common.Preemption()
   step = int(jax.device_get(state.step))
@@ -311,14 +704,13 @@ def train_tokenizer(config: ml_collections.ConfigDict, workdir: str) -> Dict[str
           m = jax.device_get(m)
           dt = (time.time() - t_last) / since
           last = {k: float(v) for k, v in m.items() if np.ndim(v) == 0}
-          for i, (u, p) in enumerate(zip(m['usage_per_scale'], m['perplexity_per_scale'])):
-            last[f'usage_scale{i}'], last[f'perplexity_scale{i}'] = float(u), float(p)
+          for name, fmt in gen.vector_metrics.items():
+            for i, v in enumerate(np.asarray(m[name])):
+              last[fmt.format(i)] = float(v)
           last.update(step_time=dt, images_per_s=config.global_batch_size / dt)
           writer.write(step, last)
-          logging.info('step %d/%d l1 %.4f psnr %.2f vq %.4f g %.3f d %.3f (w %.3g) usage/scale %s %.1f img/s ETA %s',
-                       step, total, last['l1'], last['psnr'], last['vq_loss'], last['g_loss'], last['d_loss'],
-                       last['d_weight'], ' '.join(f'{u:.0f}' for u in m['usage_per_scale']),
-                       last['images_per_s'], loop_common.fmt_eta((total - step) * dt))
+          logging.info('%s %.1f img/s ETA %s', gen.log_line(step, total, last, m), last['images_per_s'],
+                       loop_common.fmt_eta((total - step) * dt))
           t_last, since = time.time(), 0
         if config.sample_every > 0 and (step % config.sample_every == 0 or step == total):
           path = _recon_grid(recon_fn, state, batch, workdir, step)
@@ -336,9 +728,7 @@ def train_tokenizer(config: ml_collections.ConfigDict, workdir: str) -> Dict[str
     writer.close()
     preempt.restore()
   if step >= total and jax.process_count() == 1 and '://' not in workdir:
-    out = os.path.join(workdir, 'vqvae.safetensors')
-    v = {'params': jax.device_get(state.g_params), 'vq_stats': jax.device_get(state.vq_stats)}
-    ref.save_state_dict(ref.export_vae(v, vae_cfg), out)
-    logging.info('wrote %s (reference layout: --config.vae_ckpt for VAR training, or the reference code)', out)
+    for out in export_tokenizer(gen, state, disc_cfg, workdir):
+      logging.info('wrote %s (%s)', out, gen.export_hint)
   last['wall_time_s'] = time.time() - t0
   return last
