@@ -8,7 +8,7 @@ import pytest
 from tests_helpers import REPO, load_config, quickstart_config
 from var_jax.train import trainer
 
-CONFIGS = sorted(p.stem for p in (REPO / 'configs').glob('*.py') if p.stem != 'common')
+CONFIGS = sorted(p.stem for p in (REPO / 'configs').glob('*.py') if p.stem not in ('common', 'bits_common'))
 
 
 @pytest.mark.parametrize('name', CONFIGS)
@@ -19,6 +19,10 @@ def test_config_loads_and_validates(name):
     from var_jax.train import vqvae_trainer
     vae_cfg, disc_cfg = vqvae_trainer.tokenizer_configs(c)
     assert c.optim_g.lr > 0 and c.optim_d.lr > 0
+  elif c.get('task', 'var') in ('elm_ar', 'elm_mlm', 'bigr'):
+    from var_jax.train import bits_trainer
+    bits_trainer.model_configs(c)          # raises on inconsistent BAE / generator / data
+    assert c.optim.lr > 0
   else:
     vae_cfg, var_cfg = trainer.model_configs(c)        # raises on inconsistent tokenizer/transformer/data
     assert var_cfg.patch_nums == vae_cfg.patch_nums and c.optim.base_lr > 0

@@ -1,4 +1,5 @@
-r"""Train VAR (``config.task`` unset or 'var') or its tokenizer (``task='vqvae'``), e.g.
+r"""Train VAR (``config.task`` unset or 'var'), its tokenizer (``task='vqvae'``) or ELM / BiGR on binary codes
+(``task`` = 'elm_ar' | 'elm_mlm' | 'bigr'), e.g.
 ``python -m var_jax.train --config=configs/quickstart.py --workdir=/tmp/var_quickstart``.
 
 Every config value can be overridden: ``--config.optim.base_lr=8e-5 --config.mesh.fsdp=-1``. Run the same command
@@ -66,8 +67,11 @@ def main(argv):
   elif task == 'vqvae':
     from var_jax.train import vqvae_trainer
     vqvae_trainer.train_tokenizer(FLAGS.config, FLAGS.workdir)
+  elif task in ('elm_ar', 'elm_mlm', 'bigr'):
+    from var_jax.train import bits_trainer
+    bits_trainer.train_and_evaluate(FLAGS.config, FLAGS.workdir)
   else:
-    raise app.UsageError(f'config.task={task!r}: expected "var" or "vqvae"')
+    raise app.UsageError(f'config.task={task!r}: expected "var", "vqvae", "elm_ar", "elm_mlm" or "bigr"')
 
 
 if __name__ == '__main__':
