@@ -73,6 +73,7 @@ def test_quickstart_trains_and_writes_outputs(straight):
   assert imgs.shape == (2, 32, 32, 3) and toks.shape == (2, 30)
 
 
+@pytest.mark.slow   # ~55 s: in CI's slow pass, beside the SIGTERM resume test
 def test_sigkill_then_resume_is_exact(straight, tmp_path):
   wd = str(tmp_path / 'killed')
   p = subprocess.Popen(_cmd(wd), cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
