@@ -119,9 +119,9 @@ def test_params_and_optimizer_state_are_sharded(steps):
   mu = state.opt_state[1].mu                                                      # clip, then Adam
   for tree in (ema, mu):
     assert tree['layers_0']['attention']['wqkv']['kernel'].sharding.spec == P('fsdp', 'tensor')
-  if steps['kind'] == 'bigr':   # a square ('embed', 'embed') kernel: its first dimension is sharded
+  if steps['kind'] == 'bigr':   # the transcoder's square ('embed', 'mlp') kernels: fsdp x tensor
     c_emb = state.params['denoise_mlp']['c_embedder']['kernel']
-    assert c_emb.sharding.spec == P('fsdp', None)
+    assert c_emb.sharding.spec == P('fsdp', 'tensor')
     assert c_emb.addressable_shards[0].data.shape == (c_emb.shape[0] // 2, c_emb.shape[1])
 
 

@@ -229,7 +229,7 @@ class TimestepEmbedder(nn.Module):
     init = normal_init(self.init_std)
     e = Dense(self.hidden_dim, kernel_axes=(None, 'embed'), kernel_init=init, bias_init=_zeros, name='mlp_0',
               dtype=self.dtype)(e)
-    return Dense(self.hidden_dim, kernel_axes=('embed', 'embed'), kernel_init=init, bias_init=_zeros, name='mlp_2',
+    return Dense(self.hidden_dim, kernel_axes=('embed', 'mlp'), kernel_init=init, bias_init=_zeros, name='mlp_2',
                  dtype=self.dtype)(jax.nn.silu(e))
 
 
@@ -285,7 +285,7 @@ class DenoiseModel(nn.Module):
       x = (x * 1.0 - 0.5) * 2.0
     x = Dense(self.hidden_dim, kernel_axes=('latent', 'embed'), kernel_init=init, bias_init=_zeros,
               name='x_embedder', dtype=self.dtype)(x.astype(self.dtype))
-    c = Dense(self.hidden_dim, kernel_axes=('embed', 'embed'), kernel_init=init, bias_init=_zeros,
+    c = Dense(self.hidden_dim, kernel_axes=('embed', 'mlp'), kernel_init=init, bias_init=_zeros,
               name='c_embedder', dtype=self.dtype)(c)
     c = TimestepEmbedder(self.hidden_dim, init_std=self.init_std, dtype=self.dtype, name='t_embedder')(time_steps) + c
     for i in range(self.num_blocks):
