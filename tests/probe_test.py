@@ -106,6 +106,15 @@ def test_cli_run_on_digits_beats_chance(quick):
     assert r['val_acc'] > 0.2, res['layers']             # chance is 10%: random features of images carry signal
   assert f'best layer: {res["best_layer"]}' in text and 'random-feature baseline' in text
   assert res['best_val_acc'] == max(r['val_acc'] for r in res['layers'])
+  # a random-feature probe (Gaussian features of the same size, independent of the images) stays at chance: the
+  # BiGR features beat it on every layer
+  rng = np.random.default_rng(0)
+  d = quick.feature_dim
+  rand = probe.train_linear_probe(rng.normal(size=(1500, d)).astype(np.float32), rng.integers(0, 10, 1500),
+                                  rng.normal(size=(297, d)).astype(np.float32), rng.integers(0, 10, 297),
+                                  num_classes=10, seed=0)
+  assert rand['val_acc'] < 0.17, rand['val_acc']
+  assert min(r['val_acc'] for r in res['layers']) > rand['val_acc'] + 0.05
 
 
 def test_label_condition_leaks_the_class(quick):
