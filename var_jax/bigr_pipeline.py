@@ -29,6 +29,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from var_jax import bigr_sampling
+from var_jax import sampling as sampling_lib
+from var_jax import sharding as shd
 from var_jax.interop import bae as ibae
 from var_jax.interop import bigr as ibigr
 from var_jax.interop.reference import CheckpointMismatchError, load_state_dict
@@ -40,10 +42,6 @@ from var_jax.models.bigr import BiGR, BiGRConfig
 # ``ModelArgs`` (``infer_steps``, ``sample_temperature``), which ``sample`` uses when those arguments are None.
 RELEASE_SAMPLING = dict(cfg=3.0, num_iter=20, gumbel_temp=0.01, gumbel_schedule='constant', cfg_schedule='constant',
                         infer_steps=100, temperature=1.0)
-
-
-def _cast_floating(tree, dtype):
-  return jax.tree.map(lambda a: a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a, tree)
 
 
 class BiGRPipeline:
@@ -142,14 +140,7 @@ class BiGRPipeline:
     return self.bigr_config.binary_size
 
   # ------------------------------------------------------------------ devices
-  @staticmethod
-  def _mesh():
-    """A 1-D 'data' mesh over the local devices (None with one device)."""
-    devs = jax.local_devices()
-    if len(devs) <= 1:
-      return None
-    from jax.sharding import AxisType, Mesh
-    return Mesh(np.asarray(devs).reshape(len(devs)), ('data',), axis_types=(AxisType.Auto,))
+  _mesh = staticmethod(shd.local_data_mesh)
 
   def _params(self, which: str, dtype=jnp.float32, sharding=None):
     """The BAE or BiGR variables, cast (BiGR only) and placed (replicated) once per (dtype, sharding)."""
@@ -158,7 +149,9 @@ class BiGRPipeline:
       if which == 'bae':
         v = self.bae_variables
       else:
-        v = self.bigr_variables if jnp.dtype(dtype) == jnp.float32 else _cast_floating(self.bigr_variables, dtype)
+        v = self.bigr_variables
+        if jnp.dtype(dtype) != jnp.float32:
+          v = sampling_lib.cast_floating(v, dtype)
       self._param_cache[key] = jax.device_put(v, sharding) if sharding is not None else v
     return self._param_cache[key]
 
@@ -307,20 +300,7 @@ class BiGRPipeline:
 
   # ------------------------------------------------------------------ sampling
   def _resolve_labels(self, labels, rng, num_samples):
-    nc = self.num_classes
-    if labels is None:
-      if num_samples is None:
-        raise ValueError('labels=None samples random classes: give num_samples too')
-      return np.asarray(jax.random.randint(jax.random.fold_in(rng, 0x7fffffff), (num_samples,), 0, nc), np.int32)
-    lab = np.asarray(labels).reshape(-1)
-    if num_samples is not None and lab.size == 1:
-      lab = np.repeat(lab, num_samples)
-    if lab.size == 0 or not np.issubdtype(lab.dtype, np.integer):
-      raise ValueError(f'labels must be integers in [0, {nc}] ({nc} = unconditional), got {labels!r}')
-    if lab.min() < 0 or lab.max() > nc:
-      raise ValueError(f'class label out of range: labels must lie in [0, {nc}] ({nc} = unconditional), '
-                       f'got min {lab.min()} max {lab.max()}')
-    return lab.astype(np.int32)
+    return sampling_lib.resolve_labels(labels, rng, num_samples, self.num_classes)
 
   def _sample_settings(self, cfg, num_iter, infer_steps, gumbel_temp, gumbel_schedule, cfg_schedule, temperature):
     c = self.bigr_config

@@ -28,6 +28,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from var_jax import elm_sampling as es
+from var_jax import sampling as sampling_lib
+from var_jax import sharding as shd
 from var_jax.interop import bae as ibae
 from var_jax.interop import elm as ielm
 from var_jax.interop.reference import CheckpointMismatchError, load_state_dict
@@ -36,10 +38,6 @@ from var_jax.models.bae import BAEConfig, BinaryAutoEncoder
 from var_jax.models.elm import ELMConfig
 
 PathLike = Union[str, os.PathLike]
-
-
-def _cast_floating(tree, dtype):
-  return jax.tree.map(lambda a: a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a, tree)
 
 
 class ELMPipeline:
@@ -162,14 +160,7 @@ class ELMPipeline:
     return self.bae_config.codebook_size
 
   # ------------------------------------------------------------------ devices and params
-  @staticmethod
-  def _mesh():
-    """A 1-D 'data' mesh over the local devices (None with one device)."""
-    devs = jax.local_devices()
-    if len(devs) <= 1:
-      return None
-    from jax.sharding import AxisType, Mesh
-    return Mesh(np.asarray(devs).reshape(len(devs)), ('data',), axis_types=(AxisType.Auto,))
+  _mesh = staticmethod(shd.local_data_mesh)
 
   def _params(self, which: str, dtype=jnp.float32, sharding=None):
     """The BAE or ELM variables, cast (ELM only) and placed (replicated) once per (dtype, sharding)."""
@@ -178,7 +169,9 @@ class ELMPipeline:
       if which == 'bae':
         v = self.bae_variables
       else:
-        v = self.elm_variables if jnp.dtype(dtype) == jnp.float32 else _cast_floating(self.elm_variables, dtype)
+        v = self.elm_variables
+        if jnp.dtype(dtype) != jnp.float32:
+          v = sampling_lib.cast_floating(v, dtype)
       self._param_cache[key] = jax.device_put(v, sharding) if sharding is not None else v
     return self._param_cache[key]
 
@@ -304,20 +297,7 @@ class ELMPipeline:
 
   # ------------------------------------------------------------------ sampling
   def _resolve_labels(self, labels, rng, num_samples):
-    nc = self.num_classes
-    if labels is None:
-      if num_samples is None:
-        raise ValueError('labels=None samples random classes: give num_samples too')
-      return np.asarray(jax.random.randint(jax.random.fold_in(rng, 0x7fffffff), (num_samples,), 0, nc), np.int32)
-    lab = np.asarray(labels).reshape(-1)
-    if num_samples is not None and lab.size == 1:
-      lab = np.repeat(lab, num_samples)
-    if lab.size == 0 or not np.issubdtype(lab.dtype, np.integer):
-      raise ValueError(f'labels must be integers in [0, {nc}] ({nc} = unconditional), got {labels!r}')
-    if lab.min() < 0 or lab.max() > nc:
-      raise ValueError(f'class label out of range: labels must lie in [0, {nc}] ({nc} = unconditional), '
-                       f'got min {lab.min()} max {lab.max()}')
-    return lab.astype(np.int32)
+    return sampling_lib.resolve_labels(labels, rng, num_samples, self.num_classes)
 
   def _settings(self, cfg, cfg_schedule, temperature, top_k, num_iter, scale_pow) -> Tuple:
     """Validated sampler settings as a hashable tuple (the jit cache key)."""

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from var_jax import sampling
+from var_jax import sharding as shd
 from var_jax.interop import reference as ref
 from var_jax.models.configs import VARConfig, VQVAEConfig
 from var_jax.models.transformer import VAR
@@ -209,31 +210,10 @@ class VARPipeline:
                                                    in_shardings=in_sh, out_shardings=out_sh)
     return self._jit_cache[key]
 
-  @staticmethod
-  def _mesh():
-    """A 1-D 'data' mesh over the local devices (None with one device)."""
-    devs = jax.local_devices()
-    if len(devs) <= 1:
-      return None
-    from jax.sharding import AxisType, Mesh
-    n = len(devs)
-    return Mesh(np.asarray(devs).reshape(n), ('data',), axis_types=(AxisType.Auto,))
+  _mesh = staticmethod(shd.local_data_mesh)
 
   def _resolve_labels(self, labels, rng, num_samples):
-    nc = self.var_config.num_classes
-    if labels is None:
-      if num_samples is None:
-        raise ValueError('labels=None samples random classes: give num_samples too')
-      return np.asarray(jax.random.randint(jax.random.fold_in(rng, 0x7fffffff), (num_samples,), 0, nc), np.int32)
-    lab = np.asarray(labels).reshape(-1)
-    if num_samples is not None and lab.size == 1:
-      lab = np.repeat(lab, num_samples)
-    if lab.size == 0 or not np.issubdtype(lab.dtype, np.integer):
-      raise ValueError(f'labels must be integers in [0, {nc}] ({nc} = unconditional), got {labels!r}')
-    if lab.min() < 0 or lab.max() > nc:
-      raise ValueError(f'class label out of range: labels must lie in [0, {nc}] ({nc} = unconditional), '
-                       f'got min {lab.min()} max {lab.max()}')
-    return lab.astype(np.int32)
+    return sampling.resolve_labels(labels, rng, num_samples, self.var_config.num_classes)
 
   def sample(self, labels, rng, cfg: float = 1.5, top_k: int = 0, top_p: float = 0.0, more_smooth: bool = False,
              *, num_samples: Optional[int] = None, batch_size: Optional[int] = None, dtype=jnp.float32,

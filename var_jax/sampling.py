@@ -21,6 +21,7 @@ from typing import List, Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from var_jax.models.transformer import VAR
 from var_jax.models.vqvae import VQVAE
@@ -137,6 +138,25 @@ def sample(vae: VQVAE, var: VAR, vae_vars, var_vars, labels, keys, opts: Samplin
       x = jnp.concatenate([x, x], axis=0)
   images = vae.apply(vae_vars, f_hat, method=VQVAE.fhat_to_img)
   return (images + 1) * 0.5, jnp.concatenate(tokens, axis=1)
+
+
+def resolve_labels(labels, rng, num_samples, num_classes: int) -> np.ndarray:
+  """Class labels of a sampling call as int32 (num_classes = unconditional): ``labels`` as given (one label repeated
+  ``num_samples`` times), or ``num_samples`` random classes drawn from ``rng`` when ``labels`` is None."""
+  nc = num_classes
+  if labels is None:
+    if num_samples is None:
+      raise ValueError('labels=None samples random classes: give num_samples too')
+    return np.asarray(jax.random.randint(jax.random.fold_in(rng, 0x7fffffff), (num_samples,), 0, nc), np.int32)
+  lab = np.asarray(labels).reshape(-1)
+  if num_samples is not None and lab.size == 1:
+    lab = np.repeat(lab, num_samples)
+  if lab.size == 0 or not np.issubdtype(lab.dtype, np.integer):
+    raise ValueError(f'labels must be integers in [0, {nc}] ({nc} = unconditional), got {labels!r}')
+  if lab.min() < 0 or lab.max() > nc:
+    raise ValueError(f'class label out of range: labels must lie in [0, {nc}] ({nc} = unconditional), '
+                     f'got min {lab.min()} max {lab.max()}')
+  return lab.astype(np.int32)
 
 
 def cast_floating(tree, dtype):

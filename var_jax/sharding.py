@@ -105,3 +105,12 @@ def host_local_to_global(batch: Dict[str, np.ndarray], mesh: Mesh) -> Dict[str, 
   """Each process's slice of the batch -> one global jax.Array per field, sharded over data x fsdp."""
   sh = batch_sharding(mesh)
   return {k: jax.make_array_from_process_local_data(sh, np.asarray(v)) for k, v in batch.items()}
+
+
+def local_data_mesh() -> Optional[Mesh]:
+  """A 1-D ``'data'`` mesh over this process's devices (None with one device): what the pipelines shard sampling
+  and inference batches over."""
+  devs = jax.local_devices()
+  if len(devs) <= 1:
+    return None
+  return Mesh(np.asarray(devs).reshape(len(devs)), ('data',), axis_types=(AxisType.Auto,))
