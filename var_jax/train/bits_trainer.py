@@ -56,7 +56,6 @@ import numpy as np
 import optax
 from flax import traverse_util
 from flax.core import meta
-from jax.sharding import PartitionSpec as P
 
 from var_jax import sharding as shd
 from var_jax.models import bernoulli_diffusion as bd
@@ -216,25 +215,8 @@ def build_optimizer(config, total_steps: int, decay_mask) -> optax.GradientTrans
 
 # ----------------------------------------------------------------------------- state
 def param_shardings(boxed, mesh, rules):
-  """``var_jax.sharding.logical_to_shardings``, except that a logical name repeated within one parameter (BiGR's
-  square ('embed', 'embed') kernels, which flax rejects) is mapped for its first dimension only (the later ones
-  are replicated)."""
-  try:
-    return shd.logical_to_shardings(boxed, mesh, rules)
-  except ValueError:
-    pass
-
-  def one(spec):
-    if not isinstance(spec, P):
-      return shd.replicated(mesh)
-    seen, names = set(), []
-    for name in spec:
-      names.append(None if (name is not None and name in seen) else name)
-      if name is not None:
-        seen.add(name)
-    return nn.logical_to_mesh_sharding(P(*names), mesh, rules)
-
-  return jax.tree.map(one, nn.get_partition_spec(boxed), is_leaf=lambda x: isinstance(x, P) or x is None)
+  """``var_jax.sharding.logical_to_shardings`` of the boxed (logically annotated) variables."""
+  return shd.logical_to_shardings(boxed, mesh, rules)
 
 
 def unbox(tree):
