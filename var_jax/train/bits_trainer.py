@@ -214,14 +214,8 @@ def build_optimizer(config, total_steps: int, decay_mask) -> optax.GradientTrans
 
 
 # ----------------------------------------------------------------------------- state
-def param_shardings(boxed, mesh, rules):
-  """``var_jax.sharding.logical_to_shardings`` of the boxed (logically annotated) variables."""
-  return shd.logical_to_shardings(boxed, mesh, rules)
-
-
 def unbox(tree):
-  """Strip the logical-axis boxes without sharding constraints (the jit's out_shardings place the arrays; flax's
-  constraint would reject BiGR's repeated axis names)."""
+  """Strip the logical-axis boxes without sharding constraints (the jit's out_shardings place the arrays)."""
   return jax.tree.map(lambda x: x.unbox(apply_constraint=False) if isinstance(x, nn.Partitioned) else x, tree,
                       is_leaf=lambda x: isinstance(x, nn.Partitioned))
 
@@ -229,7 +223,7 @@ def unbox(tree):
 def abstract_state_and_shardings(init_variables, tx, mesh, rules):
   """Shapes of the train state (no allocation) and its NamedShardings from the params' logical axis names."""
   boxed = jax.eval_shape(init_variables, jax.random.key(0))['params']
-  param_sh = param_shardings(boxed, mesh, rules)
+  param_sh = shd.logical_to_shardings(boxed, mesh, rules)
   params = meta.unbox(boxed)
   opt_state = jax.eval_shape(tx.init, params)
   opt_sh = optax.tree_map_params(tx, lambda _, s: s, opt_state, param_sh,
@@ -246,8 +240,7 @@ def init_state(init_variables, tx, seed: int, shardings):
     params = unbox(init_variables(rng)['params'])
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
 
-  # no logical-rules context: the out_shardings place the arrays, and flax would constrain (and reject BiGR's
-  # repeated axis names) while creating the params
+  # no logical-rules context: the out_shardings place the arrays
   return jax.jit(init, out_shardings=shardings)(jax.random.key(seed))
 
 
