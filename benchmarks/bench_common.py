@@ -55,7 +55,7 @@ def flag_value(name, default=None):
 
 def build_configs():
   """``(VQVAEConfig, VARConfig)`` from the model flags: ``var_preset(depth)`` with the given overrides."""
-  from var_jax.models.configs import VQVAEConfig, var_preset
+  from var_jax.models.var_config import VQVAEConfig, var_preset
   depth = flag_value('depth')
   overrides = dict(num_classes=FLAGS.num_classes)
   for name in ('vocab_size', 'z_channels'):

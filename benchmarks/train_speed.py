@@ -127,7 +127,7 @@ def setup_ours(config):
   import jax
   import jax.numpy as jnp
   from var_jax import sharding as shd
-  from var_jax.models.transformer import VAR
+  from var_jax.models.var import VAR
   from var_jax.models.vqvae import VQVAE
   from var_jax.train import trainer
 
@@ -354,7 +354,7 @@ def _param_counts(vae_cfg, var_cfg):
   import functools
   import jax
   import jax.numpy as jnp
-  from var_jax.models.transformer import VAR
+  from var_jax.models.var import VAR
   from var_jax.models.vqvae import VQVAE
   from flax.core import meta
   s = vae_cfg.image_size

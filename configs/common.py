@@ -5,7 +5,7 @@ import dataclasses
 
 import ml_collections
 
-from var_jax.models.configs import PATCH_NUMS_256, PATCH_NUMS_512, VARConfig, VQVAEConfig
+from var_jax.models.var_config import PATCH_NUMS_256, PATCH_NUMS_512, VARConfig, VQVAEConfig
 
 
 def _fields(cls, **overrides):

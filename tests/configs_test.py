@@ -65,7 +65,7 @@ def test_progressive_schedule_matches_reference():
 
 def test_progressive_train_step_runs():
   from var_jax import sharding as shd
-  from var_jax.models.transformer import VAR
+  from var_jax.models.var import VAR
   from var_jax.models.vqvae import VQVAE
   c = quickstart_config()
   mesh = shd.make_mesh({'data': 1}, devices=jax.devices()[:1])

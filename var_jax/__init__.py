@@ -3,8 +3,8 @@ siblings ELM (AR / MLM over binary-autoencoder bits) and BiGR.
 
 Never imports torch: the reference-checkpoint interop imports it lazily, only for ``.pth`` files.
 """
-from var_jax.models.configs import PATCH_NUMS_256, PATCH_NUMS_512, VARConfig, VQVAEConfig, var_preset
-from var_jax.models.transformer import VAR
+from var_jax.models.var_config import PATCH_NUMS_256, PATCH_NUMS_512, VARConfig, VQVAEConfig, var_preset
+from var_jax.models.var import VAR
 from var_jax.models.vqvae import VQVAE
 from var_jax.pipeline import VARPipeline
 from var_jax.elm_pipeline import ELMPipeline

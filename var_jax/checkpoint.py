@@ -17,7 +17,7 @@ from typing import Any, Dict, Tuple
 import jax
 import numpy as np
 
-from var_jax.models.configs import VARConfig, VQVAEConfig
+from var_jax.models.var_config import VARConfig, VQVAEConfig
 
 CONFIG_FILE = 'config.json'
 PARAMS_DIR = 'params'

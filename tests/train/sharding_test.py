@@ -7,7 +7,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from var_jax import sharding as shd
-from var_jax.models.transformer import VAR
+from var_jax.models.var import VAR
 from var_jax.models.vqvae import VQVAE
 from var_jax.train import trainer
 from tests_helpers import quickstart_config

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from tests_helpers import load_config
-from var_jax.models.configs import VQVAEConfig
+from var_jax.models.var_config import VQVAEConfig
 from var_jax.train import vqvae_trainer as vt
 
 

@@ -20,8 +20,8 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 import numpy as np
 from flax import traverse_util
 
-from var_jax.models.configs import PATCH_NUMS_256, VARConfig, VQVAEConfig, infer_patch_nums
-from var_jax.models.transformer import block_causal_mask, level_ids
+from var_jax.models.var_config import PATCH_NUMS_256, VARConfig, VQVAEConfig, infer_patch_nums
+from var_jax.models.var import block_causal_mask, level_ids
 
 Array = np.ndarray
 StateDict = Dict[str, Array]

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from var_jax.models.configs import VQVAEConfig
+from var_jax.models.var_config import VQVAEConfig
 from var_jax.models.layers import Conv, logical
 from var_jax.ops.resize import area_resize, bicubic_resize
 

@@ -11,7 +11,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from var_jax.models.configs import VQVAEConfig
+from var_jax.models.var_config import VQVAEConfig
 from var_jax.models.layers import Conv, GroupNorm
 from var_jax.models.quantizer import MultiScaleQuantizer
 from var_jax.ops.resize import nearest_upsample_2x

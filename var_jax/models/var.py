@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from var_jax.models.configs import VARConfig
+from var_jax.models.var_config import VARConfig
 from var_jax.models.layers import Dense, l2_normalize, layer_norm_no_affine, logical, scaled_rows_init, \
   torch_trunc_normal
 
