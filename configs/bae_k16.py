@@ -35,7 +35,7 @@ def release(codebook_size: int, resolution: int = 256):
   import ml_collections
   from var_jax.models.bae import BAEConfig
   c = common.tokenizer_base()
-  c.tokenizer = 'bae'        # task stays 'vqvae' (= tokenizer training); this picks the generator
+  c.tokenizer = 'bae'        # task 'tokenizer'; this picks the generator
   for k in ('vae', 'codebook'):
     del c[k]
   fields = common._fields(BAEConfig, codebook_size=codebook_size, resolution=resolution)  # pylint: disable=W0212
@@ -52,7 +52,7 @@ def release(codebook_size: int, resolution: int = 256):
   lr = 4.5e-6 * 32
   c.optim_g.update(lr=lr, b1=0.9, b2=0.999, warmup_steps=0)
   c.optim_d.update(lr=lr, b1=0.9, b2=0.999, warmup_steps=0)
-  c.ema = ml_collections.ConfigDict(dict(decay=0.995, every=10))
+  c.ema = ml_collections.ConfigDict(dict(decay=0.995, every=10, start=1))
   c.train_bits = 'bernoulli'            # 'threshold': the reference's --deterministic (ELM's bae_16_deter)
   c.log_every = 200
   c.ckpt_every = 10000

@@ -1,5 +1,5 @@
 """Shared base of the ELM (AR / MLM) and BiGR training configs: ``python -m var_jax.train --config=configs/<x>.py``
-with ``task`` = 'elm_ar' | 'elm_mlm' | 'bigr' (``var_jax.train.bits_trainer``).
+with ``task`` = 'elm_ar' | 'elm_mlm' | 'bigr' (``var_jax.train.tasks.bits``).
 
 Not a config itself (no ``get_config``): the ``configs/elm_*.py`` / ``configs/bigr_*.py`` files load it by path and
 call ``base(task)``, ``elm_recipe(...)`` or ``bigr_recipe(...)``. Every value stays overridable on the command line
@@ -92,13 +92,13 @@ def base(task: str) -> ml_collections.ConfigDict:
   c.optim = ml_collections.ConfigDict(dict(
       lr=1e-4,                           # absolute (no batch-size scaling in either reference)
       b1=0.9, b2=0.95, eps=1e-8,
-      weight_decay=0.05 if elm else 2e-2,
+      weight_decay=0.05 if elm else 2e-2, weight_decay_end=-1.0,   # -1: constant
       schedule='constant',               # 'constant' (after warmup), or var_jax.train.optim's 'cos', 'lin0', ...
       warmup_steps=0, warmup_start=0.0,  # linear warmup from warmup_start * lr (the references: from 0)
       end_ratio=0.01,                    # final lr / lr for the decaying schedules (ELM --min_lr 1e-6 = 0.01)
       grad_clip=1.0,
   ))
-  c.ema = ml_collections.ConfigDict(dict(decay=0.9999))   # 0 disables; the export holds the EMA when enabled
+  c.ema = ml_collections.ConfigDict(dict(decay=0.9999, every=1, start=0))   # 0 disables; the export holds the EMA
 
   # ---- loop / output ----
   c.log_every = 100

@@ -5,6 +5,7 @@ import dataclasses
 
 import ml_collections
 
+from var_jax.train.optim import REFERENCE_NOWD_KEYS
 from var_jax.models.var_config import PATCH_NUMS_256, PATCH_NUMS_512, VARConfig, VQVAEConfig
 
 
@@ -16,6 +17,7 @@ def _fields(cls, **overrides):
 
 def base() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
+  c.task = 'var'                # var_jax.train.tasks: 'var' | 'tokenizer' | 'elm_ar' | 'elm_mlm' | 'bigr'
   c.seed = 0
 
   # ---- data (var_jax.data) ----
@@ -51,7 +53,10 @@ def base() -> ml_collections.ConfigDict:
       schedule='lin0', warmup_epochs=-1.0,   # -1: epochs / 50
       warmup_start=0.005, end_ratio=0.01,    # wp0, wpe
       grad_clip=2.0,
+      nowd_keys=REFERENCE_NOWD_KEYS,         # no weight decay on params whose path contains one of these
   ))
+  # EMA of the params (0: off): ema <- decay * ema + (1 - decay) * params at steps s >= start, s % every == 0
+  c.ema = ml_collections.ConfigDict(dict(decay=0.0, every=1, start=0))
   # progressive training (the reference's --pg/--pg0/--pgwp): grow the number of scales over [0, fraction]
   c.progressive = ml_collections.ConfigDict(dict(fraction=0.0, start_stage=4, warmup_epochs=-1.0))
 
@@ -97,24 +102,28 @@ def var_recipe(depth: int, **kw) -> ml_collections.ConfigDict:
 
 
 def tokenizer_base() -> ml_collections.ConfigDict:
-  """Tokenizer (VQVAE) training: ``python -m var_jax.train --config=configs/vqvae_*.py`` (``task='vqvae'``)."""
+  """Tokenizer (VQVAE) training: ``python -m var_jax.train --config=configs/vqvae_*.py`` (``task='tokenizer'``)."""
   c = base()
-  c.task = 'vqvae'
-  for k in ('model', 'init_from', 'vae_ckpt', 'vae_dtype', 'optim', 'progressive', 'label_smoothing', 'grad_accum',
+  c.task = 'tokenizer'
+  c.tokenizer = 'vqvae'         # the generator: 'vqvae' (config.vae) or 'bae' (config.bae)
+  for k in ('model', 'init_from', 'vae_ckpt', 'vae_dtype', 'optim', 'progressive', 'label_smoothing',
             'sample_classes', 'sample', 'eval_every', 'eval_batches'):
     del c[k]
+  c.grad_accum = 1              # the tokenizer step takes the whole batch (no micro-batching)
   c.init_from = ''              # a reference VQVAE .pth/.safetensors to fine-tune (e.g. vae_ch160v4096z32.pth)
   c.dtype = 'float32'
   c.loss = ml_collections.ConfigDict(dict(
       l1=1.0, l2=0.0, vq=1.0,
       lpips=1.0, lpips_path='',  # converted LPIPS-VGG weights (python -m var_jax.models.lpips ...); 0 disables
       gan=0.5, disc_start=20000, disc_loss='hinge', adaptive=True,
+      disc_weight_max=1e4,       # clip of VQGAN's adaptive weight
   ))
   c.disc = ml_collections.ConfigDict(dict(ndf=64, n_layers=3, norm='batch', in_channels=3))
-  c.optim_g = ml_collections.ConfigDict(dict(lr=1e-4, b1=0.5, b2=0.9, weight_decay=0.0, warmup_steps=0,
+  for name in ('optim_g', 'optim_d'):   # absolute lr; var_jax.train.optim's schedules ('constant', 'cos', ...)
+    c[name] = ml_collections.ConfigDict(dict(lr=1e-4, b1=0.5, b2=0.9, eps=1e-8, weight_decay=0.0,
+                                             weight_decay_end=-1.0, warmup_steps=0, warmup_start=0.0,
                                              schedule='constant', end_ratio=0.0, grad_clip=0.0))
-  c.optim_d = ml_collections.ConfigDict(dict(lr=1e-4, b1=0.5, b2=0.9, weight_decay=0.0, warmup_steps=0,
-                                             schedule='constant', end_ratio=0.0, grad_clip=0.0))
+  c.ema = ml_collections.ConfigDict(dict(decay=0.0, every=1, start=1))   # of the generator
   # codebook health: restart dead codes every N steps (0: off)
   c.codebook = ml_collections.ConfigDict(dict(restart_every=0))
   return c

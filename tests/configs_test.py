@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from tests_helpers import REPO, load_config, quickstart_config
-from var_jax.train import trainer
+from var_jax.train import tasks
+from var_jax.train.tasks import var as var_task
 
 CONFIGS = sorted(p.stem for p in (REPO / 'configs').glob('*.py') if p.stem not in ('common', 'bits_common'))
 
@@ -15,16 +16,17 @@ CONFIGS = sorted(p.stem for p in (REPO / 'configs').glob('*.py') if p.stem not i
 def test_config_loads_and_validates(name):
   c = load_config(name)
   assert c.global_batch_size > 0
-  if c.get('task', 'var') == 'vqvae':
-    from var_jax.train import vqvae_trainer
-    vae_cfg, disc_cfg = vqvae_trainer.tokenizer_configs(c)
+  tasks.task_class(c.task)                         # a known task
+  if c.task == 'tokenizer':
+    from var_jax.train.tasks import tokenizer
+    vae_cfg, disc_cfg = tokenizer.tokenizer_configs(c)
     assert c.optim_g.lr > 0 and c.optim_d.lr > 0
-  elif c.get('task', 'var') in ('elm_ar', 'elm_mlm', 'bigr'):
-    from var_jax.train import bits_trainer
-    bits_trainer.model_configs(c)          # raises on inconsistent BAE / generator / data
+  elif c.task in ('elm_ar', 'elm_mlm', 'bigr'):
+    from var_jax.train.tasks import bits
+    bits.model_configs(c)          # raises on inconsistent BAE / generator / data
     assert c.optim.lr > 0
   else:
-    vae_cfg, var_cfg = trainer.model_configs(c)        # raises on inconsistent tokenizer/transformer/data
+    vae_cfg, var_cfg = var_task.model_configs(c)        # raises on inconsistent tokenizer/transformer/data
     assert var_cfg.patch_nums == vae_cfg.patch_nums and c.optim.base_lr > 0
 
 
@@ -41,7 +43,7 @@ def test_progressive_schedule_matches_reference():
   c = quickstart_config()
   c.total_steps = 1000
   c.progressive.update(fraction=0.8, start_stage=1, warmup_epochs=0.5)
-  s = trainer.make_schedule(c, 16 * 20)     # 20 steps per epoch at the test batch of 16
+  s = var_task.make_schedule(c, 16 * 20)     # 20 steps per epoch at the test batch of 16
   assert (s.steps_per_epoch, s.warmup_steps, s.prog_warmup_steps) == (20, 10, 10)   # quickstart: 0.5-epoch warmup
   K = len(c.model.patch_nums)
 
@@ -59,22 +61,18 @@ def test_progressive_schedule_matches_reference():
     assert si == (-1 if want == K - 1 else want), it
     assert 0.01 <= ramp <= 1
   assert s.stage(0)[1] == 1.0                          # no ramp at the first stage
-  no_prog = trainer.make_schedule(quickstart_config(), 1000)
+  no_prog = var_task.make_schedule(quickstart_config(), 1000)
   assert no_prog.stage(10) == (-1, 1.0)
 
 
 def test_progressive_train_step_runs():
   from var_jax import sharding as shd
-  from var_jax.models.var import VAR
-  from var_jax.models.vqvae import VQVAE
   c = quickstart_config()
   mesh = shd.make_mesh({'data': 1}, devices=jax.devices()[:1])
-  vae_cfg, var_cfg = trainer.model_configs(c)
-  tx = trainer.build_optimizer(c, trainer.make_schedule(c, 1000))
-  state, _, _ = trainer.init_state(VAR(var_cfg), tx, mesh, shd.LOGICAL_AXIS_RULES, 0)
-  vae_vars = trainer.load_tokenizer(c, vae_cfg, mesh)
+  task = tasks.build(c, mesh, 1000)
+  state = task.init_state()
   batch = {'image': jnp.zeros((16, 32, 32, 3)), 'label': jnp.arange(16) % 10}
-  step = jax.jit(trainer.make_train_step(VAR(var_cfg), VQVAE(vae_cfg), tx, c, prog_si=1))
-  state2, m = step(state, batch, vae_vars, jnp.float32(0.5))
+  step = jax.jit(task.train_step(1))
+  state2, m = step(state, batch, task.frozen, jnp.float32(0.5))
   assert np.isfinite(float(m['train_loss'])) and int(state2.step) == 1
   assert m['loss_per_scale'].shape == (2,)             # scales 0 and 1 only

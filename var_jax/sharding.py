@@ -114,3 +114,12 @@ def local_data_mesh() -> Optional[Mesh]:
   if len(devs) <= 1:
     return None
   return Mesh(np.asarray(devs).reshape(len(devs)), ('data',), axis_types=(AxisType.Auto,))
+
+
+def to_host(tree):
+  """A (sharded, possibly multi-process) pytree as host numpy arrays on every process: an all-gather across
+  processes when there are several (every process must call it)."""
+  if jax.process_count() == 1:
+    return jax.device_get(tree)
+  from jax.experimental import multihost_utils
+  return multihost_utils.process_allgather(tree, tiled=True)

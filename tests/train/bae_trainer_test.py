@@ -16,10 +16,13 @@ from flax.core import meta
 from tests_helpers import load_config
 from var_jax import sharding as shd
 from var_jax.interop import bae as ibae
+from var_jax.interop import gan as gan_io
 from var_jax.models.bae import UNUSED, BinaryAutoEncoder
 from var_jax.models.discriminator import DiscriminatorConfig, NLayerDiscriminator
-from var_jax.train import gan_losses
-from var_jax.train import vqvae_trainer as vt
+from var_jax.losses import gan as gan_losses
+from var_jax.train import loop
+from var_jax.train import rng as rng_lib
+from var_jax.train.tasks import tokenizer as vt
 
 
 def tiny_config(**kw):
@@ -43,7 +46,7 @@ def tiny_config(**kw):
 
 
 def _train(c, workdir):
-  return vt.train_tokenizer(c.copy_and_resolve_references(), str(workdir))
+  return loop.train(c.copy_and_resolve_references(), str(workdir))[1]
 
 
 def _metrics(workdir):
@@ -82,9 +85,9 @@ def one_step():
   gcfg, dcfg = vt.tokenizer_configs(c)
   gen = vt.build_generator(c, gcfg)
   disc = NLayerDiscriminator(dcfg)
-  tx_g, tx_d = optax.sgd(1.0), vt.make_optimizer(c.optim_d, 10)
+  tx_g, tx_d = optax.sgd(1.0), vt.make_optimizers(c, 10)[1]
   mesh = _single_mesh()
-  init_fn, _, shardings = vt.init_state(gen, disc, tx_g, tx_d, c, mesh, shd.LOGICAL_AXIS_RULES)
+  init_fn, _, shardings = vt.init_fn(gen, disc, tx_g, tx_d, c, mesh, shd.LOGICAL_AXIS_RULES)
   with shd.mesh_context(mesh):
     init = jax.jit(init_fn, out_shardings=shardings)
     state0, other_seed = jax.device_get(init(jax.random.key(0))), init(jax.random.key(7))
@@ -102,7 +105,7 @@ def test_step_matches_direct_computation(one_step):
   o = one_step
   c, bae, disc, s0 = o['c'], o['gen'].model, o['disc'], o['state0']
   x01 = (jnp.asarray(o['batch']['image']) + 1) / 2
-  key = jax.random.fold_in(jax.random.fold_in(jax.random.key(c.seed), 0), vt.BERNOULLI_STREAM)
+  key = rng_lib.stream(rng_lib.step_key(c.seed, 0), 'bernoulli_bits')
   d_vars = {'params': s0.d_params, **s0.d_stats}
 
   def run(p):
@@ -173,7 +176,7 @@ def test_export_reloads_and_init_from(one_step, tmp_path, caplog):
   c = o['c'].copy_and_resolve_references()
   c.init_from = str(tmp_path / 'binaryae.th')
   fresh = o['other_seed']
-  st = vt._init_from(gen, fresh, o['shardings'], dcfg, c)
+  st = vt.init_from(gen, fresh, o['shardings'], dcfg, c)
   for a, b in zip(jax.tree.leaves((st.g_params, st.vq_stats, st.d_params, st.d_stats, st.g_ema)),
                   jax.tree.leaves((s1.g_params, s1.vq_stats, s1.d_params, s1.d_stats, s1.g_params))):
     np.testing.assert_array_equal(a, b)
@@ -187,7 +190,7 @@ def test_export_reloads_and_init_from(one_step, tmp_path, caplog):
   sh2 = o['shardings'].replace(d_params=jax.tree.map(lambda _: rep, dv['params']),
                                d_stats={'batch_stats': jax.tree.map(lambda _: rep, dv['batch_stats'])})
   with caplog.at_level(logging.INFO, logger='var_jax.train'):
-    st2 = vt._init_from(gen, fresh2, sh2, other, c2)
+    st2 = vt.init_from(gen, fresh2, sh2, other, c2)
   np.testing.assert_array_equal(st2.d_params['conv_0']['kernel'], s1.d_params['conv_0']['kernel'])   # fits
   np.testing.assert_array_equal(st2.d_params['conv_3']['kernel'], fresh2.d_params['conv_3']['kernel'])  # not
   warn = ' '.join(r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING)
@@ -197,10 +200,11 @@ def test_export_reloads_and_init_from(one_step, tmp_path, caplog):
 
 def test_lpips_from_perceptual_keys():
   """The reference BinaryGAN's ``perceptual.*`` (bae/lpips.py: net.slice{s}.{i}, lin{k}.model.1) -> LPIPS params."""
+  from var_jax.interop import lpips as lpips_io
   from var_jax.models import lpips as lpips_lib
   slices = [(1, 0, 4), (2, 4, 9), (3, 9, 16), (4, 16, 23), (5, 23, 30)]
   vgg, sd = {}, {}
-  for n, (key, shape, _) in enumerate(lpips_lib.param_table()):
+  for n, (key, shape, _) in enumerate(lpips_io.param_table()):
     a = np.broadcast_to(np.float32(n), shape)
     if key.startswith('features.'):
       vgg[key] = a
@@ -211,8 +215,8 @@ def test_lpips_from_perceptual_keys():
       sd[f'perceptual.{key}'] = a
   sd['perceptual.scaling_layer.shift'] = np.array(lpips_lib.SHIFT, np.float32).reshape(1, 3, 1, 1)
   sd['perceptual.scaling_layer.scale'] = np.array(lpips_lib.SCALE, np.float32).reshape(1, 3, 1, 1)
-  got = vt.lpips_from_perceptual(sd)
-  want = lpips_lib.params_from_state_dicts(
+  got = gan_io.lpips_from_perceptual(sd)
+  want = lpips_io.params_from_state_dicts(
       vgg, {k[len('perceptual.'):]: v for k, v in sd.items() if k.startswith('perceptual.lin')})
   for (p, a), b in zip(jax.tree_util.tree_flatten_with_path(got)[0], jax.tree.leaves(want)):
     np.testing.assert_array_equal(a, b, err_msg=jax.tree_util.keystr(p))
@@ -275,11 +279,11 @@ def test_bae_step_sharded_equals_single_device():
   c.loss.disc_start = 0
   gcfg, dcfg = vt.tokenizer_configs(c)
   gen, disc = vt.build_generator(c, gcfg), NLayerDiscriminator(dcfg)
-  tx_g, tx_d = vt.make_optimizer(c.optim_g, 10), vt.make_optimizer(c.optim_d, 10)
+  tx_g, tx_d = vt.make_optimizers(c, 10)
   batches = [_batch(i) for i in range(3)]
 
   def run(mesh):
-    init_fn, _, shardings = vt.init_state(gen, disc, tx_g, tx_d, c, mesh, shd.LOGICAL_AXIS_RULES)
+    init_fn, _, shardings = vt.init_fn(gen, disc, tx_g, tx_d, c, mesh, shd.LOGICAL_AXIS_RULES)
     step = jax.jit(vt.make_step(gen, disc, tx_g, tx_d, c, False),
                    in_shardings=(shardings, shd.batch_sharding(mesh), shd.replicated(mesh)),
                    out_shardings=(shardings, shd.replicated(mesh)))

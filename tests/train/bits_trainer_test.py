@@ -22,10 +22,14 @@ from jax.sharding import PartitionSpec as P
 from conftest import REPO
 from tests_helpers import load_config
 from var_jax import sharding as shd
+from var_jax.losses import bigr as bigr_losses
+from var_jax.losses import tokens as token_losses
 from var_jax.models import bigr as bigr_lib
 from var_jax.models import elm as elm_lib
 from var_jax.models.bae import BinaryAutoEncoder
-from var_jax.train import bits_trainer as bt
+from var_jax.train import loop, optim, tasks
+from var_jax.train import state as state_lib
+from var_jax.train.tasks import bits as bt
 
 KINDS = ('elm_ar', 'elm_mlm', 'bigr')
 # compiling a sharded train step takes 15-40 s on a loaded 2-core CPU: ELM AR runs in the fast suite, the other two
@@ -76,18 +80,12 @@ def steps(request):
   kind = request.param
   config = _config(kind)
   mesh = shd.make_mesh(MESH)
-  bae_cfg, cfg = bt.model_configs(config)
-  model, bae = bt.make_model(kind, cfg), BinaryAutoEncoder(bae_cfg)
-  bae_vars = jax.device_put(_sharp_bae(bae_cfg, config.seed), shd.replicated(mesh))
-  init_variables = bt.init_variables_fn(kind, model, cfg)
-  params_shape = jax.eval_shape(lambda: bt.unbox(init_variables(jax.random.key(0))['params']))
-  tx = bt.build_optimizer(config, 100, bt.reference_decay_mask(kind, cfg, params_shape))
-  _, shardings = bt.abstract_state_and_shardings(init_variables, tx, mesh, shd.LOGICAL_AXIS_RULES)
-  state = bt.init_state(init_variables, tx, config.seed, shardings)
+  task = tasks.build(config, mesh, 1000)
+  bae_cfg, cfg, model, bae = task.bae_cfg, task.cfg, task.model, task.bae
+  bae_vars = task.frozen = jax.device_put(_sharp_bae(bae_cfg, config.seed), shd.replicated(mesh))
+  state = task.init_state()
   params0 = jax.device_get(state.params)
-  step = jax.jit(bt.make_train_step(kind, model, cfg, bae, tx, config),
-                 in_shardings=(shardings, shd.batch_sharding(mesh), shd.replicated(mesh)),
-                 out_shardings=(shardings, shd.replicated(mesh)))
+  step = task.jit_step()
   batch = _first_batch(config)
   metrics = []
   with shd.mesh_context(mesh):
@@ -115,7 +113,7 @@ def test_params_and_optimizer_state_are_sharded(steps):
   assert wqkv.sharding.spec == P('fsdp', 'tensor')
   assert wqkv.addressable_shards[0].data.shape == (wqkv.shape[0] // 2, wqkv.shape[1])
   assert state.params['cls_embedding'].sharding.spec == P(None, 'fsdp')            # ('classes', 'embed')
-  ema = bt.ema_params(state.opt_state)
+  ema = state.ema
   mu = state.opt_state[1].mu                                                      # clip, then Adam
   for tree in (ema, mu):
     assert tree['layers_0']['attention']['wqkv']['kernel'].sharding.spec == P('fsdp', 'tensor')
@@ -129,15 +127,15 @@ def _model_loss(kind, model, cfg, params, bits, labels, key):
   """The model's own loss functions, as the reference training forward composes them."""
   if kind == 'bigr':
     inp = bits.reshape(bits.shape[0], -1, bits.shape[-1]).astype(jnp.float32)
-    return bigr_lib.training_loss(model, {'params': params}, key, inp, labels, train=True)[0]
+    return bigr_losses.training_loss(model, {'params': params}, key, inp, labels, train=True)[0]
   tokens = elm_lib.bits_to_tokens(bits, cfg.token_each)
   if kind == 'elm_ar':
     logits = model.apply({'params': params}, tokens, labels, train=True, rngs={'dropout': key})
-    return elm_lib.ar_loss(logits, tokens)
+    return token_losses.ar_loss(logits, tokens)
   k_mask, k_drop = jax.random.split(key)
-  mask = elm_lib.mlm_random_mask(k_mask, tokens.shape[0], tokens.shape[1], cfg.gen_iter, cfg.mask_schtype)
+  mask = token_losses.mlm_random_mask(k_mask, tokens.shape[0], tokens.shape[1], cfg.gen_iter, cfg.mask_schtype)
   logits = model.apply({'params': params}, tokens, labels, token_all_mask=mask, train=True, rngs={'dropout': k_drop})
-  return elm_lib.mlm_loss(logits, tokens, mask, cfg.smoothing)
+  return token_losses.mlm_loss(logits, tokens, mask, cfg.smoothing)
 
 
 def test_step_losses_are_the_model_loss(steps):
@@ -196,11 +194,11 @@ def _logits(kind, model, params, bits, labels):
 def test_export_reloads_with_the_same_logits(steps, tmp_path):
   from var_jax.interop import bae as bae_io
   kind, config, cfg, state = steps['kind'], steps['config'], steps['cfg'], steps['state']
-  ema = jax.device_get(bt.ema_params(state.opt_state))
+  ema = jax.device_get(state.ema)
   params = jax.device_get(state.params)
   assert not np.allclose(np.asarray(jax.tree.leaves(ema)[0]), np.asarray(jax.tree.leaves(params)[0]))
-  path = bt.export(str(tmp_path), config, kind, cfg, steps['bae_cfg'], bt.ema_params(state.opt_state),
-                   steps['bae_vars'], N_STEPS)
+  path = bt.export(str(tmp_path), config, kind, cfg, steps['bae_cfg'], jax.device_get(state.ema),
+                   steps['bae_vars'], N_STEPS)[0][0]
   assert os.path.basename(path) == ('bigr.pt' if kind == 'bigr' else 'model.pth')
   info = json.loads((tmp_path / 'model_args.json').read_text())
   assert info['task'] == kind and info['weights'] == 'ema' and info['step'] == N_STEPS
@@ -236,18 +234,12 @@ def test_grad_accumulation_and_hamming_soft_labels():
   kind = 'elm_mlm'
   config = _config(kind, grad_accum=2, hm_dist=1)
   mesh = shd.make_mesh(MESH)
-  bae_cfg, cfg = bt.model_configs(config)
-  model, bae = bt.make_model(kind, cfg), BinaryAutoEncoder(bae_cfg)
-  bae_vars = jax.device_put(_sharp_bae(bae_cfg, config.seed), shd.replicated(mesh))
-  init_variables = bt.init_variables_fn(kind, model, cfg)
-  params_shape = jax.eval_shape(lambda: bt.unbox(init_variables(jax.random.key(0))['params']))
-  tx = bt.build_optimizer(config, 100, bt.reference_decay_mask(kind, cfg, params_shape))
-  _, shardings = bt.abstract_state_and_shardings(init_variables, tx, mesh, shd.LOGICAL_AXIS_RULES)
-  state = bt.init_state(init_variables, tx, config.seed, shardings)
+  task = tasks.build(config, mesh, 1000)
+  bae_cfg, cfg, model, bae = task.bae_cfg, task.cfg, task.model, task.bae
+  bae_vars = task.frozen = jax.device_put(_sharp_bae(bae_cfg, config.seed), shd.replicated(mesh))
+  state = task.init_state()
   params0 = jax.device_get(state.params)
-  step = jax.jit(bt.make_train_step(kind, model, cfg, bae, tx, config),
-                 in_shardings=(shardings, shd.batch_sharding(mesh), shd.replicated(mesh)),
-                 out_shardings=(shardings, shd.replicated(mesh)))
+  step = task.jit_step()
   batch = _first_batch(config)
   with shd.mesh_context(mesh):
     state, m = step(state, shd.host_local_to_global(batch, mesh), bae_vars)
@@ -259,10 +251,10 @@ def test_grad_accumulation_and_hamming_soft_labels():
     bits = bae.apply({'params': bae_vars['params']}, (images + 1) / 2, 'bernoulli', k_bits, method='bits')
     tokens = elm_lib.bits_to_tokens(bits, cfg.token_each)
     k_mask, k_drop = jax.random.split(k_model)
-    mask = elm_lib.mlm_random_mask(k_mask, tokens.shape[0], tokens.shape[1], cfg.gen_iter, cfg.mask_schtype)
+    mask = token_losses.mlm_random_mask(k_mask, tokens.shape[0], tokens.shape[1], cfg.gen_iter, cfg.mask_schtype)
     logits = model.apply({'params': params0}, tokens, labels, token_all_mask=mask, train=True,
                          rngs={'dropout': k_drop})
-    return elm_lib.soft_label_loss(logits, elm_lib.softlabel_weights(bits.reshape(-1, cfg.code_dim), 1))
+    return token_losses.soft_label_loss(logits, token_losses.softlabel_weights(bits.reshape(-1, cfg.code_dim), 1))
 
   h = config.global_batch_size // 2
   want = np.mean([float(micro_loss(batch['image'][i * h:(i + 1) * h], batch['label'][i * h:(i + 1) * h], kb[i], km[i]))
@@ -274,17 +266,17 @@ def test_grad_accumulation_and_hamming_soft_labels():
 # ----------------------------------------------------------------------------- pieces
 def test_params_ema_and_lr_schedule():
   import optax
-  tx = optax.chain(optax.sgd(0.5), bt.params_ema(0.9))
+  tx = optax.sgd(0.5)
   p = {'w': jnp.asarray([1.0, 2.0])}
-  s = tx.init(p)
-  u, s = tx.update({'w': jnp.asarray([1.0, -1.0])}, s, p)
-  np.testing.assert_allclose(bt.ema_params(s)['w'], 0.9 * np.array([1, 2]) + 0.1 * np.array([0.5, 2.5]), rtol=1e-6)
+  u, _ = tx.update({'w': jnp.asarray([1.0, -1.0])}, tx.init(p), p)
+  ema = state_lib.update_ema(p, optax.apply_updates(p, u), 0, 0.9, 1, 0)      # the state's EMA rule
+  np.testing.assert_allclose(ema['w'], 0.9 * np.array([1, 2]) + 0.1 * np.array([0.5, 2.5]), rtol=1e-6)
   c = load_config('bigr_l').optim
   c.update(warmup_steps=10)
-  f = bt.lr_fn(c, 1000)
+  f = optim.lr_schedule(c, 512, 1000, c.warmup_steps)
   np.testing.assert_allclose([float(f(i)) for i in (0, 5, 10, 999)], [0.0, 5e-5, 1e-4, 1e-4], rtol=1e-6)
   c.update(schedule='cos', warmup_steps=0, end_ratio=0.01)    # ELM's --lr_decay: cosine to min_lr = 0.01 lr
-  f = bt.lr_fn(c, 1000)
+  f = optim.lr_schedule(c, 512, 1000, c.warmup_steps)
   np.testing.assert_allclose([float(f(0)), float(f(999))], [1e-4, 1e-6], rtol=1e-5)
 
 
@@ -296,7 +288,7 @@ def test_released_configs_and_decay_groups(name, count):
   c = load_config(name)
   bae_cfg, cfg = bt.model_configs(c)
   model = bt.make_model(c.task, cfg)
-  params = jax.eval_shape(lambda: bt.unbox(bt.init_variables_fn(c.task, model, cfg)(jax.random.key(0))['params']))
+  params = jax.eval_shape(lambda: bt.unbox(model.init(jax.random.key(0), *bt.dummy_inputs(c.task, cfg))['params']))
   assert sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params)) == count
   mask = traverse_util.flatten_dict(bt.reference_decay_mask(c.task, cfg, params), sep='/')
   assert mask['layers_0/attention/wqkv/kernel'] and mask['cls_embedding']
@@ -340,10 +332,10 @@ def _losses(workdir, split='train'):
 def test_loop_resumes_exactly(kind, tmp_path):
   loop = dict(total_steps=6, log_every=1, ckpt_every=3, eval_every=3, eval_batches=1, keep_ckpts=2)
   straight, s_state = str(tmp_path / 'straight'), None
-  s_state, _ = bt.train(_config(kind, **loop), straight)
+  s_state, _ = loop.train(_config(kind, **loop), straight)
   resumed = str(tmp_path / 'resumed')
-  bt.train(_config(kind, **dict(loop, total_steps=3)), resumed)          # stops (and checkpoints) at step 3
-  r_state, _ = bt.train(_config(kind, **loop), resumed)                  # resumes at 3, runs to 6
+  loop.train(_config(kind, **dict(loop, total_steps=3)), resumed)          # stops (and checkpoints) at step 3
+  r_state, _ = loop.train(_config(kind, **loop), resumed)                  # resumes at 3, runs to 6
   for a, b in zip(jax.tree.leaves(jax.device_get(s_state)), jax.tree.leaves(jax.device_get(r_state))):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   ls, lr = _losses(straight), _losses(resumed)

@@ -67,7 +67,7 @@ def test_no_decay_groups_follow_reference():
 def test_adamw_step_matches_decoupled_formula():
   c = ml_collections.ConfigDict(dict(base_lr=1e-3, lr_batch_ref=256, b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.05,
                                      weight_decay_end=-1.0, schedule='lin0', warmup_start=0.005, end_ratio=0.01,
-                                     grad_clip=0.0))
+                                     grad_clip=0.0, nowd_keys=optim.REFERENCE_NOWD_KEYS))
   tx = optim.make_optimizer(c, 256, total_steps=100, warmup_steps=0)
   p = {'w': jnp.full((2, 2), 2.0), 'b': jnp.full((2,), 2.0)}
   g = {'w': jnp.full((2, 2), 0.5), 'b': jnp.full((2,), 0.5)}

@@ -7,23 +7,13 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from var_jax import sharding as shd
-from var_jax.models.var import VAR
-from var_jax.models.vqvae import VQVAE
-from var_jax.train import trainer
+from var_jax.train import tasks
 from tests_helpers import quickstart_config
 
 
 def _setup(config, mesh):
-  vae_cfg, var_cfg = trainer.model_configs(config)
-  var, vae = VAR(var_cfg), VQVAE(vae_cfg)
-  schedule = trainer.make_schedule(config, 1000)
-  tx = trainer.build_optimizer(config, schedule)
-  state, abstract, shardings = trainer.init_state(var, tx, mesh, shd.LOGICAL_AXIS_RULES, config.seed)
-  vae_vars = trainer.load_tokenizer(config, vae_cfg, mesh)
-  step = jax.jit(trainer.make_train_step(var, vae, tx, config, -1),
-                 in_shardings=(shardings, shd.batch_sharding(mesh), shd.replicated(mesh), None),
-                 out_shardings=(shardings, shd.replicated(mesh)))
-  return state, vae_vars, step
+  task = tasks.build(config, mesh, 1000)
+  return task.init_state(), task.frozen, task.jit_step(-1)
 
 
 def _batches(config, n):

@@ -10,7 +10,9 @@ import pytest
 
 from tests_helpers import load_config
 from var_jax.models.var_config import VQVAEConfig
-from var_jax.train import vqvae_trainer as vt
+from var_jax.train import loop
+from var_jax.train import rng as rng_lib
+from var_jax.train.tasks import tokenizer as vt
 
 
 def tiny_config(**kw):
@@ -34,7 +36,7 @@ def tiny_config(**kw):
 
 def _train(c, workdir):
   c = c.copy_and_resolve_references()
-  return vt.train_tokenizer(c, str(workdir))
+  return loop.train(c, str(workdir))[1]
 
 
 def _metrics(workdir):
@@ -89,8 +91,9 @@ def test_train_end_to_end(straight):
   assert m[19]['gan_weight'] == 0 and m[25]['gan_weight'] > 0            # GAN loss from disc_start on
   assert os.path.exists(straight / 'reconstructions' / 'step_00000040.png')
   # the exported tokenizer is reference layout and loads where VAR training needs it
-  from var_jax.interop import reference as ref
-  sd = ref.load_state_dict(straight / 'vqvae.safetensors')
+  from var_jax.interop import state_dict as sd_io
+  from var_jax.interop import var as ref
+  sd = sd_io.load_state_dict(straight / 'vqvae.safetensors')
   cfg = ref.vae_config_from_state_dict(sd, patch_nums=(1, 2, 4))
   assert (cfg.vocab_size, cfg.z_channels, cfg.ch_mult) == (64, 8, (1, 2))
 
@@ -119,12 +122,12 @@ def test_tokenizer_step_sharded_equals_single_device():
   c.loss.disc_start = 0
   vae_cfg, disc_cfg = vt.tokenizer_configs(c)
   vae, disc = VQVAE(vae_cfg), NLayerDiscriminator(disc_cfg)
-  tx_g, tx_d = vt.make_optimizer(c.optim_g, 10), vt.make_optimizer(c.optim_d, 10)
+  tx_g, tx_d = vt.make_optimizers(c, 10)
   margins = vt.usage_margins(vae_cfg, c.global_batch_size)
   batches = [{'image': np.random.default_rng(i).uniform(-1, 1, (32, 8, 8, 3)).astype(np.float32)} for i in range(3)]
 
   def run(mesh):
-    init_fn, _, shardings = vt.init_state(vae, disc, tx_g, tx_d, c, mesh, shd.LOGICAL_AXIS_RULES)
+    init_fn, _, shardings = vt.init_fn(vae, disc, tx_g, tx_d, c, mesh, shd.LOGICAL_AXIS_RULES)
     step = jax.jit(vt.make_step(vae, disc, tx_g, tx_d, c, False, margins),
                    in_shardings=(shardings, shd.batch_sharding(mesh), shd.replicated(mesh)),
                    out_shardings=(shardings, shd.replicated(mesh)))

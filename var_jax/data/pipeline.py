@@ -4,14 +4,15 @@ Train (``make_train_dataset``), infinite and checkpointable::
 
   MapDataset.source(src) -> shuffle(seed) -> repeat(None, reshuffled every epoch)
     -> random_map(TrainTransform, rng from the seed and the element's position in the global stream)
-    -> [process_index::process_count] -> filter(corrupt, counted) -> to_iter_dataset(read threads)
+    -> process blocks (below) -> filter(corrupt, counted) -> to_iter_dataset(read threads)
     -> batch(per_process_batch, drop_remainder=True) -> [mp_prefetch(num_workers)]
 
 yields ``{'image': float32 (b, S, S, 3) in [-1, 1], 'label': int32 (b,)}``. Everything up to the batch is a function
 of the element index (all MapDataset stages are lazy: a process only decodes its own elements), so
-``it.get_state()`` / ``it.set_state(state)`` resume bit-exactly. Every epoch of the shuffled stream is split between
-the processes (stride ``process_count``): the processes read disjoint elements, and process ``p`` sees exactly the
-elements ``p, p + P, ...`` of the single-process stream, identically augmented.
+``it.get_state()`` / ``it.set_state(state)`` resume bit-exactly. Every global batch of the shuffled stream is split
+between the processes in contiguous blocks: process ``p`` of ``P`` gets rows ``[p n, (p + 1) n)`` of the
+single-process batch (``n`` = the per-process batch), identically augmented, so the global batch — and everything
+keyed by a row's position in it (label dropout, Bernoulli bits) — does not depend on the process count.
 
 Eval (``make_eval_dataset``), one pass in source order: process ``p`` reads elements ``p, p + P, p + 2P, ...``,
 padded to ``eval_steps(n, b, P, num_workers)`` full batches (the same count on every process) and yields
@@ -133,8 +134,30 @@ def make_train_dataset(data_cfg, per_process_batch: int, seed: int, process_inde
   # The augmentation rng is keyed by the element's position in the global stream (random_map before the process
   # slice, both lazy), so an element's augmentation does not depend on process_count.
   ds = ds.random_map(transform, seed=_aug_seed(seed))
-  ds = ds[process_index::process_count].filter(FilterCorrupt(monitor))
+  ds = _ProcessBlocks(ds, per_process_batch, process_index, process_count).filter(FilterCorrupt(monitor))
   return _finish(ds, data_cfg, per_process_batch)
+
+
+class _ProcessBlocks(grain.MapDataset):
+  """Process ``p``'s part of every global batch: its ``b``-th batch holds elements ``[(b P + p) n, (b P + p + 1) n)``
+  of the global stream (``n`` = per-process batch, ``P`` processes). The global batch (the processes' blocks in
+  order, as ``host_local_to_global`` assembles it) is then the single-process batch, element for element."""
+
+  def __init__(self, parent: grain.MapDataset, per_process_batch: int, process_index: int, process_count: int):
+    super().__init__(parent)
+    self._n, self._p, self._count = int(per_process_batch), int(process_index), int(process_count)
+
+  def __len__(self) -> int:
+    return len(self._parent) // self._count
+
+  def __getitem__(self, index):
+    if isinstance(index, slice):
+      return self.slice(index)
+    b, o = divmod(int(index), self._n)
+    return self._parent[(b * self._count + self._p) * self._n + o]
+
+  def __str__(self) -> str:
+    return f'ProcessBlocks(n={self._n}, process={self._p}/{self._count})'
 
 
 class _EvalShard:

@@ -1,7 +1,6 @@
-r"""Train VAR (``config.task`` unset or 'var'), its tokenizer (``task='vqvae'``) or ELM / BiGR on binary codes
-(``task`` = 'elm_ar' | 'elm_mlm' | 'bigr'), e.g.
-``python -m var_jax.train --config=configs/quickstart.py --workdir=/tmp/var_quickstart``.
+r"""Train any task: ``python -m var_jax.train --config=configs/quickstart.py --workdir=/tmp/var_quickstart``.
 
+``config.task`` picks it (``var_jax.train.tasks``): 'var', 'tokenizer' (VQVAE or BAE), 'elm_ar', 'elm_mlm', 'bigr'.
 Every config value can be overridden: ``--config.optim.base_lr=8e-5 --config.mesh.fsdp=-1``. Run the same command
 on every host of a TPU VM slice (or every GPU node): JAX's distributed runtime is initialised from the environment
 when there is more than one process (or with ``--distributed``). Re-running a command resumes from the workdir.
@@ -12,12 +11,6 @@ import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
-
-FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file('config', None, 'path to a configs/*.py file', lock_config=True)
-flags.DEFINE_string('workdir', None, 'checkpoints, metrics, TensorBoard and samples go here (local or gs://)')
-flags.DEFINE_bool('distributed', None, 'call jax.distributed.initialize() (default: auto-detect multi-host)')
-flags.mark_flags_as_required(['config', 'workdir'])
 
 _MULTIHOST_ENV = ('JAX_COORDINATOR_ADDRESS', 'TPU_WORKER_HOSTNAMES', 'MEGASCALE_COORDINATOR_ADDRESS',
                   'SLURM_NTASKS', 'OMPI_MCA_orte_hnp_uri')
@@ -34,9 +27,9 @@ def initialize_distributed():
     jax.distributed.initialize()
 
 
-def setup_logging():
+def setup_logging(verbose: bool):
   """Our progress lines to stdout; library INFO chatter (orbax, grain) off unless --verbosity asks for it."""
-  if not FLAGS['verbosity'].present:
+  if not verbose:
     logging.set_verbosity(logging.WARNING)
   lg = std_logging.getLogger('var_jax')
   lg.setLevel(std_logging.INFO)
@@ -49,30 +42,23 @@ def setup_logging():
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  setup_logging()
+  FLAGS = flags.FLAGS
+  setup_logging(FLAGS['verbosity'].present)
   import jax
   distributed = FLAGS.distributed
   if distributed is None:
     distributed = any(os.environ.get(k) for k in _MULTIHOST_ENV) and os.environ.get('SLURM_NTASKS', '2') != '1'
   if distributed:
     initialize_distributed()
-  std_logging.getLogger('var_jax').info('process %d/%d, %d local / %d global devices', jax.process_index(), jax.process_count(),
-               jax.local_device_count(), jax.device_count())
-  if jax.process_index() == 0 and '://' not in FLAGS.workdir:
-    os.makedirs(FLAGS.workdir, exist_ok=True)
-  task = FLAGS.config.get('task', 'var')
-  if task == 'var':
-    from var_jax.train import trainer
-    trainer.train_and_evaluate(FLAGS.config, FLAGS.workdir)
-  elif task == 'vqvae':
-    from var_jax.train import vqvae_trainer
-    vqvae_trainer.train_tokenizer(FLAGS.config, FLAGS.workdir)
-  elif task in ('elm_ar', 'elm_mlm', 'bigr'):
-    from var_jax.train import bits_trainer
-    bits_trainer.train_and_evaluate(FLAGS.config, FLAGS.workdir)
-  else:
-    raise app.UsageError(f'config.task={task!r}: expected "var", "vqvae", "elm_ar", "elm_mlm" or "bigr"')
+  std_logging.getLogger('var_jax').info('process %d/%d, %d local / %d global devices', jax.process_index(),
+                                        jax.process_count(), jax.local_device_count(), jax.device_count())
+  from var_jax.train import loop
+  loop.train(FLAGS.config, FLAGS.workdir)
 
 
 if __name__ == '__main__':
+  config_flags.DEFINE_config_file('config', None, 'path to a configs/*.py file', lock_config=True)
+  flags.DEFINE_string('workdir', None, 'checkpoints, metrics, TensorBoard and samples go here (local or gs://)')
+  flags.DEFINE_bool('distributed', None, 'call jax.distributed.initialize() (default: auto-detect multi-host)')
+  flags.mark_flags_as_required(['config', 'workdir'])
   app.run(main)

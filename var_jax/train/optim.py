@@ -1,12 +1,19 @@
-"""The reference VAR optimisation recipe as optax: AdamW(0.9, 0.95), decoupled weight decay with a cosine
-schedule and a no-decay group, the 'lin0' (and 'cos', 'lin', 'lin00', 'linT') learning-rate schedules with
-warmup, and global-norm gradient clipping. Every number comes from the config (``config.optim``).
+"""The one optimizer factory of every task: global-norm clipping -> Adam moments -> decoupled weight decay (a
+schedule, on a decay mask) -> -lr(step). The schedules are the reference VAR's ``lr_wd_annealing`` ('lin0', 'lin',
+'lin00', 'lin<T>', 'cos') plus 'constant' (after warmup), with a linear warmup from ``warmup_start`` x the peak;
+weight decay follows a cosine from ``weight_decay`` to ``weight_decay_end`` (-1: constant). Every number comes from
+the task's optimizer config (``config.optim``; the tokenizer's ``optim_g`` / ``optim_d``).
+
+Peak lr: ``base_lr x global_batch / lr_batch_ref`` for configs with ``base_lr`` (VAR, the reference's linear
+scaling), else the absolute ``lr`` (ELM, BiGR, tokenizers: neither reference scales it).
+Clipping: optax scales the gradients only when their norm exceeds ``grad_clip``; torch's ``clip_grad_norm_`` always
+multiplies by ``min(1, max / (norm + 1e-6))`` — equal up to that 1e-6.
 """
 from __future__ import annotations
 
 import math
 import re
-from typing import Sequence
+from typing import Any, Callable, Optional, Sequence, Union
 
 import jax.numpy as jnp
 import optax
@@ -17,6 +24,7 @@ from flax import traverse_util
 # ``optim.nowd_keys`` to exclude it.
 REFERENCE_NOWD_KEYS = ('cls_token', 'start_token', 'task_token', 'cfg_uncond', 'pos_embed', 'pos_1LC', 'pos_start',
                        'start_pos', 'lvl_embed', 'gamma', 'beta', 'ada_gss', 'moe_bias', 'scale_mul')
+SCHEDULES = ('constant', 'cos', 'lin', 'lin0', 'lin00', 'lin<T>')
 
 
 def decay_mask(params, nowd_keys: Sequence[str] = REFERENCE_NOWD_KEYS):
@@ -29,28 +37,35 @@ def decay_mask(params, nowd_keys: Sequence[str] = REFERENCE_NOWD_KEYS):
   return traverse_util.unflatten_dict(out)
 
 
+def check_schedule(schedule: str, what: str = 'optim.schedule'):
+  if schedule in ('constant', 'cos', 'lin', 'lin0', 'lin00') or re.fullmatch(r'lin[0-9.]+', schedule):
+    return
+  raise ValueError(f'{what}={schedule!r}: expected one of {", ".join(SCHEDULES)}')
+
+
 def lr_factor(step, warmup_steps: float, total_steps: int, schedule: str = 'lin0', warmup_start: float = 0.005,
               end_ratio: float = 0.01):
-  """The reference ``lr_wd_annealing`` multiplier of the peak lr at iteration ``step`` (jnp, traceable)."""
+  """The multiplier of the peak lr at iteration ``step`` (jnp, traceable): the reference ``lr_wd_annealing``."""
+  check_schedule(schedule)
   step = jnp.asarray(step, jnp.float32)
   wp = float(round(warmup_steps))
   warm = warmup_start + (1 - warmup_start) * step / max(wp, 1.0)
   pasd = (step - wp) / max(total_steps - 1 - wp, 1.0)
   rest = 1 - pasd
   wpe = end_ratio
-  if schedule == 'cos':
+  if schedule == 'constant':
+    after = jnp.ones_like(step)
+  elif schedule == 'cos':
     after = wpe + (1 - wpe) * (0.5 + 0.5 * jnp.cos(math.pi * pasd))
   elif schedule in ('lin', 'lin0'):
     t = 0.15 if schedule == 'lin' else 0.05
     after = jnp.where(pasd < t, 1.0, wpe + (1 - wpe) * rest / (1 - t))
   elif schedule == 'lin00':
     after = wpe + (1 - wpe) * rest
-  elif re.fullmatch(r'lin[0-9.]+', schedule):
+  else:
     t = float(schedule[3:])
     mid = (1 + wpe + (1 - wpe) * (1 - t)) / 2
     after = jnp.where(pasd < t, 1 + (mid - 1) * pasd / t, wpe + (mid - wpe) * rest / (1 - t))
-  else:
-    raise ValueError(f'unknown lr schedule {schedule!r} (cos, lin, lin0, lin00, lin<T>)')
   return jnp.where(step < wp, warm, after)
 
 
@@ -61,31 +76,44 @@ def wd_value(step, total_steps: int, wd: float, wd_end: float):
 
 
 def peak_lr(optim_cfg, global_batch_size: int) -> float:
-  """lr = base_lr x global_batch / 256 (the reference's linear scaling)."""
-  return float(optim_cfg.base_lr) * global_batch_size / float(optim_cfg.get('lr_batch_ref', 256))
+  """``base_lr x global_batch / lr_batch_ref`` (VAR's linear scaling) for configs with ``base_lr``, else ``lr``."""
+  if 'base_lr' in optim_cfg:
+    return float(optim_cfg.base_lr) * global_batch_size / float(optim_cfg.lr_batch_ref)
+  return float(optim_cfg.lr)
+
+
+def lr_schedule(optim_cfg, global_batch_size: int, total_steps: int, warmup_steps: float) -> Callable[[Any], Any]:
+  lr0 = peak_lr(optim_cfg, global_batch_size)
+  check_schedule(str(optim_cfg.schedule))
+  return lambda s: lr0 * lr_factor(s, warmup_steps, total_steps, str(optim_cfg.schedule),
+                                   float(optim_cfg.warmup_start), float(optim_cfg.end_ratio))
 
 
 def make_optimizer(optim_cfg, global_batch_size: int, total_steps: int, warmup_steps: float,
-                   nowd_keys: Sequence[str] = None) -> optax.GradientTransformation:
-  """clip(global norm) -> Adam moments -> masked decoupled weight decay (scheduled) -> -lr(step)."""
-  lr0 = peak_lr(optim_cfg, global_batch_size)
-  wd, wd_end = float(optim_cfg.weight_decay), float(optim_cfg.get('weight_decay_end', -1.0))
+                   mask: Union[None, Any, Callable[[Any], Any]] = 'reference') -> optax.GradientTransformation:
+  """clip(global norm) -> Adam moments -> masked decoupled weight decay (scheduled) -> -lr(step).
+
+  ``mask``: 'reference' (VAR's rule, ``decay_mask`` with ``optim.nowd_keys``), a tree of bools, a callable
+  params -> tree of bools, or None (decay every parameter, as ``optax.adamw``)."""
+  o = optim_cfg
+  wd, wd_end = float(o.weight_decay), float(o.weight_decay_end)
   wd_end = wd if wd_end < 0 else wd_end
-  nowd = tuple(optim_cfg.get('nowd_keys', REFERENCE_NOWD_KEYS) if nowd_keys is None else nowd_keys)
-  lr = lambda s: lr0 * lr_factor(s, warmup_steps, total_steps, optim_cfg.schedule, optim_cfg.warmup_start,
-                                 optim_cfg.end_ratio)
+  if isinstance(mask, str):
+    nowd = tuple(o.nowd_keys)
+    mask = lambda p: decay_mask(p, nowd)
+  elif mask is not None and not callable(mask):
+    tree = mask
+    mask = lambda _: tree
   parts = []
-  if optim_cfg.grad_clip and optim_cfg.grad_clip > 0:
-    parts.append(optax.clip_by_global_norm(float(optim_cfg.grad_clip)))
+  if o.grad_clip > 0:
+    parts.append(optax.clip_by_global_norm(float(o.grad_clip)))
   parts += [
-      optax.scale_by_adam(b1=float(optim_cfg.b1), b2=float(optim_cfg.b2), eps=float(optim_cfg.eps)),
-      optax.add_decayed_weights(lambda s: wd_value(s, total_steps, wd, wd_end),
-                                mask=lambda p: decay_mask(p, nowd)),
-      optax.scale_by_learning_rate(lr),
+      optax.scale_by_adam(b1=float(o.b1), b2=float(o.b2), eps=float(o.eps)),
+      optax.add_decayed_weights(lambda s: wd_value(s, total_steps, wd, wd_end), mask=mask),
+      optax.scale_by_learning_rate(lr_schedule(o, global_batch_size, total_steps, warmup_steps)),
   ]
   return optax.chain(*parts)
 
 
 def current_lr(optim_cfg, global_batch_size, total_steps, warmup_steps, step) -> float:
-  return float(peak_lr(optim_cfg, global_batch_size) * lr_factor(
-      step, warmup_steps, total_steps, optim_cfg.schedule, optim_cfg.warmup_start, optim_cfg.end_ratio))
+  return float(lr_schedule(optim_cfg, global_batch_size, total_steps, warmup_steps)(step))

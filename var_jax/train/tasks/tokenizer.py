@@ -21,7 +21,7 @@ LPIPS the [0, 1] images as they are (``loss.lpips_signed_input=False``, the defa
 LPIPS's intended [-1, 1] first. PSNR is always on [0, 1].
 
 The BAE's training bits are Bernoulli samples (the reference ``encode()`` samples unless ``--deterministic``) drawn
-from an explicit key ``fold_in(fold_in(key(seed), step), 2)``: reproducible, resumable, and independent of the
+from the key ``rng.stream(rng.step_key(seed, step), 'bernoulli_bits')``: reproducible, resumable, and independent of the
 mesh (threefry keys are partitionable).
 
 Codebook health: VQVAE: the EMA of per-scale code hits (the reference's ``ema_vocab_hit_SV`` schedule: copy, then
@@ -33,7 +33,8 @@ constant over the batch (the reference's "unique codes used"), the mean binary e
 fraction of probabilities within 0.1 of 0.5 and the mean confidence |2p - 1|.
 
 Optional EMA of the generator params (``config.ema.decay`` > 0: ``ema = decay * ema + (1 - decay) * params`` after
-the optimizer step of every step s > 0 with s % ``ema.every`` == 0; the reference BAE recipe: 0.995 every 10). At
+the optimizer step of every step s >= ``ema.start`` with s % ``ema.every`` == 0; the reference BAE recipe: 0.995
+every 10 from step 1). At
 the end the trained tokenizer is written into the workdir in the reference layout: ``vqvae.safetensors``, or
 ``binaryae.safetensors`` (+ ``binaryae.th`` when torch is installed; ``ae.*`` and ``disc.*`` keys, as the released
 ``binaryae*.th``), plus ``*_ema.*`` with the EMA params. ``init_from`` fine-tunes from a reference file; for the
@@ -43,34 +44,31 @@ BAE the ``disc.*`` tensors go into the discriminator where they fit and ``percep
 from __future__ import annotations
 
 import importlib.util
-import logging as std_logging
-import os
-import time
-from typing import Any, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import flax
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import optax
-from flax import traverse_util
-from flax.core import meta
 
 from var_jax import sharding as shd
+from var_jax.interop import gan as gan_io
+from var_jax.dtypes import parse_dtype
+from var_jax.losses import gan as gan_losses
 from var_jax.models.bae import UNUSED, BAEConfig, BAEGenerator, BinaryAutoEncoder
-from var_jax.models.configs import VQVAEConfig
-from var_jax.models.discriminator import DiscriminatorConfig, NLayerDiscriminator, taming_layout
+from var_jax.models.discriminator import DiscriminatorConfig, NLayerDiscriminator
 from var_jax.models.layers import Conv
+from var_jax.models.var_config import VQVAEConfig
 from var_jax.models.vqvae import VQVAE
-from var_jax.train import gan_losses
-from var_jax.train import loop_common
-from var_jax.train import metrics as metrics_lib
+from var_jax.train import optim
+from var_jax.train import rng as rng_lib
+from var_jax.train import state as state_lib
+from var_jax.train.tasks import base
 
-logging = std_logging.getLogger('var_jax.train')
+logging = base.logging
 
 TOKENIZERS = ('vqvae', 'bae')
-BERNOULLI_STREAM = 2          # fold_in index of the BAE's Bernoulli key (1 is the dead-code restart's)
 
 
 @flax.struct.dataclass
@@ -84,23 +82,6 @@ class TokenizerState:
   d_stats: Any           # discriminator batch_stats ({} without BatchNorm)
   d_opt: Any
   g_ema: Any = flax.struct.field(default_factory=dict)   # EMA of g_params ({} when config.ema is off)
-
-
-def make_optimizer(cfg, total_steps: int) -> optax.GradientTransformation:
-  """Adam(W) with linear warmup then constant or cosine decay; optional global-norm clipping."""
-  warm = int(cfg.get('warmup_steps', 0))
-  if cfg.get('schedule', 'constant') == 'cosine':
-    lr = optax.warmup_cosine_decay_schedule(0.0, cfg.lr, max(warm, 1), max(total_steps, warm + 1),
-                                            cfg.lr * cfg.get('end_ratio', 0.0))
-  else:
-    lr = optax.join_schedules([optax.linear_schedule(0.0, cfg.lr, max(warm, 1)), optax.constant_schedule(cfg.lr)],
-                              [max(warm, 1)])
-  parts = []
-  if cfg.get('grad_clip', 0) > 0:
-    parts.append(optax.clip_by_global_norm(cfg.grad_clip))
-  parts.append(optax.adamw(lr, b1=cfg.b1, b2=cfg.b2, eps=cfg.get('eps', 1e-8),
-                           weight_decay=cfg.get('weight_decay', 0.0)))
-  return optax.chain(*parts)
 
 
 def psnr(x, y):
@@ -201,14 +182,16 @@ class VQVAETokenizer:
             + ' '.join(f'{u:.0f}' for u in m['usage_per_scale']))
 
   def load_init(self, path) -> Tuple[Dict[str, Any], Dict[str, Any]]:
-    from var_jax.interop import reference as ref
-    v = ref.import_vae(ref.load_state_dict(path), self.config)
+    from var_jax.interop import state_dict as sd_io
+    from var_jax.interop import var as ref
+    v = ref.import_vae(sd_io.load_state_dict(path), self.config)
     return {'params': v['params'], 'stats': v['vq_stats']}, {}
 
   def export(self, params, stats, disc_vars, path_stem: str) -> List[str]:
-    from var_jax.interop import reference as ref
+    from var_jax.interop import state_dict as sd_io
+    from var_jax.interop import var as ref
     out = path_stem + '.safetensors'
-    ref.save_state_dict(ref.export_vae({'params': params, 'vq_stats': stats}, self.config), out)
+    sd_io.save_state_dict(ref.export_vae({'params': params, 'vq_stats': stats}, self.config), out)
     return [out]
 
   export_stem = 'vqvae'
@@ -230,9 +213,9 @@ class BAETokenizer:
 
   def __init__(self, model: BinaryAutoEncoder, config):
     self.model, self.config = model, model.config
-    self.aux_weight = float(config.loss.get('code', 0.0))
-    self.signed_lpips = bool(config.loss.get('lpips_signed_input', False))
-    self.train_bits = config.get('train_bits', 'bernoulli')
+    self.aux_weight = float(config.loss.code)
+    self.signed_lpips = bool(config.loss.lpips_signed_input)
+    self.train_bits = config.train_bits
     if self.train_bits not in ('bernoulli', 'threshold'):
       raise ValueError(f"config.train_bits must be 'bernoulli' or 'threshold', got {self.train_bits!r}")
 
@@ -258,7 +241,7 @@ class BAETokenizer:
 
   def forward(self, params, stats, x, rng):
     del stats     # the 'unused' collection is never read
-    (rec, aux), inter = self.model.apply({'params': params}, x, True, jax.random.fold_in(rng, BERNOULLI_STREAM),
+    (rec, aux), inter = self.model.apply({'params': params}, x, True, rng_lib.stream(rng, 'bernoulli_bits'),
                                          mode=self.train_bits, capture_intermediates=_is_generator_norm_out,
                                          mutable=['intermediates'])
     pre_out = inter['intermediates']['generator']['norm_out']['__call__'][0]
@@ -283,23 +266,23 @@ class BAETokenizer:
 
   def load_init(self, path) -> Tuple[Dict[str, Any], Dict[str, Any]]:
     from var_jax.interop import bae as ibae
-    from var_jax.interop import reference as ref
-    own, extras = ibae.split_bae_state_dict(ref.load_state_dict(path), what=str(path))
-    v = ref.import_state_dict(own, ibae.bae_table(self.config), f'BAE {path}')
+    from var_jax.interop import state_dict as sd_io
+    own, extras = ibae.split_bae_state_dict(sd_io.load_state_dict(path), what=str(path))
+    v = sd_io.import_state_dict(own, ibae.bae_table(self.config), f'BAE {path}')
     return {'params': v['params'], 'stats': v[UNUSED]}, extras
 
   def export(self, params, stats, disc_vars, path_stem: str) -> List[str]:
     """``ae.*`` (the BAE) and ``disc.*`` (taming layout) keys, like the released ``binaryae*.th``."""
     from var_jax.interop import bae as ibae
-    from var_jax.interop import reference as ref
+    from var_jax.interop import state_dict as sd_io
     sd = ibae.export_bae({'params': params, UNUSED: stats}, self.config, prefix=ibae.AE_PREFIX)
     if disc_vars is not None:
-      sd.update(export_discriminator(disc_vars[0], disc_vars[1], disc_vars[2], prefix='disc.'))
+      sd.update(gan_io.export_discriminator(disc_vars[0], disc_vars[1], disc_vars[2], prefix='disc.'))
     paths = [path_stem + '.safetensors']
     if importlib.util.find_spec('torch') is not None:     # the .th the reference's load_pretrain reads
       paths.append(path_stem + '.th')
     for p in paths:
-      ref.save_state_dict(sd, p)
+      sd_io.save_state_dict(sd, p)
     return paths
 
 
@@ -317,36 +300,14 @@ def as_generator(model, config, margins=None) -> Tokenizer:
   raise TypeError(f'the tokenizer trainer trains a VQVAE or a BinaryAutoEncoder, got {type(model).__name__}')
 
 
-def export_discriminator(cfg: DiscriminatorConfig, params, stats, prefix: str = '') -> Dict[str, np.ndarray]:
-  """Our discriminator variables -> the taming ``NLayerDiscriminator.state_dict()`` layout (``main.{i}.*``, OIHW),
-  the inverse of ``import_taming_discriminator`` (``num_batches_tracked`` is not written)."""
-  flat = {'params': traverse_util.flatten_dict(params), 'batch_stats': traverse_util.flatten_dict(stats or {})}
-  out = {}
-  for key, _, col, path in taming_layout(cfg):
-    if col is None:
-      continue
-    a = np.asarray(jax.device_get(flat[col][path]), np.float32)
-    if path[-1] == 'kernel':
-      a = np.transpose(a, (3, 2, 0, 1))
-    out[prefix + key] = np.ascontiguousarray(a)
-  return out
-
-
 # ----------------------------------------------------------------------------- the step
-def _ema_settings(config) -> Tuple[float, int]:
-  e = config.get('ema', None)
-  if e is None:
-    return 0.0, 1
-  return float(e.get('decay', 0.0)), max(int(e.get('every', 1)), 1)
-
-
 def make_step(generator, disc: NLayerDiscriminator, tx_g, tx_d, config, use_lpips: bool, margins=None):
   """The jittable ``step_fn(state, batch, lpips_params) -> (state, metrics)``. ``generator``: a ``VQVAE`` or
   ``BinaryAutoEncoder`` module (``margins``: the VQVAE's usage margins, default from the config)."""
   gen = as_generator(generator, config, margins)
   lc = config.loss
-  max_weight = float(lc.get('disc_weight_max', 1e4))
-  ema_decay, ema_every = _ema_settings(config)
+  max_weight = float(lc.disc_weight_max)
+  ema = (float(config.ema.decay), int(config.ema.every), int(config.ema.start))
 
   from var_jax.models.lpips import lpips_distance
 
@@ -355,7 +316,7 @@ def make_step(generator, disc: NLayerDiscriminator, tx_g, tx_d, config, use_lpip
     x = gen.to_model(x_signed)
     lpips_fn = ((lambda a, b: lpips_distance(lpips_params, gen.lpips_view(a), gen.lpips_view(b), keepdims=False))
                 if use_lpips else None)
-    rng = jax.random.fold_in(jax.random.key(int(config.seed)), state.step)
+    rng = rng_lib.step_key(config.seed, state.step)
     gan_w = gan_losses.adopt_weight(lc.gan, state.step, lc.disc_start)
 
     def forward(g_params):
@@ -405,10 +366,7 @@ def make_step(generator, disc: NLayerDiscriminator, tx_g, tx_d, config, use_lpip
 
     # codebook health (VQVAE: code EMA, restart, usage; BAE: bit statistics)
     g_params, g_stats, health = gen.after_update(g_params, state.vq_stats, aux, state.step, rng)
-    g_ema = state.g_ema
-    if ema_decay > 0:
-      do = jnp.logical_and(state.step > 0, state.step % ema_every == 0)
-      g_ema = jax.tree.map(lambda e, p: jnp.where(do, e * ema_decay + (1 - ema_decay) * p, e), g_ema, g_params)
+    g_ema = state_lib.update_ema(state.g_ema, g_params, state.step, *ema) if ema[0] > 0 else state.g_ema
     m = {'l1': jnp.mean(jnp.abs(x - rec)), 'l2': jnp.mean(jnp.square(x - rec)),
          'psnr': psnr(x_signed, gen.to_signed(rec)), 'nll': nll, gen.aux_loss_name: aux_loss, 'g_loss': g_loss,
          'd_weight': d_weight, 'gan_weight': gan_w, 'd_loss': d_loss, 'logits_real': real_m, 'logits_fake': fake_m,
@@ -429,7 +387,7 @@ def _restart_dead_codes(g_params, ema, features, margins, step, every, rng):
   v, c = emb.shape
   dead = jnp.all(ema < jnp.asarray(margins)[:, None], axis=0)                      # (V,)
   pool = features.reshape(-1, c)
-  k1, k2 = jax.random.split(jax.random.fold_in(rng, 1))
+  k1, k2 = jax.random.split(rng_lib.stream(rng, 'codebook_restart'))
   pick = pool[jax.random.randint(k1, (v,), 0, pool.shape[0])]
   pick = pick + 0.01 * jnp.std(pool) * jax.random.normal(k2, pick.shape)
   do = jnp.logical_and((step + 1) % every == 0, dead)
@@ -442,7 +400,7 @@ def _restart_dead_codes(g_params, ema, features, margins, step, every, rng):
 
 # ----------------------------------------------------------------------------- setup
 def tokenizer_kind(config) -> str:
-  kind = config.get('tokenizer', 'vqvae')
+  kind = config.tokenizer
   if kind not in TOKENIZERS:
     raise ValueError(f'config.tokenizer={kind!r}: expected one of {TOKENIZERS}')
   return kind
@@ -475,7 +433,7 @@ def build_generator(config, gen_cfg=None, margins=None) -> Tokenizer:
   """The trainer's generator for ``config`` (the model in ``config.dtype``)."""
   if gen_cfg is None:
     gen_cfg, _ = tokenizer_configs(config)
-  dtype = jnp.bfloat16 if config.dtype == 'bfloat16' else jnp.float32
+  dtype = parse_dtype(config.dtype, 'config.dtype')
   if isinstance(gen_cfg, BAEConfig):
     return BAETokenizer(BinaryAutoEncoder(gen_cfg, dtype=dtype), config)
   return VQVAETokenizer(VQVAE(gen_cfg, dtype=dtype), config, margins)
@@ -489,136 +447,71 @@ def load_lpips(config, extras: Optional[Mapping[str, Any]] = None):
   (``extras``, the ``disc.*``/``perceptual.*`` part of ``config.init_from``)."""
   if config.loss.lpips <= 0:
     return None
-  from var_jax.models import lpips as lpips_lib
+  from var_jax.interop import lpips as lpips_io
   if config.loss.lpips_path:
-    return lpips_lib.load_converted(config.loss.lpips_path)
+    return lpips_io.load_converted(config.loss.lpips_path)
   if extras and any(k.startswith('perceptual.') for k in extras):
-    return lpips_from_perceptual(extras)
+    return gan_io.lpips_from_perceptual(extras)
   raise ValueError('config.loss.lpips > 0 needs config.loss.lpips_path: convert the torchvision VGG16 and LPIPS '
-                   'weights once with `python -m var_jax.models.lpips --vgg=... --lin=... --out=...` (a released '
+                   'weights once with `python -m var_jax.interop.lpips --vgg=... --lin=... --out=...` (a released '
                    'BAE file given as config.init_from also carries them as perceptual.*)')
 
 
-def lpips_from_perceptual(sd: Mapping[str, Any], prefix: str = 'perceptual.'):
-  """LPIPS params from the reference ``bae/lpips.py`` ``LPIPS`` state_dict inside a BinaryGAN file:
-  ``net.slice{s}.{i}.weight/bias`` (i = torchvision's ``features`` index) and ``lin{k}.model.1.weight``; the
-  ``scaling_layer`` buffers must hold the standard constants."""
-  from var_jax.interop.reference import CheckpointMismatchError
-  from var_jax.models import lpips as lpips_lib
-  vgg, lin = {}, {}
-  for k, v in sd.items():
-    if not k.startswith(prefix):
-      continue
-    rest = k[len(prefix):]
-    parts = rest.split('.')
-    if parts[0] == 'net' and len(parts) == 4 and parts[1].startswith('slice'):
-      vgg[f'features.{parts[2]}.{parts[3]}'] = v
-    elif parts[0].startswith('lin'):
-      lin[rest] = v
-    elif parts[0] == 'scaling_layer':
-      want = lpips_lib.SHIFT if parts[1] == 'shift' else lpips_lib.SCALE
-      if not np.allclose(np.asarray(v, np.float64).reshape(-1), want, atol=1e-6):
-        raise CheckpointMismatchError(f'{k}: {np.asarray(v).reshape(-1)} differs from the LPIPS constants {want}')
-    else:
-      raise CheckpointMismatchError(f'{k}: not part of the reference LPIPS (expected {prefix}net.slice*/lin*)')
-  return lpips_lib.params_from_state_dicts(vgg, lin, f'{prefix}net.*', f'{prefix}lin*')
 
 
-def import_discriminator_partial(sd: Mapping[str, Any], cfg: DiscriminatorConfig, params, stats
-                                 ) -> Tuple[Any, Any, List[str], List[str]]:
-  """Copy the tensors of a taming-layout discriminator state_dict (``main.{i}.*``) whose key and shape fit
-  ``cfg`` into ``params``/``stats`` (host pytrees). -> (params, stats, imported keys, skipped 'key (why)')."""
-  flat = {'params': traverse_util.flatten_dict(jax.device_get(params)),
-          'batch_stats': traverse_util.flatten_dict(jax.device_get(stats.get('batch_stats', {})) if stats else {})}
-  layout = taming_layout(cfg)
-  known = {key for key, _, _, _ in layout}
-  imported, skipped = [], []
-  for key, shape, col, path in layout:
-    if col is None:
-      continue
-    if key not in sd:
-      skipped.append(f'{key} (missing from the file; model shape {shape})')
-      continue
-    have = tuple(np.shape(sd[key]))
-    if have != shape:
-      skipped.append(f'{key} (file {have}, model {shape})')
-      continue
-    a = np.asarray(sd[key], np.float32)
-    if path[-1] == 'kernel':
-      a = np.transpose(a, (2, 3, 1, 0))
-    flat[col][path] = np.ascontiguousarray(a)
-    imported.append(key)
-  skipped += [f'{k} (not in this discriminator: {cfg})' for k in sd if k not in known]
-  new_stats = dict(stats or {})
-  if flat['batch_stats']:
-    new_stats['batch_stats'] = traverse_util.unflatten_dict(flat['batch_stats'])
-  return traverse_util.unflatten_dict(flat['params']), new_stats, imported, skipped
-
-
-def init_state(generator, disc: NLayerDiscriminator, tx_g, tx_d, config, mesh, rules):
-  """(init_fn(rng) -> TokenizerState, its abstract value, its shardings). ``generator``: a ``VQVAE`` or
-  ``BinaryAutoEncoder`` module, or a wrapped one (``as_generator``)."""
+def init_fn(generator, disc: NLayerDiscriminator, tx_g, tx_d, config, mesh, rules):
+  """(init(rng) -> TokenizerState, its abstract value, its shardings): generator and discriminator params sharded
+  by their logical axis names, each optimizer state following its params, the EMA its generator params.
+  ``generator``: a ``VQVAE`` / ``BinaryAutoEncoder`` module or a wrapped one (``as_generator``)."""
   gen = as_generator(generator, config)
   s = gen.image_size
   x = jnp.zeros((2, s, s, gen.in_channels))
-  ema_on = _ema_settings(config)[0] > 0
+  ema_on = float(config.ema.decay) > 0
   col = gen.stats_collection
 
   def init_boxed(rng):
     k1, k2 = jax.random.split(rng)
-    gv = gen.init(k1, x)
-    dv = disc.init(k2, gen.to_model(x), False)
-    return gv, dv
+    return gen.init(k1, x), disc.init(k2, gen.to_model(x), False)
 
   boxed_g, boxed_d = jax.eval_shape(init_boxed, jax.random.key(0))
   g_sh = shd.logical_to_shardings(boxed_g, mesh, rules)
   d_sh = shd.logical_to_shardings(boxed_d, mesh, rules)
 
   def init(rng):
-    gv, dv = meta.unbox(init_boxed(rng))
+    gv, dv = state_lib.unbox(init_boxed(rng))
     g_params, d_params = gv['params'], dv['params']
-    d_stats = {k: v for k, v in dv.items() if k != 'params'}
     return TokenizerState(step=jnp.zeros((), jnp.int32), g_params=g_params, g_opt=tx_g.init(g_params),
-                          vq_stats=gv.get(col, {}), d_params=d_params, d_stats=d_stats, d_opt=tx_d.init(d_params),
+                          vq_stats=gv.get(col, {}), d_params=d_params,
+                          d_stats={k: v for k, v in dv.items() if k != 'params'}, d_opt=tx_d.init(d_params),
                           g_ema=jax.tree.map(lambda p: p + 0, g_params) if ema_on else {})
 
   abstract = jax.eval_shape(init, jax.random.key(0))
   rep = shd.replicated(mesh)
+
+  def opt_sh(tx, opt_abstract, param_sh):
+    return optax.tree_map_params(tx, lambda _, s_: s_, opt_abstract, param_sh, transform_non_params=lambda _: rep)
+
   shardings = TokenizerState(
-      step=rep, g_params=g_sh['params'],
-      g_opt=optax.tree_map_params(tx_g, lambda _, s_: s_, abstract.g_opt, g_sh['params'],
-                                  transform_non_params=lambda _: rep),
+      step=rep, g_params=g_sh['params'], g_opt=opt_sh(tx_g, abstract.g_opt, g_sh['params']),
       vq_stats=g_sh.get(col, {}), d_params=d_sh['params'], d_stats={k: v for k, v in d_sh.items() if k != 'params'},
-      d_opt=optax.tree_map_params(tx_d, lambda _, s_: s_, abstract.d_opt, d_sh['params'],
-                                  transform_non_params=lambda _: rep),
-      g_ema=g_sh['params'] if ema_on else {})
+      d_opt=opt_sh(tx_d, abstract.d_opt, d_sh['params']), g_ema=g_sh['params'] if ema_on else {})
   return init, abstract, shardings
 
 
-def _recon_grid(vae_fn, state, batch, workdir, step):
-  """Originals (top row) over reconstructions (bottom row); ``vae_fn(params, x)`` maps [-1, 1] to [-1, 1]."""
-  from PIL import Image
-  from var_jax.sample import to_uint8
-  n = min(8, batch['image'].shape[0])
-  x = np.asarray(jax.device_get(batch['image']))[:n]
-  rec = np.asarray(jax.device_get(vae_fn(state.g_params, jnp.asarray(x))))
-  top, bot = to_uint8((x + 1) / 2), to_uint8((rec + 1) / 2)
-  grid = np.concatenate([np.concatenate(list(top), 1), np.concatenate(list(bot), 1)], 0)
-  return loop_common.write_png(workdir, 'reconstructions', step, Image.fromarray(grid))
-
-
-def _init_from(gen, state: TokenizerState, shardings, disc_cfg, config) -> TokenizerState:
-  """Load ``config.init_from`` into a fresh state (generator strictly; discriminator tensors where they fit)."""
-  g, extras = gen.load_init(config.init_from)
+def init_from(gen, state: TokenizerState, shardings, disc_cfg, config, path: str = None) -> TokenizerState:
+  """``path`` (default ``config.init_from``) into a fresh state: the generator strictly, discriminator tensors
+  where they fit (the rest named in a warning)."""
+  path = path or config.init_from
+  g, extras = gen.load_init(path)
   state = state.replace(g_params=jax.device_put(g['params'], shardings.g_params),
                         vq_stats=jax.device_put(g['stats'], shardings.vq_stats))
-  if _ema_settings(config)[0] > 0:
+  if float(config.ema.decay) > 0:
     state = state.replace(g_ema=jax.device_put(g['params'], shardings.g_ema))
-  logging.info('initialised the %s from %s', gen.kind, config.init_from)
+  logging.info('initialised the %s from %s', gen.kind, path)
   disc_sd = {k[len('disc.'):]: v for k, v in extras.items() if k.startswith('disc.')}
   if disc_sd:
-    d_params, d_stats, imported, skipped = import_discriminator_partial(disc_sd, disc_cfg, state.d_params,
-                                                                       state.d_stats)
+    d_params, d_stats, imported, skipped = gan_io.import_discriminator_partial(disc_sd, disc_cfg, state.d_params,
+                                                                              state.d_stats)
     state = state.replace(d_params=jax.device_put(d_params, shardings.d_params),
                           d_stats=jax.device_put(d_stats, shardings.d_stats))
     logging.info('init_from: %d disc.* tensors imported into the discriminator', len(imported))
@@ -626,109 +519,90 @@ def _init_from(gen, state: TokenizerState, shardings, disc_cfg, config) -> Token
       logging.warning('init_from: skipped disc.* tensors that do not fit the discriminator: %s',
                       ', '.join('disc.' + s for s in skipped))
   n_perc = sum(k.startswith('perceptual.') for k in extras)
-  if n_perc and (config.loss.lpips <= 0 or config.loss.lpips_path):
+  loss = config.loss
+  if n_perc and (loss.lpips <= 0 or loss.lpips_path):
     logging.warning('init_from: %d perceptual.* tensors not used (%s)', n_perc,
-                    'LPIPS is off' if config.loss.lpips <= 0 else f'LPIPS comes from {config.loss.lpips_path}')
+                    'LPIPS is off' if loss.lpips <= 0 else f'LPIPS comes from {loss.lpips_path}')
   return state
 
 
-def export_tokenizer(gen, state: TokenizerState, disc_cfg: DiscriminatorConfig, workdir: str) -> List[str]:
-  """Write the trained tokenizer (and its EMA, if kept) into ``workdir`` in the reference layout; -> paths."""
-  params, stats = jax.device_get(state.g_params), jax.device_get(state.vq_stats)
-  disc_vars = (disc_cfg, jax.device_get(state.d_params), jax.device_get(state.d_stats).get('batch_stats', {}))
-  paths = gen.export(params, stats, disc_vars, os.path.join(workdir, gen.export_stem))
-  if jax.tree.leaves(state.g_ema):
-    paths += gen.export(jax.device_get(state.g_ema), stats, disc_vars, os.path.join(workdir, gen.export_stem + '_ema'))
+def make_optimizers(config, total_steps: int):
+  """(generator, discriminator) optimizers from ``config.optim_g`` / ``config.optim_d`` (no decay mask: every
+  parameter, as ``optax.adamw``)."""
+  return tuple(optim.make_optimizer(o, config.global_batch_size, total_steps, float(o.warmup_steps), mask=None)
+               for o in (config.optim_g, config.optim_d))
+
+
+class TokenizerTask(base.Task):
+  """The VQVAE or the BAE with its discriminator. Its state is a ``TokenizerState`` (two models with two optimizers:
+  ``TrainState`` holds one) built from the same pieces: the optimizer factory, the EMA rule, born sharded."""
+  has_periodic_output = True
+
+  def __init__(self, config, mesh, num_train_examples: int, rules=None):
+    super().__init__(config, mesh, rules)
+    if config.grad_accum != 1:
+      raise ValueError(f'config.grad_accum={config.grad_accum}: the tokenizer step does not micro-batch (use 1)')
+    self.gen_cfg, self.disc_cfg = tokenizer_configs(config)
+    self.gen = build_generator(config, self.gen_cfg)
+    self.name = self.gen.kind
+    self.vector_metrics = self.gen.vector_metrics
+    self.disc = NLayerDiscriminator(self.disc_cfg)
+    self.schedule = base.total_steps(config, num_train_examples)
+    self.tx_g, self.tx_d = make_optimizers(config, self.schedule.total_steps)
+    self._init, self.abstract, self.shardings = init_fn(self.gen, self.disc, self.tx_g, self.tx_d, config, mesh,
+                                                        self.rules)
+    extras = {}
+    if self.gen.kind == 'bae' and config.init_from and config.loss.lpips > 0 and not config.loss.lpips_path:
+      extras = self.gen.load_init(config.init_from)[1]
+    lpips = load_lpips(config, extras)
+    if extras and lpips is not None:
+      logging.info('LPIPS from the perceptual.* tensors of %s', config.init_from)
+    self.frozen = {} if lpips is None else jax.device_put(lpips, shd.replicated(mesh))
+    self._recon = jax.jit(self.gen.reconstruct_signed)
+
+  def init_state(self):
+    return state_lib.born_sharded(self._init, self.shardings, self.config.seed)
+
+  def init_from(self, state, path):
+    return init_from(self.gen, state, self.shardings, self.disc_cfg, self.config, path)
+
+  def train_step(self, stage):
+    return make_step(self.gen, self.disc, self.tx_g, self.tx_d, self.config, bool(self.frozen))
+
+  def describe(self, state):
+    return (f'{self.gen.kind.upper()} params {state_lib.num_params(state.g_params) / 1e6:.2f}M, discriminator '
+            f'{state_lib.num_params(state.d_params) / 1e6:.2f}M')
+
+  def log_line(self, m):
+    return self.gen.log_line(m)
+
+  def periodic_output(self, state, batch, step, workdir):
+    """Originals (top row) over reconstructions (bottom row)."""
+    from var_jax import images as images_lib
+    x = batch['image'][:min(8, batch['image'].shape[0])]
+    x, rec = shd.to_host((x, self._recon(state.g_params, x)))   # every process takes part
+    if jax.process_index() != 0:
+      return None
+    top, bot = images_lib.to_uint8((np.asarray(x) + 1) / 2), images_lib.to_uint8((np.asarray(rec) + 1) / 2)
+    grid = np.concatenate([np.concatenate(list(top), 1), np.concatenate(list(bot), 1)], 0)
+    return base.write_png(f'{workdir}/reconstructions', step, grid)
+
+  def export_tree(self, state):
+    return {'g_params': state.g_params, 'vq_stats': state.vq_stats, 'd_params': state.d_params,
+            'd_stats': state.d_stats, 'g_ema': state.g_ema}
+
+  def export(self, host, workdir, step):
+    paths = export_tokenizer(self.gen, host, self.disc_cfg, workdir)
+    return [(p, self.gen.export_hint) for p in paths]
+
+
+def export_tokenizer(gen, state, disc_cfg: DiscriminatorConfig, workdir: str) -> List[str]:
+  """Write the trained tokenizer (and its EMA, if kept) into ``workdir`` in the reference layout; -> paths.
+  ``state``: a ``TokenizerState`` or the dict of its fields (host arrays)."""
+  get = (lambda k: state[k]) if isinstance(state, dict) else (lambda k: getattr(state, k))
+  params, stats = jax.device_get(get('g_params')), jax.device_get(get('vq_stats'))
+  disc_vars = (disc_cfg, jax.device_get(get('d_params')), jax.device_get(get('d_stats')).get('batch_stats', {}))
+  paths = gen.export(params, stats, disc_vars, f'{workdir}/{gen.export_stem}')
+  if jax.tree.leaves(get('g_ema')):
+    paths += gen.export(jax.device_get(get('g_ema')), stats, disc_vars, f'{workdir}/{gen.export_stem}_ema')
   return paths
-
-
-def train_tokenizer(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, float]:
-  """Train the VQVAE or the BAE (``config.tokenizer``) in ``workdir`` (resumes automatically); -> last metrics."""
-  from var_jax import checkpoint
-  from var_jax.data import pipeline as data_lib
-
-  mesh, rules = loop_common.setup_mesh(config)
-  per_process = config.global_batch_size // jax.process_count()
-  n_train = len(data_lib.make_source(config.data, config.data.train_split))
-  spe = data_lib.epoch_steps(n_train, config.global_batch_size)
-  total = int(config.total_steps) if config.total_steps > 0 else max(int(round(config.epochs * spe)), 1)
-  train_iter = iter(data_lib.make_train_dataset(config.data, per_process, config.seed, jax.process_index(),
-                                                jax.process_count()))
-
-  gen_cfg, disc_cfg = tokenizer_configs(config)
-  gen = build_generator(config, gen_cfg)
-  disc = NLayerDiscriminator(disc_cfg)
-  tx_g, tx_d = make_optimizer(config.optim_g, total), make_optimizer(config.optim_d, total)
-  init_fn, abstract, shardings = init_state(gen, disc, tx_g, tx_d, config, mesh, rules)
-  extras = {}
-  if (gen.kind == 'bae' and config.init_from and config.loss.lpips > 0 and not config.loss.lpips_path):
-    from var_jax.interop import bae as ibae
-    from var_jax.interop import reference as ref
-    _, extras = ibae.split_bae_state_dict(ref.load_state_dict(config.init_from), what=str(config.init_from))
-  lpips_params = load_lpips(config, extras)
-  if extras and lpips_params is not None:
-    logging.info('LPIPS from the perceptual.* tensors of %s', config.init_from)
-  del extras
-  lpips_params = {} if lpips_params is None else jax.device_put(lpips_params, shd.replicated(mesh))
-
-  ckpt = checkpoint.TrainCheckpointer(os.path.join(workdir, 'checkpoints'), config.ckpt_every, config.keep_ckpts)
-
-  def fresh():
-    with shd.mesh_context(mesh, rules):
-      state = jax.jit(init_fn, out_shardings=shardings)(jax.random.key(config.seed))
-    if config.init_from:
-      state = _init_from(gen, state, shardings, disc_cfg, config)
-    return state
-
-  state, _ = loop_common.restore_or_init(ckpt, abstract, shardings, train_iter, fresh, f'{workdir}/checkpoints')
-  n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.g_params))
-  logging.info('%s params %.2fM, discriminator %.2fM; %d steps (%d per epoch)', gen.kind.upper(), n_params / 1e6,
-               sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.d_params)) / 1e6, total, spe)
-
-  step_fn = jax.jit(make_step(gen, disc, tx_g, tx_d, config, bool(lpips_params)),
-                    in_shardings=(shardings, shd.batch_sharding(mesh), shd.replicated(mesh)),
-                    out_shardings=(shardings, shd.replicated(mesh)), donate_argnums=(0,))
-  recon_fn = jax.jit(gen.reconstruct_signed)
-  writer = metrics_lib.MetricWriter(metrics_lib.local_logdir(workdir))
-  preempt = loop_common.Preemption()
-  step = int(jax.device_get(state.step))
-  t_last, since, last, t0 = time.time(), 0, {}, time.time()
-  try:
-    with shd.mesh_context(mesh, rules):
-      while step < total:
-        batch = shd.host_local_to_global(next(train_iter), mesh)
-        state, m = step_fn(state, batch, lpips_params)
-        step += 1
-        since += 1
-        if step % config.log_every == 0 or step == total or step == 1:
-          m = jax.device_get(m)
-          dt = (time.time() - t_last) / since
-          last = {k: float(v) for k, v in m.items() if np.ndim(v) == 0}
-          for name, fmt in gen.vector_metrics.items():
-            for i, v in enumerate(np.asarray(m[name])):
-              last[fmt.format(i)] = float(v)
-          last.update(step_time=dt, images_per_s=config.global_batch_size / dt)
-          writer.write(step, last)
-          logging.info('%s %.1f img/s ETA %s', gen.log_line(step, total, last, m), last['images_per_s'],
-                       loop_common.fmt_eta((total - step) * dt))
-          t_last, since = time.time(), 0
-        if config.sample_every > 0 and (step % config.sample_every == 0 or step == total):
-          path = _recon_grid(recon_fn, state, batch, workdir, step)
-          if path:
-            logging.info('wrote %s', path)
-        stop = loop_common.should_stop(preempt, ckpt, step)
-        ckpt.maybe_save(step, state, train_iter, config, force=step == total or stop)
-        if stop:
-          ckpt.wait()
-          logging.warning('preempted at step %d: checkpoint saved, exiting', step)
-          break
-  finally:
-    ckpt.wait()
-    ckpt.close()
-    writer.close()
-    preempt.restore()
-  if step >= total and jax.process_count() == 1 and '://' not in workdir:
-    for out in export_tokenizer(gen, state, disc_cfg, workdir):
-      logging.info('wrote %s (%s)', out, gen.export_hint)
-  last['wall_time_s'] = time.time() - t0
-  return last

@@ -1,0 +1,280 @@
+"""VAR (stage 2): next-scale prediction on the tokens of a frozen multi-scale VQVAE.
+
+Step: tokens from the frozen VQVAE on device inside the step, teacher-forcing input, label-smoothed CE with 1/L
+token weights (progressive training: up to the stage's scale, the newest scale's weight ramped), class-label
+dropout and drop path from the step key, gradient accumulation, the reference AdamW recipe. Eval: CE / accuracy
+overall and at the last scale. Periodic output: a sample grid. Export: ``<workdir>/model`` (``VARPipeline.
+from_checkpoint`` / ``python -m var_jax.sample --checkpoint``) and ``run_info.json`` for scaling-law fits.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any, Dict, Tuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from var_jax import sharding as shd
+from var_jax.losses.tokens import label_smoothed_cross_entropy
+from var_jax.models.var import VAR
+from var_jax.models.var_config import VARConfig, VQVAEConfig
+from var_jax.models.vqvae import VQVAE
+from var_jax.dtypes import parse_dtype
+from var_jax.train import metrics as metrics_lib
+from var_jax.train import optim
+from var_jax.train import rng as rng_lib
+from var_jax.train.state import unbox
+from var_jax.train.tasks import base
+
+EMBEDDING_PARAMS = ('class_emb', 'pos_1LC', 'lvl_embed', 'pos_start')
+
+
+def model_configs(config) -> Tuple[VQVAEConfig, VARConfig]:
+  vae_cfg = VQVAEConfig(**config.vae.to_dict())
+  var_cfg = VARConfig(**config.model.to_dict())
+  if tuple(vae_cfg.patch_nums) != tuple(var_cfg.patch_nums):
+    raise ValueError(f'config.vae.patch_nums {vae_cfg.patch_nums} != config.model.patch_nums {var_cfg.patch_nums}')
+  if (vae_cfg.vocab_size, vae_cfg.z_channels) != (var_cfg.vocab_size, var_cfg.z_channels):
+    raise ValueError('config.model.vocab_size/z_channels must equal config.vae.vocab_size/z_channels')
+  if vae_cfg.image_size != config.data.image_size:
+    raise ValueError(f'config.data.image_size={config.data.image_size} but the tokenizer maps '
+                     f'{vae_cfg.image_size}px images to patch_nums {vae_cfg.patch_nums}')
+  return vae_cfg, var_cfg
+
+
+@dataclasses.dataclass(frozen=True)
+class Schedule(base.Schedule):
+  warmup_steps: float
+  prog_fraction: float
+  prog_start: int
+  prog_warmup_steps: float
+  num_scales: int
+
+  def stage(self, step: int) -> Tuple[int, float]:
+    """Progressive training (the reference's pg/pg0/pgwp): (scale index to train up to or -1 for all, the
+    loss weight ramp of the newest scale)."""
+    if self.prog_fraction <= 0:
+      return -1, 1.0
+
+    def si_at(it):
+      if it <= self.warmup_steps:
+        return self.prog_start
+      if it >= self.total_steps * self.prog_fraction:
+        return self.num_scales - 1
+      delta = self.num_scales - 1 - self.prog_start
+      progress = min(max((it - self.warmup_steps) / (self.total_steps * self.prog_fraction - self.warmup_steps),
+                         0), 1)
+      return self.prog_start + round(progress * delta)
+
+    si = si_at(step)
+    start = step
+    while start > 0 and si_at(start - 1) == si:
+      start -= 1
+      if step - start > self.prog_warmup_steps + 1:
+        break
+    ramp = 1.0 if si == self.prog_start else max(min((step - start + 1) / max(self.prog_warmup_steps, 1e-9), 1),
+                                                 0.01)
+    return (-1 if si == self.num_scales - 1 else si), ramp
+
+
+def make_schedule(config, num_train_examples: int) -> Schedule:
+  s = base.total_steps(config, num_train_examples)
+  epochs = s.total_steps / s.steps_per_epoch
+  wp_ep = config.optim.warmup_epochs if config.optim.warmup_epochs >= 0 else epochs / 50
+  pg = config.progressive
+  pgwp_ep = pg.warmup_epochs if pg.warmup_epochs >= 0 else epochs / 300
+  return Schedule(s.steps_per_epoch, s.total_steps, wp_ep * s.steps_per_epoch, float(pg.fraction),
+                  int(pg.start_stage), pgwp_ep * s.steps_per_epoch, len(config.model.patch_nums))
+
+
+def tokens(vae: VQVAE, vae_vars, images):
+  """Images -> (all scales' token ids (B, L), the teacher-forcing input (B, L - first_l, Cvae))."""
+  idx = vae.apply(vae_vars, images, method=VQVAE.img_to_idx)
+  x_in = vae.apply(vae_vars, idx, method=VQVAE.idx_to_var_input)
+  return jnp.concatenate(idx, axis=1), jax.lax.stop_gradient(x_in)
+
+
+def load_tokenizer(config, vae_cfg: VQVAEConfig, mesh):
+  """The frozen VQVAE's variables, replicated: from a reference file, our checkpoint dir, or a seeded init."""
+  from var_jax.interop import state_dict as sd_io
+  from var_jax.interop import var as var_io  # TODO(merge)
+  path = config.vae_ckpt
+  if not path:
+    base.logging.warning('config.vae_ckpt is empty: using a randomly initialised tokenizer (fine for smoke tests '
+                         'and the quickstart; train or load a real one for meaningful samples)')
+    s = vae_cfg.image_size
+    init = jax.jit(lambda k: unbox(VQVAE(vae_cfg).init(k, jnp.zeros((1, s, s, vae_cfg.in_channels)),
+                                                       method=VQVAE.init_all)))
+    v = init(jax.random.key(int(config.seed) + 1))
+  elif os.path.isdir(path):
+    from var_jax import checkpoint
+    cfg_ckpt, _, v, _ = checkpoint.load_model(path)
+    if cfg_ckpt != vae_cfg:
+      raise ValueError(f'{path}: the tokenizer checkpoint config {cfg_ckpt} differs from config.vae {vae_cfg}')
+  else:
+    sd = sd_io.load_state_dict(path)
+    got = var_io.vae_config_from_state_dict(sd, patch_nums=vae_cfg.patch_nums)
+    if (got.vocab_size, got.z_channels, got.ch) != (vae_cfg.vocab_size, vae_cfg.z_channels, vae_cfg.ch):
+      raise ValueError(f'{path}: tokenizer V/Cvae/ch = {got.vocab_size}/{got.z_channels}/{got.ch}, config.vae has '
+                       f'{vae_cfg.vocab_size}/{vae_cfg.z_channels}/{vae_cfg.ch}')
+    v = var_io.import_vae(sd, vae_cfg)
+  return jax.device_put({'params': v['params']}, shd.replicated(mesh))
+
+
+def _scale_stats(per_tok, correct, var_cfg: VARConfig, ed: int):
+  """Per-scale mean CE and accuracy over the scales up to ``ed``, (K',) each."""
+  out_l, out_a = [], []
+  for b, e in var_cfg.begin_ends:
+    if e <= ed:
+      out_l.append(per_tok[:, b:e].mean())
+      out_a.append(correct[:, b:e].mean())
+  return jnp.stack(out_l), jnp.stack(out_a)
+
+
+class VARTask(base.Task):
+  name = 'var'
+  vector_metrics = {'loss_per_scale': 'loss_scale{}', 'acc_per_scale': 'acc_scale{}'}
+  has_eval = True
+  has_periodic_output = True
+
+  def __init__(self, config, mesh, num_train_examples: int, rules=None):
+    super().__init__(config, mesh, rules)
+    self.vae_cfg, self.var_cfg = model_configs(config)
+    self.schedule = make_schedule(config, num_train_examples)
+    self.var = VAR(self.var_cfg, dtype=parse_dtype(config.dtype, 'config.dtype'))
+    self.vae = VQVAE(self.vae_cfg, dtype=parse_dtype(config.vae_dtype, 'config.vae_dtype'))
+    self.frozen = load_tokenizer(config, self.vae_cfg, mesh)
+    self.tx = optim.make_optimizer(config.optim, config.global_batch_size, self.schedule.total_steps,
+                                   self.schedule.warmup_steps)
+    self.train_flops_per_example = metrics_lib.var_train_flops_per_image(self.var_cfg)
+    self.tokens_per_example = self.var_cfg.seq_len
+    self._set_state_shapes(jax.eval_shape(self._init_boxed, jax.random.key(0))['params'])
+    self._sampler = None
+
+  def _init_boxed(self, rng):
+    c = self.var_cfg
+    return self.var.init(rng, jnp.zeros((1,), jnp.int32), jnp.zeros((1, c.seq_len - c.first_l, c.z_channels)))
+
+  def init_params(self, rng):
+    return unbox(self._init_boxed(rng)['params']), None
+
+  def init_from(self, state, path):
+    from var_jax.interop import state_dict as sd_io
+    from var_jax.interop import var as var_io  # TODO(merge)
+    v = var_io.import_var(sd_io.load_state_dict(path), self.var_cfg)
+    base.logging.info('initialised the transformer from %s', path)
+    params = jax.device_put(v['params'], self.shardings.params)
+    return state.replace(params=params, opt_state=jax.jit(self.tx.init, out_shardings=self.shardings.opt_state)(
+        params), ema=params if self._ema_fn() else state.ema)
+
+  # ---- steps
+  def stage(self, step):
+    si, ramp = self.schedule.stage(step)
+    return si, (jnp.float32(ramp),)
+
+  def train_step(self, prog_si: int):
+    cfg, config = self.var_cfg, self.config
+    ed = cfg.seq_len if prog_si < 0 else cfg.begin_ends[prog_si][1]
+    bg = 0 if prog_si < 0 else cfg.begin_ends[prog_si][0]
+    accum, ls, seed = int(config.grad_accum), float(config.label_smoothing), int(config.seed)
+    last_b = cfg.begin_ends[prog_si if prog_si >= 0 else -1][0]
+
+    def step_fn(state, batch, vae_vars, prog_wp):
+      lw = jnp.full((ed,), 1.0 / cfg.seq_len, jnp.float32)
+      if prog_si >= 0:
+        lw = lw.at[bg:ed].multiply(jnp.clip(prog_wp, 0.0, 1.0))
+
+      def micro(params, mb, key):
+        gt, x_in = tokens(self.vae, vae_vars, mb['image'])
+        gt, x_in = gt[:, :ed], x_in[:, :ed - cfg.first_l]
+
+        def loss_fn(p):
+          logits = self.var.apply({'params': p}, mb['label'], x_in, deterministic=False, rngs={'dropout': key})
+          per_tok = label_smoothed_cross_entropy(logits, gt, ls)
+          return jnp.mean(jnp.sum(per_tok * lw, axis=-1)), logits
+
+        (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        ce = label_smoothed_cross_entropy(logits, gt, 0.0)
+        correct = (jnp.argmax(logits, -1) == gt).astype(jnp.float32)
+        sl, sa = _scale_stats(ce, correct, cfg, ed)
+        return grads, {'train_loss': loss, 'loss': ce.mean(), 'acc': correct.mean() * 100,
+                       'loss_last': ce[:, last_b:].mean(), 'acc_last': correct[:, last_b:].mean() * 100,
+                       'loss_per_scale': sl, 'acc_per_scale': sa * 100}
+
+      grads, m = base.accumulate(micro, state.params, batch, rng_lib.step_key(seed, state.step), accum)
+      m['grad_norm'] = optax.tree.norm(grads)
+      return self.apply_gradients(state, grads), m
+
+    return step_fn
+
+  def eval_step(self):
+    cfg = self.var_cfg
+    lb = cfg.begin_ends[-1][0]
+
+    def eval_fn(params, batch, vae_vars, key):
+      del key
+      gt, x_in = tokens(self.vae, vae_vars, batch['image'])
+      logits = self.var.apply({'params': params}, batch['label'], x_in)
+      ce = label_smoothed_cross_entropy(logits, gt, 0.0)
+      correct = (jnp.argmax(logits, -1) == gt).astype(jnp.float32)
+      w = batch['mask'].astype(jnp.float32)
+      n = jnp.sum(w)
+      return {'loss': (jnp.sum(ce.mean(1) * w), n), 'acc': (100 * jnp.sum(correct.mean(1) * w), n),
+              'loss_last': (jnp.sum(ce[:, lb:].mean(1) * w), n),
+              'acc_last': (100 * jnp.sum(correct[:, lb:].mean(1) * w), n), 'examples': (n, 1.0)}
+
+    return eval_fn
+
+  # ---- reporting and outputs
+  def describe(self, state):
+    return (f'VAR params: {sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params)) / 1e6:.2f}M, '
+            f'warmup {self.schedule.warmup_steps:.0f} steps')
+
+  def step_metrics(self, step, stage):
+    s = self.schedule
+    return {'lr': optim.current_lr(self.config.optim, self.config.global_batch_size, s.total_steps,
+                                   s.warmup_steps, step), 'prog_si': stage}
+
+  def log_line(self, m):
+    return (f'loss {m["loss"]:.4f} (last {m["loss_last"]:.4f}) acc {m["acc"]:.2f}% (last {m["acc_last"]:.2f}%) '
+            f'gnorm {m["grad_norm"]:.3f} lr {m["lr"]:.3g}')
+
+  def periodic_output(self, state, batch, step, workdir):
+    from var_jax import images as images_lib
+    from var_jax.sampling import var as sampling
+    config = self.config
+    labels = np.asarray(config.sample_classes, np.int32) % self.var_cfg.num_classes
+    if self._sampler is None:
+      opts = sampling.SamplingOptions(cfg=config.sample.cfg, top_k=config.sample.top_k, top_p=config.sample.top_p)
+      self._sampler = sampling.make_sampler(self.vae_cfg, self.var_cfg, opts)
+    keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(config.seed), i))(jnp.arange(len(labels)))
+    imgs, _ = self._sampler(self.frozen, {'params': state.params}, jnp.asarray(labels), keys)
+    imgs = shd.to_host(imgs)                                   # every process takes part
+    if jax.process_index() != 0:
+      return None
+    grid = images_lib.labelled_grid(images_lib.to_uint8(imgs), labels.tolist(),
+                                    cols=min(len(labels), 8))
+    return base.write_png(f'{workdir}/samples', step, grid)
+
+  def run_info(self, state):
+    leaves = jax.tree_util.tree_leaves_with_path(state.params)
+    n_params = sum(int(np.prod(x.shape)) for _, x in leaves)
+    n_embed = sum(int(np.prod(x.shape)) for p, x in leaves if any(getattr(k, 'key', None) in EMBEDDING_PARAMS
+                                                                   for k in p))
+    c = self.var_cfg
+    return {'n_params': n_params, 'n_params_non_embedding': n_params - n_embed, 'depth': c.depth,
+            'embed_dim': c.embed_dim, 'seq_len': c.seq_len, 'train_flops_per_image': self.train_flops_per_example,
+            'global_batch_size': int(self.config.global_batch_size)}
+
+  def export_tree(self, state):
+    return {'params': state.ema if self._ema_fn() else state.params}
+
+  def export(self, host, workdir, step):
+    """A self-contained model for ``python -m var_jax.sample --checkpoint=<workdir>/model``."""
+    from var_jax import checkpoint
+    path = f'{workdir}/model'
+    checkpoint.save_model(path, self.vae_cfg, self.var_cfg, jax.device_get(self.frozen), {'params': host['params']})
+    return [(path, 'VARPipeline.from_checkpoint / python -m var_jax.sample --checkpoint')]
