@@ -10,7 +10,7 @@ import torch
 
 from conftest import SHARED, nchw_to_nhwc
 from var_jax.elm_pipeline import ELMPipeline
-from var_jax.interop.reference import CheckpointMismatchError
+from var_jax.interop.state_dict import CheckpointMismatchError
 
 REF = SHARED / 'fixtures' / 'elm_bigr_reference'
 BAE_PATH = REF / 'bae_k8' / 'binaryae.th'

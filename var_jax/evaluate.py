@@ -181,7 +181,7 @@ def evaluate(pipe=None) -> Dict[str, Any]:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  from var_jax.interop.reference import CheckpointMismatchError
+  from var_jax.interop.state_dict import CheckpointMismatchError
   try:
     evaluate()
   except (FileNotFoundError, ValueError, KeyError, CheckpointMismatchError) as e:

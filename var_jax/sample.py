@@ -288,7 +288,7 @@ def run(pipe, labels: List[int], seed: int, cfg: Optional[float], top_k: Optiona
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  from var_jax.interop.reference import CheckpointMismatchError
+  from var_jax.interop.state_dict import CheckpointMismatchError
   try:
     pipe = load_pipeline(FLAGS.vae_ckpt, FLAGS.var_ckpt, FLAGS.checkpoint, FLAGS.patch_nums, model=FLAGS.model,
                          bae_ckpt=FLAGS.bae_ckpt, model_ckpt=FLAGS.model_ckpt,

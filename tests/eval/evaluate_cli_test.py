@@ -12,7 +12,7 @@ from PIL import Image
 
 from conftest import REPO, fixture_dir
 from var_jax.eval import evaluator, inception, metrics
-from var_jax.interop.reference import save_state_dict
+from var_jax.interop.state_dict import save_state_dict
 
 
 def _random_inception_file(path):

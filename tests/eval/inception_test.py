@@ -19,7 +19,7 @@ from flax import traverse_util
 
 from conftest import REPO, rel_err
 from var_jax.eval import inception as inc
-from var_jax.interop.reference import CheckpointMismatchError, load_state_dict, save_state_dict
+from var_jax.interop.state_dict import CheckpointMismatchError, load_state_dict, save_state_dict
 
 import torch  # noqa: E402  (the [torch] extra; a missing torch must fail, not skip)
 import torch.nn.functional as F  # noqa: E402

@@ -15,7 +15,7 @@ from flax.core import meta
 
 from conftest import SHARED
 from var_jax.interop import bae as ibae
-from var_jax.interop.reference import CheckpointMismatchError
+from var_jax.interop.state_dict import CheckpointMismatchError
 from var_jax.models.bae import UNUSED, BAEConfig, BinaryAutoEncoder
 
 ROOT = SHARED / 'fixtures' / 'elm_bigr_reference'

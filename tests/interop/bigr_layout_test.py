@@ -11,7 +11,7 @@ from flax.core import meta
 
 from conftest import SHARED
 from var_jax.interop import bigr as ib
-from var_jax.interop.reference import CheckpointMismatchError
+from var_jax.interop.state_dict import CheckpointMismatchError
 from var_jax.models import bernoulli_diffusion as bd
 from var_jax.models.bigr import BiGR
 

@@ -13,7 +13,7 @@ from flax.core import meta
 
 from conftest import SHARED
 from var_jax.interop import elm as ie
-from var_jax.interop.reference import CheckpointMismatchError, load_state_dict
+from var_jax.interop.state_dict import CheckpointMismatchError, load_state_dict
 from var_jax.models.elm import ELMConfig
 
 FIX = SHARED / 'fixtures' / 'elm_bigr_reference'

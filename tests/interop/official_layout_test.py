@@ -10,7 +10,7 @@ from flax.core import meta
 
 from conftest import VAR_FIXTURES
 from var_jax import VAR, VQVAE, PATCH_NUMS_256, PATCH_NUMS_512
-from var_jax.interop import reference as ref
+from var_jax.interop import var as ref
 from var_jax.models.var import block_causal_mask, level_ids
 
 LAYOUTS = VAR_FIXTURES / 'official_layout'

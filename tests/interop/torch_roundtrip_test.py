@@ -6,7 +6,8 @@ import torch
 
 from conftest import FIXTURE_MODELS, fixture_dir
 from var_jax import VARPipeline
-from var_jax.interop import reference as ref
+from var_jax.interop import state_dict as sd_io
+from var_jax.interop import var as ref
 
 
 def _load(path):
@@ -32,8 +33,8 @@ def test_roundtrip_identical(tmp_path, name, ext):
     _assert_same_state_dict(_load(d / 'var.pth'), _load(tmp_path / 'var.pth'))
   else:
     for kind in ('vae', 'var'):
-      orig = ref.load_state_dict(d / f'{kind}.pth')
-      back = ref.load_state_dict(tmp_path / f'{kind}.safetensors')
+      orig = sd_io.load_state_dict(d / f'{kind}.pth')
+      back = sd_io.load_state_dict(tmp_path / f'{kind}.safetensors')
       assert sorted(orig) == sorted(back)
       for k in orig:
         np.testing.assert_array_equal(orig[k], back[k], err_msg=k)
@@ -63,7 +64,7 @@ def test_fixture_config_inferred():
 @pytest.fixture(scope='module')
 def tiny_sds():
   d = fixture_dir('tiny')
-  return ref.load_state_dict(d / 'vae.pth'), ref.load_state_dict(d / 'var.pth')
+  return sd_io.load_state_dict(d / 'vae.pth'), sd_io.load_state_dict(d / 'var.pth')
 
 
 def _cfgs(tiny_sds):
@@ -76,7 +77,7 @@ def test_missing_key_is_named(tiny_sds):
   vae_cfg, var_cfg = _cfgs(tiny_sds)
   sd = dict(tiny_sds[1])
   del sd['blocks.1.ffn.fc2.bias']
-  with pytest.raises(ref.CheckpointMismatchError, match=r"missing key 'blocks.1.ffn.fc2.bias' \(expected shape \(128,\)\)"):
+  with pytest.raises(sd_io.CheckpointMismatchError, match=r"missing key 'blocks.1.ffn.fc2.bias' \(expected shape \(128,\)\)"):
     ref.import_var(sd, var_cfg)
 
 
@@ -84,7 +85,7 @@ def test_unexpected_key_is_named(tiny_sds):
   vae_cfg, _ = _cfgs(tiny_sds)
   sd = dict(tiny_sds[0])
   sd['decoder.extra.weight'] = np.zeros((3, 3), np.float32)
-  with pytest.raises(ref.CheckpointMismatchError, match=r"unexpected key 'decoder.extra.weight' \(found shape \(3, 3\)\)"):
+  with pytest.raises(sd_io.CheckpointMismatchError, match=r"unexpected key 'decoder.extra.weight' \(found shape \(3, 3\)\)"):
     ref.import_vae(sd, vae_cfg)
 
 
@@ -92,7 +93,7 @@ def test_wrong_shape_names_expected_and_found(tiny_sds):
   _, var_cfg = _cfgs(tiny_sds)
   sd = dict(tiny_sds[1])
   sd['head.weight'] = np.zeros((64, 64), np.float32)
-  with pytest.raises(ref.CheckpointMismatchError, match=r"key 'head.weight': expected shape \(64, 128\), found \(64, 64\)"):
+  with pytest.raises(sd_io.CheckpointMismatchError, match=r"key 'head.weight': expected shape \(64, 128\), found \(64, 64\)"):
     ref.import_var(sd, var_cfg)
 
 
@@ -101,7 +102,7 @@ def test_pipeline_error_names_the_file(tmp_path, tiny_sds):
   sd['blocks.0.attn.proj.weight'] = torch.zeros(128, 7)
   torch.save(sd, tmp_path / 'bad_var.pth')
   d = fixture_dir('tiny')
-  with pytest.raises(ref.CheckpointMismatchError, match=r'(?s)bad_var\.pth.*blocks\.0\.attn\.proj\.weight'):
+  with pytest.raises(sd_io.CheckpointMismatchError, match=r'(?s)bad_var\.pth.*blocks\.0\.attn\.proj\.weight'):
     VARPipeline.from_torch(d / 'vae.pth', tmp_path / 'bad_var.pth')
 
 
@@ -119,17 +120,17 @@ def test_pickled_code_is_refused(tmp_path):
       return (print, ('pwned',))
   torch.save({'x': Evil()}, tmp_path / 'evil.pth')
   with pytest.raises(ValueError, match='evil.pth: not a loadable weights-only'):
-    ref.load_state_dict(tmp_path / 'evil.pth')
+    sd_io.load_state_dict(tmp_path / 'evil.pth')
 
 
 def test_trainer_checkpoint_is_explained(tmp_path):
   torch.save({'trainer': {'var_wo_ddp': {'a': torch.zeros(1)}}, 'epoch': 3}, tmp_path / 'ar-ckpt.pth')
   with pytest.raises(ValueError, match=r"expected a flat state_dict.*'epoch', 'trainer'"):
-    ref.load_state_dict(tmp_path / 'ar-ckpt.pth')
+    sd_io.load_state_dict(tmp_path / 'ar-ckpt.pth')
 
 
 def test_patch_nums_mismatch_is_refused(tiny_sds):
-  with pytest.raises(ref.CheckpointMismatchError, match='patch_nums'):
+  with pytest.raises(sd_io.CheckpointMismatchError, match='patch_nums'):
     ref.var_config_from_state_dict(tiny_sds[1], patch_nums=(1, 2, 3, 5))
 
 
@@ -141,6 +142,6 @@ def test_export_does_not_overwrite_on_failure(tmp_path):
   target.write_bytes(b'precious')
   broken = dict(pipe.var_variables)
   broken['params'] = {k: v for k, v in pipe.var_variables['params'].items() if k != 'head'}
-  with pytest.raises(ref.CheckpointMismatchError, match="head"):
-    ref.save_state_dict(ref.export_var(broken, pipe.var_config), target)
+  with pytest.raises(sd_io.CheckpointMismatchError, match="head"):
+    sd_io.save_state_dict(ref.export_var(broken, pipe.var_config), target)
   assert target.read_bytes() == b'precious'

@@ -10,7 +10,8 @@ import pytest
 
 from conftest import SHARED, nchw_to_nhwc, rel_err
 from var_jax.interop import bae as ibae
-from var_jax.models.bae import UNUSED, BAEConfig, BinaryAutoEncoder, ResBlock, codebook_loss_from_probs
+from var_jax.losses.bae import codebook_loss_from_probs
+from var_jax.models.bae import UNUSED, BAEConfig, BinaryAutoEncoder, ResBlock
 
 FIX = SHARED / 'fixtures' / 'elm_bigr_reference' / 'bae_k8'
 KEY = jax.random.key(3)

@@ -17,9 +17,9 @@ from flax.core import meta
 
 from conftest import SHARED
 from var_jax.interop import bigr as ib
+from var_jax.losses.bigr import sample_training_inputs, training_loss, training_mask_count
 from var_jax.models import bernoulli_diffusion as bd
-from var_jax.models.bigr import BiGR, BiGRConfig, bigr_config, sample_training_inputs, training_loss, \
-  training_mask_count
+from var_jax.models.bigr import BiGR, BiGRConfig, bigr_config
 
 FIX = SHARED / 'fixtures' / 'elm_bigr_reference' / 'bigr_k8'
 TOL = 1e-4

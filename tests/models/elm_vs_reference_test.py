@@ -14,7 +14,8 @@ from flax.core import meta
 
 from conftest import SHARED, nchw_to_nhwc
 from var_jax.interop import elm as ie
-from var_jax.interop.reference import load_state_dict
+from var_jax.interop.state_dict import load_state_dict
+from var_jax.losses import tokens as token_losses
 from var_jax.models import elm as E
 
 FIX = SHARED / 'fixtures' / 'elm_bigr_reference'
@@ -113,24 +114,24 @@ def test_logits_hidden(name):
 def test_ar_losses(name):
   cfg, _, _, io, _, out = fixture_model(name)
   logits = _split(out, io['labels'].shape[0])[0]
-  np.testing.assert_allclose(float(E.ar_loss(logits, io['tokens'])), io['train_loss'], rtol=1e-5)
+  np.testing.assert_allclose(float(token_losses.ar_loss(logits, io['tokens'])), io['train_loss'], rtol=1e-5)
   # the Hamming soft labels (train_ddp.py get_softlabels, hm_dist=1) from the bit chunks
   bits = nchw_to_nhwc(io['bits'])
   chunks = bits.reshape(bits.shape[0], -1, cfg.token_each, cfg.code_dim)
-  w = E.softlabel_weights(chunks, 1)
+  w = token_losses.softlabel_weights(chunks, 1)
   assert w.shape == io['softlabel_weights_hm1'].shape
   assert _maxdiff(w, io['softlabel_weights_hm1']) < 1e-6
-  np.testing.assert_allclose(float(E.soft_label_loss(logits, w)), io['train_loss_hm1'], rtol=1e-5)
+  np.testing.assert_allclose(float(token_losses.soft_label_loss(logits, w)), io['train_loss_hm1'], rtol=1e-5)
   # ... and the gather form (no dense 2^cd weights) gives the same loss
-  np.testing.assert_allclose(float(E.ar_loss(logits, io['tokens'], hm_dist=1)), io['train_loss_hm1'], rtol=1e-5)
+  np.testing.assert_allclose(float(token_losses.ar_loss(logits, io['tokens'], hm_dist=1)), io['train_loss_hm1'], rtol=1e-5)
   # on the reference's own logits: float precision
-  np.testing.assert_allclose(float(E.ar_loss(io['logits'], io['tokens'])), io['train_loss'], rtol=1e-6)
-  np.testing.assert_allclose(float(E.ar_loss(io['logits'], io['tokens'], hm_dist=1)), io['train_loss_hm1'],
+  np.testing.assert_allclose(float(token_losses.ar_loss(io['logits'], io['tokens'])), io['train_loss'], rtol=1e-6)
+  np.testing.assert_allclose(float(token_losses.ar_loss(io['logits'], io['tokens'], hm_dist=1)), io['train_loss_hm1'],
                              rtol=1e-6)
   # hm_dist 2: gather form == dense form
-  w2 = E.softlabel_weights(chunks, 2)
-  np.testing.assert_allclose(float(E.ar_loss(io['logits'], io['tokens'], hm_dist=2)),
-                             float(E.soft_label_loss(io['logits'], w2)), rtol=1e-6)
+  w2 = token_losses.softlabel_weights(chunks, 2)
+  np.testing.assert_allclose(float(token_losses.ar_loss(io['logits'], io['tokens'], hm_dist=2)),
+                             float(token_losses.soft_label_loss(io['logits'], w2)), rtol=1e-6)
 
 
 @pytest.mark.parametrize('name', MLM)
@@ -146,9 +147,9 @@ def test_mlm_masking_and_loss(name):
   logits2 = run(x2, labels2, np.zeros_like(labels2), m2)[0]
   assert _maxdiff(logits2[:b], io['logits']) < TOL
   logits = _split(out, b)[0]
-  loss = E.mlm_loss(logits, io['tokens'], io['token_all_mask'], cfg.smoothing)
+  loss = token_losses.mlm_loss(logits, io['tokens'], io['token_all_mask'], cfg.smoothing)
   np.testing.assert_allclose(float(loss), io['train_loss'], rtol=1e-5)
-  np.testing.assert_allclose(float(E.mlm_loss(io['logits'], io['tokens'], io['token_all_mask'], cfg.smoothing)),
+  np.testing.assert_allclose(float(token_losses.mlm_loss(io['logits'], io['tokens'], io['token_all_mask'], cfg.smoothing)),
                              io['train_loss'], rtol=1e-6)
 
 
@@ -216,7 +217,7 @@ def test_kv_cache_decoding_equals_full_forward(name):
 
 def test_mlm_random_mask():
   keys = jax.random.split(jax.random.key(1), 40)
-  masks = np.asarray(jax.jit(jax.vmap(lambda k: E.mlm_random_mask(k, 3, 16, gen_iter=10)))(keys))
+  masks = np.asarray(jax.jit(jax.vmap(lambda k: token_losses.mlm_random_mask(k, 3, 16, gen_iter=10)))(keys))
   assert masks.shape == (40, 3, 16) and masks.dtype == np.uint8
   counts = masks.sum(-1)
   assert (counts == counts[:, :1]).all()          # one count per batch
@@ -280,7 +281,7 @@ def test_options_init_cache_and_grads():
 
   def loss(p):
     lg = model.apply({'params': p}, x, y, train=True, rngs={'dropout': jax.random.key(2)})
-    return E.ar_loss(lg, x, hm_dist=1)
+    return token_losses.ar_loss(lg, x, hm_dist=1)
   g = jax.jit(jax.grad(loss))(params)
   assert all(np.isfinite(a).all() for a in jax.tree_util.tree_leaves(g))
   assert np.abs(g['cls_embedding']).max() > 0

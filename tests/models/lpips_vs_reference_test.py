@@ -12,6 +12,7 @@ import pytest
 from flax.core import meta
 
 from conftest import REPO, nchw_to_nhwc, rel_err
+from var_jax.interop import lpips as lpips_io
 from var_jax.models import lpips as lp
 
 import torch  # noqa: E402  (the [torch] extra; a missing torch must fail, not skip)
@@ -101,7 +102,7 @@ def reference(tmp_path_factory):
 @pytest.fixture(scope='module')
 def params(reference):
   _, vgg_path, lin_path = reference
-  return lp.load_lpips_params(vgg_path, lin_path)
+  return lpips_io.load_lpips_params(vgg_path, lin_path)
 
 
 def _images(seed, size=32):
@@ -197,19 +198,19 @@ def test_init_matches_converted_layout(params):
 def test_safetensors_round_trip_and_cli(reference, params, tmp_path):
   _, vgg_path, lin_path = reference
   out = tmp_path / 'lpips_vgg.safetensors'
-  lp.save_lpips_params(params, out)
-  back = lp.load_converted(out)
+  lpips_io.save_lpips_params(params, out)
+  back = lpips_io.load_converted(out)
   jax.tree.map(np.testing.assert_array_equal, back, params)
   from safetensors.numpy import load_file
-  assert set(load_file(str(out))) == {'/'.join(p) for _, _, p in lp.param_table()}
+  assert set(load_file(str(out))) == {'/'.join(p) for _, _, p in lpips_io.param_table()}
   assert 'net/conv_28/kernel' in load_file(str(out))
 
   cli_out = tmp_path / 'cli.safetensors'
   env = dict(os.environ, JAX_PLATFORMS='cpu')
-  r = subprocess.run([sys.executable, '-m', 'var_jax.models.lpips', f'--vgg={vgg_path}', f'--lin={lin_path}',
+  r = subprocess.run([sys.executable, '-m', 'var_jax.interop.lpips', f'--vgg={vgg_path}', f'--lin={lin_path}',
                       f'--out={cli_out}'], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
   assert r.returncode == 0, r.stderr[-2000:]
-  jax.tree.map(np.testing.assert_array_equal, lp.load_converted(cli_out), params)
+  jax.tree.map(np.testing.assert_array_equal, lpips_io.load_converted(cli_out), params)
 
 
 def test_bad_keys_raise(reference, tmp_path):
@@ -222,23 +223,23 @@ def test_bad_keys_raise(reference, tmp_path):
   p = tmp_path / 'missing.pth'
   torch.save(bad, p)
   with pytest.raises(ValueError, match=r"missing keys \['features\.17\.weight'\]"):
-    lp.load_lpips_params(str(p), lin_path)
+    lpips_io.load_lpips_params(str(p), lin_path)
 
   bad = dict(lin_sd)
   bad['lin3.model.1.weight'] = torch.zeros(1, 256, 1, 1)
   p = tmp_path / 'shape.pth'
   torch.save(bad, p)
   with pytest.raises(ValueError, match=r"'lin3\.model\.1\.weight' has shape \(1, 256, 1, 1\), expected \(1, 512, "):
-    lp.load_lpips_params(vgg_path, str(p))
+    lpips_io.load_lpips_params(vgg_path, str(p))
 
   bad = {k.replace('model.1', 'model.0'): v for k, v in lin_sd.items()}
   p = tmp_path / 'renamed.pth'
   torch.save(bad, p)
   with pytest.raises(ValueError, match='missing keys'):
-    lp.load_lpips_params(vgg_path, str(p))
+    lpips_io.load_lpips_params(vgg_path, str(p))
 
   st = tmp_path / 'bad.safetensors'
   from safetensors.numpy import save_file
   save_file({'net/conv_0/kernel': np.zeros((3, 3, 3, 64), np.float32)}, str(st))
   with pytest.raises(ValueError, match='missing'):
-    lp.load_converted(st)
+    lpips_io.load_converted(st)

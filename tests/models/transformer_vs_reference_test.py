@@ -2,7 +2,7 @@
 import numpy as np
 
 from conftest import rel_err
-from var_jax.train.losses import var_loss
+from var_jax.losses.tokens import var_loss
 
 
 def test_logits(reference_model):

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from var_jax.train import gan_losses as gl
+from var_jax.losses import gan as gl
 
 REAL = np.array([[2.0, 0.5], [-1.0, 0.0]], np.float32)
 FAKE = np.array([[-2.0, 0.0], [0.5, -0.25]], np.float32)

@@ -282,7 +282,7 @@ def test_loss(pipe, data_cfg, split: str, batch_size: int, max_batches: int = -1
   center-cropped like the training eval. Batches are split over the local devices; padding is masked out."""
   from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
   from var_jax.data import pipeline as data_lib
-  from var_jax.train.losses import label_smoothed_cross_entropy
+  from var_jax.losses.tokens import label_smoothed_cross_entropy
   cfg = pipe.var_config
   devices = jax.local_devices()
   if batch_size % len(devices):

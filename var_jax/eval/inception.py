@@ -324,7 +324,7 @@ def _hwio(shape: Sequence[int]) -> Tuple[int, ...]:
 def param_table():
   """Every tensor of pytorch-fid's ``fid_inception_v3().state_dict()`` (less ``num_batches_tracked``), in its order,
   as ``var_jax.interop.reference.Entry`` rows (torch key and shape, our path, layout transforms)."""
-  from var_jax.interop.reference import Entry
+  from var_jax.interop.state_dict import Entry
   t = []
   oihw_to_hwio, hwio_to_oihw = (lambda a: np.transpose(a, (2, 3, 1, 0))), (lambda a: np.transpose(a, (3, 2, 0, 1)))
   for path, (_, cin, cout, (kh, kw), _, _) in all_convs():
@@ -352,7 +352,7 @@ def params_from_state_dict(sd: Mapping[str, Any], what: str = 'state_dict') -> P
 
   BatchNorm ``num_batches_tracked`` counters are ignored; any other missing or unexpected key, or a shape that does
   not match, raises ``CheckpointMismatchError`` naming ``what`` (the file) and the key."""
-  from var_jax.interop.reference import CheckpointMismatchError, import_state_dict
+  from var_jax.interop.state_dict import CheckpointMismatchError, import_state_dict
   sd = {k: v for k, v in sd.items() if not k.endswith('.num_batches_tracked')}
   if 'AuxLogits.fc.weight' in sd or ('fc.weight' in sd and tuple(np.shape(sd['fc.weight']))[0] == 1000):
     raise CheckpointMismatchError(f'{what}: this looks like torchvision\'s ImageNet Inception-v3 (1000 classes / '
@@ -366,7 +366,7 @@ def params_from_state_dict(sd: Mapping[str, Any], what: str = 'state_dict') -> P
 
 def params_to_state_dict(params: Params) -> 'collections.OrderedDict[str, np.ndarray]':
   """Our params -> pytorch-fid state_dict (numpy, torch layout and order; no ``num_batches_tracked``)."""
-  from var_jax.interop.reference import export_state_dict
+  from var_jax.interop.state_dict import export_state_dict
   return export_state_dict({'params': params}, param_table(), 'FID Inception')
 
 
@@ -377,7 +377,7 @@ def _flatten(params: Params) -> Dict[str, Any]:
 
 
 def _check_params(flat: Mapping[str, Any], what: str):
-  from var_jax.interop.reference import CheckpointMismatchError
+  from var_jax.interop.state_dict import CheckpointMismatchError
   want = {'/'.join(e.path): _our_shape(e) for e in param_table()}
   missing = [k for k in want if k not in flat]
   extra = [k for k in flat if k not in want]
@@ -432,7 +432,7 @@ def load_inception_params(path: Optional[str] = None) -> Params:
     from safetensors.numpy import load_file
     flat = dict(load_file(path))
   else:
-    from var_jax.interop.reference import load_state_dict
+    from var_jax.interop.state_dict import load_state_dict
     return params_from_state_dict(load_state_dict(path), path)
   if flat and all('/' not in k for k in flat):      # a torch-key file (e.g. the .pth re-saved as safetensors)
     return params_from_state_dict(flat, path)

@@ -4,7 +4,7 @@ The reference module (``bae/binaryae.py`` of Pepper-lll/LMforImageGeneration and
 flat ``nn.ModuleList``s, so its keys are positional: ``encoder.blocks.{n}.*``, ``generator.blocks.{n}.*``, then
 ``quantize.proj.0.*`` / ``quantize.embed.weight`` and the unused ``generator.logsigma.{0,2}.*``. ``bae_table`` walks
 the config in the reference's construction order and lists every tensor with its torch key, torch shape and our
-location; import and export both walk that table (the ``var_jax.interop.reference`` pattern).
+location; import and export both walk that table (``var_jax.interop.state_dict``).
 
 Released files (``binaryae*.th``) prefix every key with ``ae.`` (the reference ``load_pretrain`` keeps the keys
 starting with ``ae`` and strips the prefix); EMA releases also carry ``disc.*`` (the BinaryGAN discriminator) and
@@ -20,10 +20,11 @@ import re
 from typing import Any, Dict, List, Mapping, Tuple
 
 import numpy as np
-from flax import traverse_util
 
-from var_jax.interop.reference import (CheckpointMismatchError, Entry, _conv, _gn, export_state_dict,
-                                       import_state_dict, load_state_dict, save_state_dict)
+from var_jax.interop.state_dict import (CheckpointMismatchError, Entry, conv_entries, export_state_dict,
+                                        import_state_dict, indices, load_state_dict, norm_entries, param_entry,
+                                        save_state_dict)
+from var_jax.interop.var import resblock_entries
 from var_jax.models.bae import UNUSED, BAEConfig
 
 Array = np.ndarray
@@ -37,16 +38,14 @@ def _unused(entries: List[Entry]) -> List[Entry]:
 
 
 def _res(key: str, path: Tuple[str, ...], cin: int, cout: int) -> List[Entry]:
-  e = _gn(f'{key}.norm1', path + ('norm1',), cin) + _conv(f'{key}.conv1', path + ('conv1',), cin, cout, 3)
-  e += _gn(f'{key}.norm2', path + ('norm2',), cout) + _conv(f'{key}.conv2', path + ('conv2',), cout, cout, 3)
-  shortcut = _conv(f'{key}.conv_out', path + ('conv_out',), cin, cout, 1)
+  e, shortcut = resblock_entries(key, path, cin, cout, shortcut='conv_out')
   return e + (shortcut if cin != cout else _unused(shortcut))   # present in the state_dict either way
 
 
 def _attn(key: str, path: Tuple[str, ...], c: int) -> List[Entry]:
-  e = _gn(f'{key}.norm', path + ('norm',), c)
+  e = norm_entries(f'{key}.norm', path + ('norm',), c)
   for n in ('q', 'k', 'v', 'proj_out'):
-    e += _conv(f'{key}.{n}', path + (n,), c, c, 1)
+    e += conv_entries(f'{key}.{n}', path + (n,), c, c, 1)
   return e
 
 
@@ -68,7 +67,7 @@ def bae_table(cfg: BAEConfig) -> List[Entry]:
   e: List[Entry] = []
   # encoder: conv_in, levels (res [attn] ... [downsample]), mid (res attn res), norm, conv
   p, blk = ('encoder',), _Blocks('encoder')
-  e += _conv(blk.next(), p + ('conv_in',), cfg.in_channels, nf, 3)
+  e += conv_entries(blk.next(), p + ('conv_in',), cfg.in_channels, nf, 3)
   block_in, attn = nf, cfg.encoder_attn_levels
   for i in range(n):
     lp = p + (f'down_{i}',)
@@ -78,21 +77,21 @@ def bae_table(cfg: BAEConfig) -> List[Entry]:
       if attn[i]:
         e += _attn(blk.next(), lp + (f'attn_{j}',), block_in)
     if i != n - 1:
-      e += _conv(f'{blk.next()}.conv', lp + ('downsample', 'conv'), block_in, block_in, 3)
+      e += conv_entries(f'{blk.next()}.conv', lp + ('downsample', 'conv'), block_in, block_in, 3)
   e += _res(blk.next(), p + ('mid', 'block_1'), block_in, block_in)
   e += _attn(blk.next(), p + ('mid', 'attn_1'), block_in)
   e += _res(blk.next(), p + ('mid', 'block_2'), block_in, block_in)
-  e += _gn(blk.next(), p + ('norm_out',), block_in)
-  e += _conv(blk.next(), p + ('conv_out',), block_in, cfg.emb_dim, 3)
+  e += norm_entries(blk.next(), p + ('norm_out',), block_in)
+  e += conv_entries(blk.next(), p + ('conv_out',), block_in, cfg.emb_dim, 3)
   # quantizer
-  e += _conv('quantize.proj.0', ('quantize', 'proj'), cfg.emb_dim, cfg.codebook_size, 1)
-  e.append(Entry('quantize.embed.weight', (cfg.codebook_size, cfg.emb_dim), 'params', ('quantize', 'embed')))
+  e += conv_entries('quantize.proj.0', ('quantize', 'proj'), cfg.emb_dim, cfg.codebook_size, 1)
+  e.append(param_entry('quantize.embed.weight', (cfg.codebook_size, cfg.emb_dim), ('quantize', 'embed')))
   # generator: [norm], conv_in, mid, levels from the lowest (res [attn] ... [upsample]), norm, conv, logsigma
   p, blk = ('generator',), _Blocks('generator')
   block_in, attn = nf * mult[-1], cfg.generator_attn_levels
   if cfg.norm_first:
-    e += _gn(blk.next(), p + ('norm_in',), cfg.emb_dim)
-  e += _conv(blk.next(), p + ('conv_in',), cfg.emb_dim, block_in, 3)
+    e += norm_entries(blk.next(), p + ('norm_in',), cfg.emb_dim)
+  e += conv_entries(blk.next(), p + ('conv_in',), cfg.emb_dim, block_in, 3)
   e += _res(blk.next(), p + ('mid', 'block_1'), block_in, block_in)
   e += _attn(blk.next(), p + ('mid', 'attn_1'), block_in)
   e += _res(blk.next(), p + ('mid', 'block_2'), block_in, block_in)
@@ -104,11 +103,11 @@ def bae_table(cfg: BAEConfig) -> List[Entry]:
       if attn[i]:
         e += _attn(blk.next(), lp + (f'attn_{j}',), block_in)
     if i != 0:
-      e += _conv(f'{blk.next()}.conv', lp + ('upsample', 'conv'), block_in, block_in, 3)
-  e += _gn(blk.next(), p + ('norm_out',), block_in)
-  e += _conv(blk.next(), p + ('conv_out',), block_in, cfg.in_channels, 3)
-  e += _unused(_conv('generator.logsigma.0', p + ('logsigma_0',), block_in, block_in, 3))
-  e += _unused(_conv('generator.logsigma.2', p + ('logsigma_2',), block_in, cfg.in_channels, 1))
+      e += conv_entries(f'{blk.next()}.conv', lp + ('upsample', 'conv'), block_in, block_in, 3)
+  e += norm_entries(blk.next(), p + ('norm_out',), block_in)
+  e += conv_entries(blk.next(), p + ('conv_out',), block_in, cfg.in_channels, 3)
+  e += _unused(conv_entries('generator.logsigma.0', p + ('logsigma_0',), block_in, block_in, 3))
+  e += _unused(conv_entries('generator.logsigma.2', p + ('logsigma_2',), block_in, cfg.in_channels, 1))
   return e
 
 
@@ -145,7 +144,7 @@ def split_bae_state_dict(sd: Mapping[str, Any], what: str = 'BAE checkpoint'
 # ----------------------------------------------------------------------------- config inference
 def _kinds(sd: Mapping[str, Any], prefix: str) -> List[str]:
   """Classify ``{prefix}.blocks.{n}`` as res / attn / resample / norm / conv, in index order."""
-  idx = sorted({int(m.group(1)) for k in sd for m in [re.match(rf'{re.escape(prefix)}\.blocks\.(\d+)\.', k)] if m})
+  idx = indices(sd, rf'{re.escape(prefix)}\.blocks\.(\d+)\.')
   if not idx:
     raise CheckpointMismatchError(f'cannot infer the BAE config: no {prefix}.blocks.* keys in the state_dict')
   if idx != list(range(len(idx))):
@@ -253,20 +252,15 @@ def export_bae(variables: Mapping[str, Any], cfg: BAEConfig, prefix: str = ''
   Without an ``'unused'`` collection (e.g. params from training only) the never-read tensors are written as zeros.
   """
   table = bae_table(cfg)
-  variables = dict(variables)
+  zeros_for = ()
   if UNUSED not in variables:
     logging.info('export_bae: no %r collection; writing zeros for the %d tensors the reference never reads',
                  UNUSED, sum(e.collection == UNUSED for e in table))
-    flat = {e.path: np.zeros(_our_shape(e), np.float32) for e in table if e.collection == UNUSED}
-    variables[UNUSED] = traverse_util.unflatten_dict(flat)
-  out = export_state_dict(variables, table, 'BAE')
+    zeros_for = (UNUSED,)
+  out = export_state_dict(variables, table, 'BAE', zeros_for=zeros_for)
   if prefix:
     out = collections.OrderedDict((prefix + k, v) for k, v in out.items())
   return out
-
-
-def _our_shape(e: Entry) -> Tuple[int, ...]:
-  return tuple(e.from_torch(np.broadcast_to(np.float32(0), e.shape)).shape)
 
 
 # ----------------------------------------------------------------------------- files

@@ -1,6 +1,6 @@
 """Move ELM weights between our Flax params and the reference PyTorch checkpoints (Pepper-lll/LMforImageGeneration).
 
-Table-driven like ``var_jax.interop.reference``: ``ar_table`` / ``mlm_table`` list, in the reference's
+Table-driven (``var_jax.interop.state_dict``): ``ar_table`` / ``mlm_table`` list, in the reference's
 ``state_dict`` order, every tensor of the reference ``Transformer`` with its torch shape and where it lives in our
 variables; import and export walk the same table.
 
@@ -15,15 +15,15 @@ from __future__ import annotations
 
 import collections
 import math
-import re
 from typing import Any, Dict, List, Mapping, Tuple
 
 import numpy as np
-from flax import traverse_util
-from flax.core import meta
 
-from var_jax.interop.reference import CheckpointMismatchError, Entry, load_state_dict, save_state_dict
-from var_jax.models.elm import AR_MODEL_ARGS, ELMAR, ELMMLM, GPT_PRESETS, MLM_MODEL_ARGS, ELMConfig
+from var_jax.interop.state_dict import (CheckpointMismatchError, Entry, count_indices, dense_entries,
+                                        export_state_dict, field_value, import_state_dict, load_state_dict,
+                                        param_entry, save_state_dict, shape_of)
+from var_jax.interop.llama import block_entries, infer_multiple_of
+from var_jax.models.elm import ELMAR, ELMMLM, GPT_PRESETS, ELMConfig, check_model_args
 from var_jax.models.llama import ffn_hidden_dim
 
 Array = np.ndarray
@@ -31,20 +31,9 @@ UNUSED = 'unused'
 
 
 # ----------------------------------------------------------------------------- tables
-def _linear(key: str, path: Tuple[str, ...], din: int, dout: int, bias: bool = False) -> List[Entry]:
-  out = [Entry(f'{key}.weight', (dout, din), 'params', path + ('kernel',), to_torch=np.transpose,
-               from_torch=np.transpose)]
-  if bias:
-    out.append(Entry(f'{key}.bias', (dout,), 'params', path + ('bias',)))
-  return out
-
-
-def _param(key: str, shape: Tuple[int, ...], path: Tuple[str, ...]) -> Entry:
-  return Entry(key, shape, 'params', path)
-
-
 def _unused(key: str, shape: Tuple[int, ...]) -> Entry:
-  return Entry(key, shape, UNUSED, (key,))
+  """A tensor the forward never reads: optional on import, kept (by torch key) in the ``'unused'`` collection."""
+  return Entry(key, shape, UNUSED, (key,), optional=True)
 
 
 def _layers(cfg: ELMConfig) -> List[Entry]:
@@ -54,36 +43,30 @@ def _layers(cfg: ELMConfig) -> List[Entry]:
   e: List[Entry] = []
   for i in range(cfg.n_layer):
     k, p = f'layers.{i}', (f'layers_{i}',)
-    e += _linear(f'{k}.attention.wqkv', p + ('attention', 'wqkv'), d, qkv)
-    e += _linear(f'{k}.attention.wo', p + ('attention', 'wo'), d, d)
-    e += _linear(f'{k}.feed_forward.w1', p + ('feed_forward', 'w1'), d, f)
-    e += _linear(f'{k}.feed_forward.w3', p + ('feed_forward', 'w3'), d, f)
-    e += _linear(f'{k}.feed_forward.w2', p + ('feed_forward', 'w2'), f, d)
-    e.append(_param(f'{k}.attention_norm.weight', (d,), p + ('attention_norm', 'weight')))
-    e.append(_param(f'{k}.ffn_norm.weight', (d,), p + ('ffn_norm', 'weight')))
+    e += block_entries(k, p, d, qkv, f)
     if cfg.use_adaLN and cfg.modeling == 'ar':
-      e += _linear(f'{k}.adaLN_modulation.1', p + ('adaLN_modulation',), d, 6 * d, bias=True)
+      e += dense_entries(f'{k}.adaLN_modulation.1', p + ('adaLN_modulation',), d, 6 * d)
   return e
 
 
 def ar_table(cfg: ELMConfig) -> List[Entry]:
   """Every tensor of the reference ``ar_model.Transformer.state_dict()``, in its order."""
   d, t, v = cfg.dim, cfg.token_each, cfg.token_table_rows
-  e = [_param('cls_embedding.embedding_table.weight', (cfg.class_table_rows, d), ('cls_embedding',))]
+  e = [param_entry('cls_embedding.embedding_table.weight', (cfg.class_table_rows, d), ('cls_embedding',))]
   if t > 1:
-    e += [_param(f'tok_embedder.{i}.weight', (v, d), (f'tok_embedder_{i}',)) for i in range(t)]
-    e += _linear('proj', ('proj',), t * d, d)
+    e += [param_entry(f'tok_embedder.{i}.weight', (v, d), (f'tok_embedder_{i}',)) for i in range(t)]
+    e += dense_entries('proj', ('proj',), t * d, d, bias=False)
   else:
-    e.append(_param('tok_embedder.weight', (v, d), ('tok_embedder_0',)))
+    e.append(param_entry('tok_embedder.weight', (v, d), ('tok_embedder_0',)))
   e += _layers(cfg)
   if cfg.use_adaLN:
-    e += _linear('final_adaLN.1', ('final_adaLN',), d, 2 * d, bias=True)
-  e.append(_param('norm.weight', (d,), ('norm', 'weight')))
+    e += dense_entries('final_adaLN.1', ('final_adaLN',), d, 2 * d)
+  e.append(param_entry('norm.weight', (d,), ('norm', 'weight')))
   if t > 1:
     for i in range(t):
-      e += _linear(f'output.{i}', (f'output_{i}',), d, cfg.codebook_size)
+      e += dense_entries(f'output.{i}', (f'output_{i}',), d, cfg.codebook_size, bias=False)
   else:
-    e += _linear('output', ('output_0',), d, cfg.codebook_size)
+    e += dense_entries('output', ('output_0',), d, cfg.codebook_size, bias=False)
   return e
 
 
@@ -91,22 +74,22 @@ def mlm_table(cfg: ELMConfig) -> List[Entry]:
   """Every tensor of the reference ``mlm_model.Transformer.state_dict()``, in its order (unused ones included, in
   the collection ``'unused'``)."""
   d, t, v = cfg.dim, cfg.token_each, cfg.token_table_rows
-  e = [_param('cls_embedding.embedding_table.weight', (cfg.class_table_rows, d), ('cls_embedding',)),
-       _param('tok_embedder.weight', (v, d), ('tok_embedder',)),
+  e = [param_entry('cls_embedding.embedding_table.weight', (cfg.class_table_rows, d), ('cls_embedding',)),
+       param_entry('tok_embedder.weight', (v, d), ('tok_embedder',)),
        _unused('pos_embed.weight', (cfg.block_size, d))]
   e += _layers(cfg)
   if t > 1:
     e.append(_unused('proj.weight', (d, t * d)))
-  e.append(_param('norm.weight', (d,), ('norm', 'weight')))
+  e.append(param_entry('norm.weight', (d,), ('norm', 'weight')))
   if t > 1:
     e += [_unused(f'output.{i}.weight', (v, d)) for i in range(t)]
   else:
     e.append(_unused('output.weight', (v, d)))
   e += [Entry('mlm_layer.bias', (1, 1, v), 'params', ('mlm_layer', 'bias'), to_torch=lambda a: a.reshape(1, 1, -1),
               from_torch=lambda a: a.reshape(-1)),
-        *_linear('mlm_layer.fc', ('mlm_layer', 'fc'), d, d, bias=True),
-        _param('mlm_layer.ln.weight', (d,), ('mlm_layer', 'ln_scale')),
-        _param('mlm_layer.ln.bias', (d,), ('mlm_layer', 'ln_bias'))]
+        *dense_entries('mlm_layer.fc', ('mlm_layer', 'fc'), d, d),
+        param_entry('mlm_layer.ln.weight', (d,), ('mlm_layer', 'ln_scale')),
+        param_entry('mlm_layer.ln.bias', (d,), ('mlm_layer', 'ln_bias'))]
   return e
 
 
@@ -115,15 +98,6 @@ def elm_table(cfg: ELMConfig) -> List[Entry]:
 
 
 # ----------------------------------------------------------------------------- config inference
-def _count(sd: Mapping[str, Any], pattern: str) -> int:
-  rx = re.compile(pattern)
-  return len({int(m.group(1)) for k in sd for m in [rx.match(k)] if m})
-
-
-def _shape(sd, key) -> Tuple[int, ...]:
-  return tuple(int(s) for s in np.shape(sd[key]))
-
-
 def infer_elm_config(sd: Mapping[str, Any], **model_args) -> ELMConfig:
   """Infer an ``ELMConfig`` from a reference state_dict plus the reference ``ModelArgs`` keyword arguments.
 
@@ -139,30 +113,27 @@ def infer_elm_config(sd: Mapping[str, Any], **model_args) -> ELMConfig:
   if modeling != ('mlm' if is_mlm else 'ar'):
     raise CheckpointMismatchError(f'modeling={modeling!r} contradicts the checkpoint (it is an ELM '
                                   f'{"MLM" if is_mlm else "AR"} state_dict)')
-  allowed = AR_MODEL_ARGS if modeling == 'ar' else MLM_MODEL_ARGS
-  unknown = sorted(k for k in args if k not in allowed)
-  if unknown:
-    raise TypeError(f'unknown ELM {modeling.upper()} ModelArgs field(s): {", ".join(unknown)}')
+  check_model_args(modeling, args)
 
   def need(key, what):
     if key not in sd:
       raise CheckpointMismatchError(f'cannot infer {what}: key {key!r} is missing from the ELM state_dict')
-    return _shape(sd, key)
+    return shape_of(sd, key)
 
   inferred: Dict[str, Tuple[Any, str]] = {}        # field -> (value, evidence)
   cls_key = 'cls_embedding.embedding_table.weight'
   rows, dim = need(cls_key, 'dim / num_classes')
   inferred['dim'] = (dim, f'{cls_key} {(rows, dim)}')
-  drop = float(args.get('class_dropout_prob', ELMConfig.class_dropout_prob))
+  drop = float(field_value(ELMConfig, args, 'class_dropout_prob'))
   inferred['num_classes'] = (rows - int(drop > 0), f'{cls_key} {(rows, dim)} with class_dropout_prob={drop}')
-  n_layer = _count(sd, r'layers\.(\d+)\.')
+  n_layer = count_indices(sd, r'layers\.(\d+)\.')
   if n_layer == 0:
     raise CheckpointMismatchError('cannot infer n_layer: no layers.* keys in the ELM state_dict')
   inferred['n_layer'] = (n_layer, f'{n_layer} layers.* blocks')
 
   if modeling == 'ar':
     if 'tok_embedder.0.weight' in sd:
-      t = _count(sd, r'tok_embedder\.(\d+)\.weight')
+      t = count_indices(sd, r'tok_embedder\.(\d+)\.weight')
       v = need('tok_embedder.0.weight', 'code_dim')[0]
       ev = f'{t} tok_embedder.i tables of {v} rows'
     else:
@@ -175,7 +146,7 @@ def infer_elm_config(sd: Mapping[str, Any], **model_args) -> ELMConfig:
     inferred['code_dim'] = (cd, ev)
     inferred['use_adaLN'] = ('layers.0.adaLN_modulation.1.weight' in sd, 'layers.0.adaLN_modulation.1.* keys')
   else:
-    pause = bool(args.get('pause', ELMConfig.pause))
+    pause = bool(field_value(ELMConfig, args, 'pause'))
     v = need('tok_embedder.weight', 'code_dim')[0]
     cb = v - 1 - int(pause)
     cd = int(round(math.log2(cb))) if cb > 0 else -1
@@ -183,17 +154,17 @@ def infer_elm_config(sd: Mapping[str, Any], **model_args) -> ELMConfig:
       raise CheckpointMismatchError(f'ELM MLM token table has {v} rows, not 2^code_dim + 1 (+1 with pause)')
     inferred['code_dim'] = (cd, f'tok_embedder.weight with {v} rows')
     if 'proj.weight' in sd:
-      t = _shape(sd, 'proj.weight')[1] // dim
-      inferred['token_each'] = (t, f'proj.weight {_shape(sd, "proj.weight")}')
+      t = shape_of(sd, 'proj.weight')[1] // dim
+      inferred['token_each'] = (t, f'proj.weight {shape_of(sd, "proj.weight")}')
     elif 'output.0.weight' in sd:
-      t = _count(sd, r'output\.(\d+)\.weight')
+      t = count_indices(sd, r'output\.(\d+)\.weight')
       inferred['token_each'] = (t, f'{t} output.i heads')
     elif 'output.weight' in sd:
       inferred['token_each'] = (1, 'a single output.weight head')
     elif 'token_each' not in args:      # the unused proj/output are absent: a T=1 model has neither
       args['token_each'] = 1
     if 'pos_embed.weight' in sd:
-      inferred['block_size'] = (_shape(sd, 'pos_embed.weight')[0], f'pos_embed.weight {_shape(sd, "pos_embed.weight")}')
+      inferred['block_size'] = (shape_of(sd, 'pos_embed.weight')[0], f'pos_embed.weight {shape_of(sd, "pos_embed.weight")}')
 
   for name, (value, evidence) in inferred.items():
     if name in args and args[name] != value:
@@ -214,7 +185,7 @@ def infer_elm_config(sd: Mapping[str, Any], **model_args) -> ELMConfig:
   if (n_head + 2 * n_kv) * hd != qkv_rows or n_kv <= 0:
     raise CheckpointMismatchError(f'layers.0.attention.wqkv.weight has {qkv_rows} rows: no n_kv_head fits '
                                   f'n_head={n_head}, dim={dim}')
-  given_kv = args.get('n_kv_head')
+  given_kv = field_value(ELMConfig, args, 'n_kv_head')
   if (given_kv or n_head) != n_kv:
     raise CheckpointMismatchError(f'model_args n_kv_head={given_kv!r} contradicts the checkpoint: wqkv has '
                                   f'{qkv_rows} rows = (n_head + 2 * {n_kv}) * {hd}')
@@ -222,7 +193,7 @@ def infer_elm_config(sd: Mapping[str, Any], **model_args) -> ELMConfig:
 
   # FFN width: multiple_of / ffn_dim_multiplier must reproduce it
   hidden = need('layers.0.feed_forward.w1.weight', 'the FFN width')[0]
-  mult = args.get('ffn_dim_multiplier', ELMConfig.ffn_dim_multiplier)
+  mult = field_value(ELMConfig, args, 'ffn_dim_multiplier')
   if 'multiple_of' in args:
     if ffn_hidden_dim(dim, int(args['multiple_of']), mult) != hidden:
       raise CheckpointMismatchError(
@@ -230,13 +201,11 @@ def infer_elm_config(sd: Mapping[str, Any], **model_args) -> ELMConfig:
           f'{ffn_hidden_dim(dim, int(args["multiple_of"]), mult)}, the checkpoint has {hidden} '
           f'(layers.0.feed_forward.w1.weight)')
   else:
-    for m in (ELMConfig.multiple_of, 128, 64, 32, 16, 8, 4, 2, 1):
-      if ffn_hidden_dim(dim, m, mult) == hidden:
-        args['multiple_of'] = m
-        break
-    else:
+    m = infer_multiple_of(dim, hidden, mult)
+    if m is None:
       raise CheckpointMismatchError(f'no multiple_of gives the FFN width {hidden} for dim={dim} '
                                     f'(ffn_dim_multiplier={mult}): pass multiple_of / ffn_dim_multiplier')
+    args['multiple_of'] = m
   try:
     return ELMConfig.from_model_args(modeling, **args)
   except (ValueError, NotImplementedError) as e:
@@ -247,49 +216,15 @@ def infer_elm_config(sd: Mapping[str, Any], **model_args) -> ELMConfig:
 def import_elm(sd: Mapping[str, Any], cfg: ELMConfig, keep_unused: bool = False,
                what: str = 'ELM') -> Dict[str, Any]:
   """Reference state_dict -> {'params': ...} (+ {'unused': {torch key: array}} with ``keep_unused``), numpy."""
-  table = elm_table(cfg)
-  expected = {e.key: e for e in table}
-  problems = []
-  for e in table:
-    if e.key not in sd and e.collection != UNUSED:
-      problems.append(f'missing key {e.key!r} (expected shape {e.shape})')
-    elif e.key in sd and _shape(sd, e.key) != e.shape:
-      problems.append(f'key {e.key!r}: expected shape {e.shape}, found {_shape(sd, e.key)}')
-  problems += [f'unexpected key {k!r} (found shape {_shape(sd, k)})' for k in sd if k not in expected]
-  if problems:
-    raise CheckpointMismatchError(f'{what} state_dict does not match the config:\n  ' + '\n  '.join(problems))
-  flat: Dict[str, Dict[Tuple[str, ...], Array]] = collections.defaultdict(dict)
-  for e in table:
-    if e.key not in sd or (e.collection == UNUSED and not keep_unused):
-      continue
-    flat[e.collection][e.path] = e.from_torch(np.asarray(sd[e.key], np.float32))
-  return {col: (traverse_util.unflatten_dict(d) if col != UNUSED else {p[0]: a for p, a in d.items()})
-          for col, d in flat.items()}
+  return import_state_dict(sd, elm_table(cfg), what, skip=() if keep_unused else (UNUSED,))
 
 
 def export_elm(variables: Mapping[str, Any], cfg: ELMConfig, include_unused: bool = True,
                what: str = 'ELM') -> 'collections.OrderedDict[str, Array]':
   """Our variables -> reference state_dict (numpy, reference order). The MLM's unused tensors come from
   ``variables['unused']`` when there, else zeros (``include_unused=False``: left out, as in the released files)."""
-  params = traverse_util.flatten_dict(meta.unbox(variables['params']))
-  unused = dict(variables.get(UNUSED, {}))
-  out = collections.OrderedDict()
-  for e in elm_table(cfg):
-    if e.collection == UNUSED:
-      if e.key in unused:
-        a = np.asarray(unused[e.key], np.float32)
-      elif include_unused:
-        a = np.zeros(e.shape, np.float32)
-      else:
-        continue
-    elif e.path not in params:
-      raise CheckpointMismatchError(f'{what}: no parameter at {"/".join(e.path)} for {e.key!r}')
-    else:
-      a = e.to_torch(np.asarray(params[e.path], np.float32))
-    if tuple(a.shape) != e.shape:
-      raise CheckpointMismatchError(f'{what}: {e.key!r} would have shape {tuple(a.shape)}, expected {e.shape}')
-    out[e.key] = a
-  return out
+  fill = dict(zeros_for=(UNUSED,)) if include_unused else dict(omit=(UNUSED,))
+  return export_state_dict(variables, elm_table(cfg), what, **fill)
 
 
 def elm_model(cfg: ELMConfig, dtype=None):

@@ -37,6 +37,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from var_jax.losses.bae import codebook_loss_from_probs
 from var_jax.models.layers import Conv, GroupNorm, logical, torch_default_bias_init, torch_default_kernel_init
 from var_jax.models.quantizer import codebook_init
 from var_jax.models.vqvae import Downsample2x, Upsample2x
@@ -276,17 +277,6 @@ def _sample_bits(probs, mode: str, rng, uniforms):
   raise ValueError(f"mode must be 'threshold' or 'bernoulli', got {mode!r}")
 
 
-def codebook_loss_from_probs(probs):
-  """The reference's ``code_book_loss``: ``mean(s * (1 - s))`` with ``s = sigmoid(probs)``.
-
-  The sigmoid is applied to the *probabilities* (``proj`` already ends in a Sigmoid), as upstream does, so
-  minimising it pushes every probability towards 1 rather than towards 0 or 1. Kept as is for parity; its weight
-  (``code_weight``) defaults to 0 upstream.
-  """
-  s = jax.nn.sigmoid(probs.astype(jnp.float32))
-  return jnp.mean(s * (1.0 - s))
-
-
 class BinaryAutoEncoder(nn.Module):
   """The reference ``BinaryAutoEncoder`` (encoder, ``quantize``, generator). NHWC, images in [0, 1].
 
@@ -348,7 +338,7 @@ class BinaryAutoEncoder(nn.Module):
     ``uniforms``) and thresholded otherwise; ``mode`` overrides that choice. The generator gets the straight-through
     ``stop_gradient(bits) + p - stop_gradient(p)`` (value: the bits up to float rounding; gradient: d/dp), so the
     reconstruction loss trains the encoder and ``proj`` through the probabilities.
-    aux: ``codebook_loss`` (scalar, see ``codebook_loss_from_probs``), ``bits`` (uint8), ``probs``, ``logits``.
+    aux: ``codebook_loss`` (scalar, ``var_jax.losses.bae.codebook_loss_from_probs``), ``bits`` (uint8), ``probs``, ``logits``.
     """
     if mode is None:
       mode = 'bernoulli' if train else 'threshold'

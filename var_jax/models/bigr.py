@@ -14,8 +14,8 @@ Data flow (B images, N = seq_len tokens of K = binary_size bits, C = cls_token_n
   dropped, and ``diffusion_pos_embed_learned`` is added: z (B, N, D).
 * ``transcoder`` (``DenoiseModel``): per token, logits of the K bits of x0 (or of their flips with ``p_flip``) from
   x_t, the timestep and z.
-* ``loss``: the reference training forward with explicit timesteps, uniforms and mask (``sample_training_inputs``
-  draws them from a PRNG key the way the reference does).
+* ``loss``: the reference training forward with explicit timesteps, uniforms and mask
+  (``var_jax.losses.bigr.sample_training_inputs`` draws them from a PRNG key the way the reference does).
 
 Randomness is explicit: label dropout takes ``force_drop_ids`` or a ``label_drop_rng`` key; the dropouts (token,
 attention, residual, FFN, drop path) use the ``'dropout'`` rng stream when ``deterministic=False``.
@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, Optional
 
 import flax.linen as nn
 import jax
@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from var_jax.models import bernoulli_diffusion as bd
-from var_jax.models.layers import Dense, layer_norm_no_affine, logical
+from var_jax.models.layers import Dense, drop_labels, layer_norm_no_affine, logical
 from var_jax.models.llama import (RMSNorm, TransformerBlock, ffn_hidden_dim, modulate, normal_init,
                                   precompute_rope_2d, zeros_init)
 
@@ -331,14 +331,7 @@ class BiGR(nn.Module):
     class_dropout_prob (uniform < p); else nothing is dropped (the reference's eval mode).
     """
     cfg = self.config
-    labels = jnp.asarray(labels, jnp.int32)
-    if force_drop_ids is not None:
-      drop = jnp.asarray(force_drop_ids) == 1
-    elif label_drop_rng is not None and cfg.class_dropout_prob > 0:
-      drop = jax.random.uniform(label_drop_rng, labels.shape) < cfg.class_dropout_prob
-    else:
-      return labels
-    return jnp.where(drop, cfg.null_class, labels)
+    return drop_labels(labels, cfg.class_dropout_prob, cfg.null_class, label_drop_rng, force_drop_ids)
 
   def class_embedding(self, labels, force_drop_ids=None, label_drop_rng=None):
     """(B, C, D): C copies of the (dropped-out) class embedding."""
@@ -462,41 +455,3 @@ class BiGR(nn.Module):
     if 'aux_loss' in terms:
       stats['aux_loss'] = terms['aux_loss']
     return stats['loss'], stats
-
-
-# ----------------------------------------------------------------------------- training noise
-def training_mask_count(step, seq_len: int):
-  """max(1, floor(N cos(pi/2 * step/N))) in float32, as the reference computes it (step in 0..N-1)."""
-  ratio = jnp.asarray(step, jnp.float32) / jnp.float32(seq_len)
-  rate = jnp.cos(jnp.float32(math.pi / 2.0) * ratio)
-  return jnp.maximum(1, jnp.floor(jnp.float32(seq_len) * rate).astype(jnp.int32))
-
-
-def sample_training_inputs(key, batch: int, seq_len: int, binary_size: int, num_timesteps: int
-                           ) -> Dict[str, jax.Array]:
-  """The reference's training randomness from one key: one mask count per batch (cosine schedule), that many
-  masked positions per row (the smallest of B x N uniforms), one timestep per token in 1..T, and the uniforms
-  that draw x_t. Returns {'token_all_mask' (B, N) bool, 't' (B*N,) int32, 'u' (B*N, K) float32}."""
-  k_step, k_noise, k_t, k_u = jax.random.split(key, 4)
-  step = jax.random.randint(k_step, (), 0, seq_len)
-  count = training_mask_count(step, seq_len)
-  noise = jax.random.uniform(k_noise, (batch, seq_len))
-  ranks = jnp.argsort(jnp.argsort(noise, axis=1), axis=1)
-  mask = ranks < count
-  t = jax.random.randint(k_t, (batch * seq_len,), 1, num_timesteps + 1)
-  u = jax.random.uniform(k_u, (batch * seq_len, binary_size))
-  return {'token_all_mask': mask, 't': t.astype(jnp.int32), 'u': u}
-
-
-def training_loss(model: BiGR, params, key, inp, labels, *, train: bool = True,
-                  schedule: Optional[Dict[str, np.ndarray]] = None) -> Tuple[jax.Array, Dict[str, jax.Array]]:
-  """The reference training loss with all randomness drawn from ``key``: mask, timesteps, x_t uniforms, label
-  dropout (class_dropout_prob) and, with ``train``, the dropouts."""
-  cfg = model.config
-  k_in, k_lab, k_drop = jax.random.split(key, 3)
-  b, n, k = np.shape(inp)
-  r = sample_training_inputs(k_in, b, n, k, cfg.n_sample_steps)
-  variables = params if 'params' in params else {'params': params}
-  return model.apply(variables, inp, labels, r['token_all_mask'], r['t'], r['u'],
-                     label_drop_rng=k_lab if train else None, deterministic=not train, schedule=schedule,
-                     rngs={'dropout': k_drop} if train else None, method=BiGR.loss)

@@ -12,13 +12,13 @@ split into ``token_each`` (T) consecutive chunks of ``code_dim`` (cd) bits, each
   times, then every sub-token), RoPE repeated per position, full attention, ``MlmLayer`` head tied to the token
   table. Logits (B, N*T, 2^cd).
 
-In both the class slot's RoPE entry is zeros (``precompute_rope_2d``). Losses, the bit/token packing and the MLM
-training mask are plain functions here; ``var_jax.interop.elm`` moves weights from/to the reference checkpoints.
+In both the class slot's RoPE entry is zeros (``precompute_rope_2d``). The bit/token packing is a plain function
+here; the losses and the MLM training mask are in ``var_jax.losses.tokens``; ``var_jax.interop.elm`` moves weights
+from/to the reference checkpoints.
 """
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import math
 from typing import Any, List, Optional, Tuple
 
@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from var_jax.models.layers import Dense, layer_norm_no_affine, logical
+from var_jax.models.layers import Dense, drop_labels, layer_norm_no_affine, logical
 from var_jax.models.llama import (KVCache, RMSNorm, TransformerBlock, ffn_hidden_dim, init_kv_cache, modulate,
                                   normal_init, ones_init, precompute_rope_2d, zeros_init)
 
@@ -51,6 +51,14 @@ MLM_MODEL_ARGS = frozenset(_COMMON_FIELDS + (
 # GPT_models presets of the reference: (n_layer, dim) -> n_head (head_dim 64 in all).
 GPT_PRESETS = {'GPT-B': (12, 768, 12), 'GPT-L': (24, 1024, 16), 'GPT-XL': (36, 1280, 20), 'GPT-XXL': (48, 1536, 24),
                'GPT-XXXL': (48, 2560, 40), 'GPT-2B': (48, 1792, 28)}
+
+
+def check_model_args(modeling: str, names):
+  """A ``TypeError`` naming every name that is not a reference ``ModelArgs`` field of ``modeling``."""
+  allowed = AR_MODEL_ARGS if modeling == 'ar' else MLM_MODEL_ARGS
+  unknown = sorted(k for k in names if k not in allowed)
+  if unknown:
+    raise TypeError(f'unknown ELM {modeling.upper()} ModelArgs field(s): {", ".join(unknown)}')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -153,10 +161,7 @@ class ELMConfig:
     """
     if modeling not in ('ar', 'mlm'):
       raise ValueError(f"modeling must be 'ar' or 'mlm', got {modeling!r}")
-    allowed = AR_MODEL_ARGS if modeling == 'ar' else MLM_MODEL_ARGS
-    unknown = sorted(k for k in model_args if k not in allowed)
-    if unknown:
-      raise TypeError(f'unknown ELM {modeling.upper()} ModelArgs field(s): {", ".join(unknown)}')
+    check_model_args(modeling, model_args)
     kw = dict(model_args)
     if modeling == 'mlm':
       kw.setdefault('pause_num', 10)
@@ -233,19 +238,17 @@ def _block(cfg: ELMConfig, i: int, rate: float, dtype) -> TransformerBlock:
       name=f'layers_{i}')
 
 
-def _drop_labels(module: nn.Module, cfg: ELMConfig, labels, train: bool, force_drop_ids):
-  """Reference ``LabelEmbedder.token_drop``: forced ids (== 1) or Bernoulli(class_dropout_prob) in training
-  (rng stream 'dropout') -> null class ``num_classes``."""
-  labels = jnp.asarray(labels, jnp.int32)
+def _class_embed(module: nn.Module, table, labels, train: bool, force_drop_ids):
+  """Reference ``LabelEmbedder``: ``token_drop`` (forced ids (== 1), or Bernoulli(class_dropout_prob) in training
+  from ``module``'s rng stream 'dropout', -> null class ``num_classes``) then the lookup: (B, 1, D)."""
+  cfg = module.config
   if force_drop_ids is not None and cfg.class_dropout_prob <= 0:
     raise ValueError('force_drop_ids needs the null class: class_dropout_prob is 0, so the class table has no row '
                      f'{cfg.num_classes}')
-  if force_drop_ids is not None:
-    return jnp.where(jnp.asarray(force_drop_ids) == 1, cfg.num_classes, labels)
-  if train and cfg.class_dropout_prob > 0:
-    drop = jax.random.uniform(module.make_rng('dropout'), labels.shape) < cfg.class_dropout_prob
-    return jnp.where(drop, cfg.num_classes, labels)
-  return labels
+  draw = force_drop_ids is None and train and cfg.class_dropout_prob > 0
+  labels = drop_labels(labels, cfg.class_dropout_prob, cfg.num_classes, module.make_rng('dropout') if draw else None,
+                       force_drop_ids)
+  return jnp.take(table, labels, axis=0)[:, None, :].astype(module.dtype)
 
 
 # ----------------------------------------------------------------------------- AR
@@ -294,8 +297,7 @@ class ELMAR(nn.Module):
   # ------------------------------------------------------------------ pieces
   def class_embed(self, labels, train: bool = False, force_drop_ids=None):
     """(B,) labels -> (B, 1, D) class embeddings after label dropout (null class = num_classes)."""
-    labels = _drop_labels(self, self.config, labels, train, force_drop_ids)
-    return jnp.take(self.cls_embedding, labels, axis=0)[:, None, :].astype(self.dtype)
+    return _class_embed(self, self.cls_embedding, labels, train, force_drop_ids)
 
   def embed_tokens(self, idx):
     """(B, S, T) sub-tokens -> (B, S, D): T tables, concatenated and projected when T > 1."""
@@ -408,8 +410,7 @@ class ELMMLM(nn.Module):
     self._rope = cfg.rope_table()
 
   def class_embed(self, labels, train: bool = False, force_drop_ids=None):
-    labels = _drop_labels(self, self.config, labels, train, force_drop_ids)
-    return jnp.take(self.cls_embedding, labels, axis=0)[:, None, :].astype(self.dtype)
+    return _class_embed(self, self.cls_embedding, labels, train, force_drop_ids)
 
   def __call__(self, masked_tokens, labels, token_all_mask=None, train: bool = False, force_drop_ids=None,
                return_hidden: bool = False):
@@ -470,108 +471,5 @@ def tokens_to_bits(tokens, code_dim: int, hw: Optional[Tuple[int, int]] = None):
   return bits.reshape(b, hw[0], hw[1], t * code_dim).astype(jnp.uint8)
 
 
-# ----------------------------------------------------------------------------- losses
-def _log_softmax(logits):
-  return jax.nn.log_softmax(jnp.asarray(logits, jnp.float32), axis=-1)
-
-
-def cross_entropy(logits, targets):
-  """Per-row CE: logits (..., V), integer targets (...) -> (...)."""
-  lp = _log_softmax(logits)
-  return -jnp.take_along_axis(lp, jnp.asarray(targets, jnp.int32)[..., None], axis=-1)[..., 0]
-
-
-def softlabel_weights(bit_chunks, hm_dist: int):
-  """Reference ``get_softlabels`` (train_ddp.py): bit chunks (..., cd) 0/1 -> (M, 2^cd) weights, M = prod(...).
-
-  Weight of code c is exp(-3 d(c)) / sum over codes with Hamming distance d <= hm_dist (0 beyond). Dense: 2^cd
-  columns per sub-token (what the reference builds); ``hamming_soft_loss`` computes the same loss without it.
-  """
-  x = jnp.asarray(bit_chunks)
-  cd = x.shape[-1]
-  x = x.reshape(-1, cd).astype(jnp.float32)
-  codes = np.arange(2 ** cd)[:, None]
-  book = ((codes >> np.arange(cd - 1, -1, -1)[None]) & 1).astype(np.float32)           # (2^cd, cd) MSB first
-  dots = (2 * x - 1) @ jnp.asarray(2 * book - 1).T                                       # (M, 2^cd)
-  dist = (cd - dots) / 2
-  w = jnp.where(dist <= hm_dist, jnp.exp(-3.0 * dist), 0.0)
-  return w / jnp.maximum(jnp.sum(w, axis=-1, keepdims=True), 1e-12)
-
-
-def soft_label_loss(logits, weights):
-  """Reference ``weights=`` loss: mean over rows of -sum_v w_v log_softmax(logits)_v; logits (..., V) flattened."""
-  lp = _log_softmax(logits)
-  lp = lp.reshape(-1, lp.shape[-1])
-  return jnp.mean(-jnp.sum(jnp.asarray(weights, jnp.float32) * lp, axis=-1))
-
-
-def _hamming_masks(code_dim: int, hm_dist: int) -> Tuple[np.ndarray, np.ndarray]:
-  masks, dists = [], []
-  for d in range(min(hm_dist, code_dim) + 1):
-    for pos in itertools.combinations(range(code_dim), d):
-      masks.append(sum(1 << p for p in pos))
-      dists.append(d)
-  return np.asarray(masks, np.int32), np.asarray(dists, np.float32)
-
-
-def hamming_soft_loss(logits, tokens, code_dim: int, hm_dist: int):
-  """``soft_label_loss(logits, softlabel_weights(bits of tokens, hm_dist))`` computed by gathering the
-  sum_{k<=hm_dist} C(cd, k) neighbours of each token (XOR masks) instead of a dense (M, 2^cd) weight matrix."""
-  lp = _log_softmax(logits)
-  lp = lp.reshape(-1, lp.shape[-1])
-  tok = jnp.asarray(tokens, jnp.int32).reshape(-1)
-  masks, dists = _hamming_masks(code_dim, hm_dist)
-  w = np.exp(-3.0 * dists)
-  w = (w / w.sum()).astype(np.float32)
-  nbr = jnp.bitwise_xor(tok[:, None], jnp.asarray(masks)[None])                          # (M, n_nbr)
-  return jnp.mean(-jnp.sum(jnp.take_along_axis(lp, nbr, axis=-1) * jnp.asarray(w), axis=-1))
-
-
-def ar_loss(logits, tokens, hm_dist: int = 0, code_dim: Optional[int] = None):
-  """ELM AR training loss: logits (B, N*T, V), tokens (B, N, T).
-
-  ``hm_dist=0``: mean cross-entropy over all B*N*T sub-tokens (train.sh, ``--hm-dist 0``). ``hm_dist > 0``: the
-  Hamming soft-label loss of train_ddp.py (its argparse default is 1); code_dim defaults to log2(V).
-  """
-  tokens = jnp.asarray(tokens, jnp.int32)
-  v = logits.shape[-1]
-  if hm_dist > 0:
-    return hamming_soft_loss(logits, tokens, code_dim or int(round(math.log2(v))), hm_dist)
-  return jnp.mean(cross_entropy(logits.reshape(-1, v), tokens.reshape(-1)))
-
-
-def mlm_loss(logits, tokens, token_all_mask, smoothing: float = 0.0):
-  """ELM MLM training loss: per sub-token CE with label smoothing (reference ``LabelSmoothingCrossEntropy``:
-  (1-s) nll + s mean(-log p)), averaged over the masked sub-tokens. logits (B, N*T, V), tokens (B, N, T),
-  token_all_mask (B, N) (1 = masked position)."""
-  tokens = jnp.asarray(tokens, jnp.int32)
-  b, n, t = tokens.shape
-  lp = _log_softmax(logits).reshape(b, n, t, -1)
-  nll = -jnp.take_along_axis(lp, tokens[..., None], axis=-1)[..., 0]
-  loss = (1.0 - smoothing) * nll + smoothing * (-jnp.mean(lp, axis=-1)) if smoothing > 0 else nll
-  m = jnp.broadcast_to(jnp.asarray(token_all_mask, jnp.float32)[..., None], (b, n, t))
-  return jnp.sum(loss * m) / jnp.sum(m)
-
-
-def mlm_random_mask(rng, batch: int, seq_len: int, gen_iter: int = 10, schedule: str = 'cos'):
-  """The reference MLM training mask (``maskpersample=False``): one step ~ U{0..gen_iter-1} per batch, mask rate
-  cos(pi/2 * step/gen_iter) ('cos') or 1 - step/gen_iter ('linear'), max(1, floor(N * rate)) positions per row
-  chosen uniformly. -> (B, N) uint8, 1 = masked."""
-  k_step, k_noise = jax.random.split(rng)
-  step = jax.random.randint(k_step, (), 0, gen_iter)
-  ratio = step.astype(jnp.float32) / gen_iter
-  if schedule == 'cos':
-    rate = jnp.cos(math.pi / 2.0 * ratio)
-  elif schedule == 'linear':
-    rate = 1.0 - ratio
-  else:
-    raise ValueError(f"schedule must be 'cos' or 'linear', got {schedule!r}")
-  n_mask = jnp.maximum(1, jnp.floor(seq_len * rate).astype(jnp.int32))
-  noise = jax.random.uniform(k_noise, (batch, seq_len))
-  rank = jnp.argsort(jnp.argsort(noise, axis=1), axis=1)
-  return (rank < n_mask).astype(jnp.uint8)
-
-
-__all__ = ['ELMConfig', 'ELMAR', 'ELMMLM', 'MlmLayer', 'init_cache', 'bits_to_tokens', 'tokens_to_bits',
-           'cross_entropy', 'softlabel_weights', 'soft_label_loss', 'hamming_soft_loss', 'ar_loss', 'mlm_loss',
-           'mlm_random_mask', 'AR_MODEL_ARGS', 'MLM_MODEL_ARGS', 'GPT_PRESETS']
+__all__ = ['ELMConfig', 'check_model_args', 'ELMAR', 'ELMMLM', 'MlmLayer', 'init_cache', 'bits_to_tokens', 'tokens_to_bits',
+           'AR_MODEL_ARGS', 'MLM_MODEL_ARGS', 'GPT_PRESETS']

@@ -1,4 +1,4 @@
-"""Small building blocks shared by the VQVAE and the transformer.
+"""Small building blocks shared by the models (VQVAE, BAE, VAR, ELM, BiGR).
 
 Initialisers reproduce PyTorch's defaults (so a model trained from scratch here starts where the reference does),
 and every parameter carries logical axis names for ``var_jax.sharding``.
@@ -142,7 +142,33 @@ def layer_norm_no_affine(x, eps: float):
 
 
 def l2_normalize(x, eps: float = 1e-12):
-  """torch.nn.functional.normalize(x, dim=-1): x / max(||x||, eps)."""
+  """``F.normalize(x, dim=-1)`` = x / max(||x||, eps), in float32, with a finite gradient at x = 0 (torch's norm has
+  a zero subgradient there; ELM's class slot has zero q and k)."""
   xf = x.astype(jnp.float32)
-  n = jnp.sqrt(jnp.sum(jnp.square(xf), axis=-1, keepdims=True))
-  return (xf / jnp.maximum(n, eps)).astype(x.dtype)
+  n = jnp.sqrt(jnp.maximum(jnp.sum(xf * xf, axis=-1, keepdims=True), eps * eps))
+  return (xf / n).astype(x.dtype)
+
+
+def drop_path(module: nn.Module, x, rate: float, deterministic: bool):
+  """Stochastic depth per sample (timm ``drop_path``, scale_by_keep); draws from ``module``'s rng stream 'dropout'."""
+  if deterministic or rate <= 0:
+    return x
+  keep = 1.0 - rate
+  mask = jax.random.bernoulli(module.make_rng('dropout'), keep, (x.shape[0],) + (1,) * (x.ndim - 1))
+  return jnp.where(mask, x / keep, 0).astype(x.dtype)
+
+
+def drop_labels(labels, rate: float, null_class: int, rng=None, force_drop_ids=None):
+  """Classifier-free-guidance label dropout: dropped labels become ``null_class``.
+
+  ``force_drop_ids`` (B,) (1 = drop) wins; else with ``rng`` each label drops with probability ``rate``
+  (uniform < rate); else nothing is dropped. -> int32 labels.
+  """
+  labels = jnp.asarray(labels, jnp.int32)
+  if force_drop_ids is not None:
+    drop = jnp.asarray(force_drop_ids) == 1
+  elif rng is not None and rate > 0:
+    drop = jax.random.uniform(rng, labels.shape) < rate
+  else:
+    return labels
+  return jnp.where(drop, null_class, labels)

@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from var_jax.models.layers import Dense, logical
+from var_jax.models.layers import Dense, drop_path, l2_normalize, logical
 
 Dtype = Any
 KVCache = Dict[str, jax.Array]   # {'k': (B, L, n_kv_head, head_dim), 'v': (B, L, n_kv_head, head_dim)}
@@ -67,14 +67,6 @@ def zeros_init(key, shape, dtype=jnp.float32):
 def ones_init(key, shape, dtype=jnp.float32):
   del key
   return jnp.ones(shape, dtype)
-
-
-def l2_normalize(x, eps: float = 1e-12):
-  """``F.normalize(x, dim=-1)`` = x / max(||x||, eps), with a finite gradient at x = 0 (torch's norm has a zero
-  subgradient there; ELM's class slot has zero q and k)."""
-  xf = x.astype(jnp.float32)
-  n = jnp.sqrt(jnp.maximum(jnp.sum(xf * xf, axis=-1, keepdims=True), eps * eps))
-  return (xf / n).astype(x.dtype)
 
 
 # ----------------------------------------------------------------------------- rotary embedding
@@ -247,15 +239,6 @@ class FeedForward(nn.Module):
     return y
 
 
-def drop_path(module: nn.Module, x, rate: float, train: bool):
-  """Stochastic depth per sample (timm ``drop_path``, scale_by_keep), rng stream 'dropout'."""
-  if not train or rate <= 0:
-    return x
-  keep = 1.0 - rate
-  m = jax.random.bernoulli(module.make_rng('dropout'), keep, (x.shape[0],) + (1,) * (x.ndim - 1))
-  return jnp.where(m, x / keep, 0).astype(x.dtype)
-
-
 def modulate(x, shift, scale):
   return x * (1 + scale) + shift
 
@@ -311,13 +294,13 @@ class TransformerBlock(nn.Module):
     a, new_cache = attn(a_in, freqs, mask, causal=causal, cache=cache, cache_index=cache_index, train=train)
     if modulation is not None:
       a = gate_msa * a
-    h = x + drop_path(self, a, self.drop_path, train)
+    h = x + drop_path(self, a, self.drop_path, not train)
     f_in = ffn_norm(h)
     if modulation is not None:
       f_in = modulate(f_in, shift_mlp, scale_mlp)
     f = ffn(f_in, train)
     if modulation is not None:
       f = gate_mlp * f
-    out = h + drop_path(self, f, self.drop_path, train)
+    out = h + drop_path(self, f, self.drop_path, not train)
     out = nn.with_logical_constraint(out, ('activation_batch', 'activation_length', 'activation_embed'))
     return out, new_cache

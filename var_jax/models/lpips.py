@@ -10,7 +10,8 @@ torchvision's ``vgg16().features``, n the unit normalisation over channels (``x 
 non-negative 1x1 ``lin{k}`` weights. Output: ``(B, 1, 1, 1)`` float32 like the reference (it broadcasts against an
 NHWC per-pixel loss exactly as the reference's does against NCHW), or ``(B,)`` with ``keepdims=False``.
 
-Params layout (the ``params`` collection; ``load_lpips_params`` / ``load_converted`` return exactly this dict)::
+Params layout (the ``params`` collection; ``var_jax.interop.lpips`` reads the released weights into exactly this
+dict)::
 
   net/conv_{i}/kernel (3, 3, in, out), net/conv_{i}/bias (out,)   <- features.{i}.weight (OIHW) / .bias
   lin{k}/kernel (1, 1, C_k, 1)                                       <- lin{k}.model.1.weight (1, C_k, 1, 1)
@@ -18,21 +19,15 @@ Params layout (the ``params`` collection; ``load_lpips_params`` / ``load_convert
 where ``i`` is torchvision's index into ``vgg16().features`` (0, 2, 5, 7, 10, ..., 28). The network is frozen: a
 training step applies it with the params behind ``stop_gradient`` (``lpips_distance``); gradients flow to the images.
 
-Convert the released weights once (needs torch), after which training needs only ``safetensors``::
-
-  python -m var_jax.models.lpips --vgg=vgg16-397923af.pth --lin=vgg.pth --out=lpips_vgg.safetensors
-
-(``vgg16-397923af.pth``: torchvision's ImageNet VGG16; ``vgg.pth``: the lpips package's ``weights/v0.1/vgg.pth``.)
+Convert the released weights once with ``python -m var_jax.interop.lpips`` (see there).
 """
 from __future__ import annotations
 
-import os
-from typing import Any, Dict, List, Mapping, Tuple
+from typing import Any, Dict, List, Tuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from var_jax.models.layers import Conv, logical, torch_default_kernel_init
 
@@ -59,17 +54,6 @@ def vgg16_convs() -> List[Tuple[int, int, int]]:
       out.append((idx, cin, v))
       idx, cin = idx + 2, v          # conv, ReLU
   return out
-
-
-def param_table() -> List[Tuple[str, Tuple[int, ...], Tuple[str, ...]]]:
-  """Every tensor of the model: (torch key, torch shape, our params path). VGG keys first, then the lin layers."""
-  t = []
-  for i, cin, cout in vgg16_convs():
-    t.append((f'features.{i}.weight', (cout, cin, 3, 3), ('net', f'conv_{i}', 'kernel')))
-    t.append((f'features.{i}.bias', (cout,), ('net', f'conv_{i}', 'bias')))
-  for k, c in enumerate(TAP_CHANNELS):
-    t.append((f'lin{k}.model.1.weight', (1, c, 1, 1), (f'lin{k}', 'kernel')))
-  return t
 
 
 # ----------------------------------------------------------------------------- model
@@ -174,123 +158,3 @@ def lpips_distance(params: Params, x0, x1, dtype: Dtype = jnp.float32, keepdims:
   closure constant: a closure would embed the 59 MB of VGG weights in the compiled program."""
   model = LPIPS(dtype=dtype, keepdims=keepdims, normalize=normalize)
   return model.apply({'params': jax.lax.stop_gradient(params)}, x0, x1)
-
-
-# ----------------------------------------------------------------------------- weights
-def _mismatch(msg: str) -> Exception:
-  from var_jax.interop.reference import CheckpointMismatchError
-  return CheckpointMismatchError(msg)
-
-
-def _set(tree: Dict[str, Any], path: Tuple[str, ...], value):
-  for p in path[:-1]:
-    tree = tree.setdefault(p, {})
-  tree[path[-1]] = value
-
-
-def params_from_state_dicts(vgg_sd: Mapping[str, Any], lin_sd: Mapping[str, Any], vgg_name: str = 'vgg',
-                            lin_name: str = 'lin') -> Params:
-  """Our params from torchvision's vgg16 state_dict and lpips's lin state_dict. Keys outside ``features.*`` /
-  ``lin*`` are ignored (torchvision's ``classifier.*``; lpips itself loads its file with ``strict=False``)."""
-  table = param_table()
-  params: Params = {}
-  layouts = ((vgg_sd, vgg_name, 'features.', 'torchvision vgg16 features.{i}.weight/bias'),
-             (lin_sd, lin_name, 'lin', 'lpips v0.1 lin{k}.model.1.weight'))
-  for sd, name, prefix, layout in layouts:
-    want = {k for k, _, _ in table if k.startswith(prefix)}
-    missing = sorted(want - set(sd), key=_natural)
-    if missing:
-      raise _mismatch(f'{name}: missing keys {missing[:8]}{" ..." if len(missing) > 8 else ""} (expected the '
-                      f'{layout} layout; found {sorted(sd, key=_natural)[:8]})')
-    extra = sorted((k for k in sd if k.startswith(prefix) and k not in want), key=_natural)   # others: ignored
-    if extra:
-      raise _mismatch(f'{name}: unexpected keys {extra[:8]} (not torchvision vgg16 / lpips v0.1 vgg layout; '
-                      f'vgg16_bn or another net?)')
-  for key, shape, path in table:
-    a = np.asarray(vgg_sd[key] if key.startswith('features.') else lin_sd[key], np.float32)
-    if tuple(a.shape) != shape:
-      raise _mismatch(f'{vgg_name if key.startswith("features.") else lin_name}: {key!r} has shape '
-                      f'{tuple(a.shape)}, expected {shape}')
-    _set(params, path, np.ascontiguousarray(np.transpose(a, (2, 3, 1, 0))) if a.ndim == 4 else a)   # OIHW -> HWIO
-  return params
-
-
-def _hwio(torch_shape: Tuple[int, ...]) -> Tuple[int, ...]:
-  return (torch_shape[2], torch_shape[3], torch_shape[1], torch_shape[0]) if len(torch_shape) == 4 else torch_shape
-
-
-def _natural(k: str):
-  return [int(p) if p.isdigit() else p for p in k.replace('.', ' . ').split()]
-
-
-def load_lpips_params(vgg_path: str, lin_path: str) -> Params:
-  """Read torchvision's ``vgg16-397923af.pth`` and lpips's ``weights/v0.1/vgg.pth`` (``torch.load(weights_only=True)``;
-  ``.safetensors`` of the same state_dicts also work) into our params (numpy float32)."""
-  from var_jax.interop.reference import load_state_dict
-  return params_from_state_dicts(load_state_dict(vgg_path), load_state_dict(lin_path), os.fspath(vgg_path),
-                                 os.fspath(lin_path))
-
-
-def _check_params(flat: Mapping[str, Any], what: str):
-  want = {'/'.join(path): _hwio(shape) for _, shape, path in param_table()}
-  missing = sorted(set(want) - set(flat), key=_natural)
-  extra = sorted(set(flat) - set(want), key=_natural)
-  if missing or extra:
-    raise _mismatch(f'{what}: not LPIPS-VGG params; missing {missing[:8]}, unexpected {extra[:8]}')
-  for k, shape in want.items():
-    if tuple(np.shape(flat[k])) != shape:
-      raise _mismatch(f'{what}: {k!r} has shape {tuple(np.shape(flat[k]))}, expected {shape}')
-
-
-def save_lpips_params(params: Params, path: str):
-  """Write our params to one ``.safetensors`` (keys 'net/conv_0/kernel', ..., 'lin4/kernel'; float32)."""
-  from flax import traverse_util
-  from flax.core import meta
-  from safetensors.numpy import save_file
-  path = os.fspath(path)
-  flat = traverse_util.flatten_dict(meta.unbox(params), sep='/')
-  _check_params(flat, 'save_lpips_params')
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  tmp = path + '.tmp'
-  save_file({k: np.ascontiguousarray(np.asarray(v, np.float32)) for k, v in flat.items()}, tmp,
-            metadata={'format': 'var_jax.lpips_vgg', 'layout': 'NHWC/HWIO'})
-  os.replace(tmp, path)
-
-
-def load_converted(path: str) -> Params:
-  """Read a ``save_lpips_params`` file (no torch needed)."""
-  from flax import traverse_util
-  from safetensors.numpy import load_file
-  path = os.fspath(path)
-  if not os.path.exists(path):
-    raise FileNotFoundError(f'LPIPS weights not found: {path}')
-  flat = dict(load_file(path))
-  _check_params(flat, path)
-  return traverse_util.unflatten_dict(flat, sep='/')
-
-
-def convert(vgg_path: str, lin_path: str, out_path: str) -> Params:
-  params = load_lpips_params(vgg_path, lin_path)
-  save_lpips_params(params, out_path)
-  return params
-
-
-def main(argv):
-  from absl import app, flags
-  if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  f = flags.FLAGS
-  for name in ('vgg', 'lin', 'out'):
-    if not getattr(f, name):
-      raise app.UsageError(f'--{name} is required')
-  convert(f.vgg, f.lin, f.out)
-  print(f'wrote {f.out}')
-
-
-if __name__ == '__main__':
-  from absl import app, flags
-  # flags are defined here, not at import: the library import must not claim global flag names
-  flags.DEFINE_string('vgg', None, "torchvision's vgg16-397923af.pth")
-  flags.DEFINE_string('lin', None, "the lpips package's weights/v0.1/vgg.pth")
-  flags.DEFINE_string('out', None, 'output .safetensors')
-  app.run(main)

@@ -21,8 +21,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from var_jax.models.var_config import VARConfig
-from var_jax.models.layers import Dense, l2_normalize, layer_norm_no_affine, logical, scaled_rows_init, \
-  torch_trunc_normal
+from var_jax.models.layers import Dense, drop_labels, drop_path, l2_normalize, layer_norm_no_affine, logical, \
+  scaled_rows_init, torch_trunc_normal
 
 Dtype = Any
 KVCache = Dict[str, jax.Array]   # {'k': (B, L, H, Dh), 'v': (B, L, H, Dh)} per block
@@ -109,14 +109,6 @@ class FFN(nn.Module):
     return y
 
 
-def _drop_path(module: nn.Module, x, rate: float, deterministic: bool):
-  if deterministic or rate <= 0:
-    return x
-  keep = 1.0 - rate
-  mask = jax.random.bernoulli(module.make_rng('dropout'), keep, (x.shape[0],) + (1,) * (x.ndim - 1))
-  return jnp.where(mask, x / keep, 0).astype(x.dtype)
-
-
 class AdaLNSelfAttn(nn.Module):
   """x += drop_path(gamma1 * attn(LN(x) (1 + scale1) + shift1)); x += drop_path(gamma2 * ffn(...2))."""
   config: VARConfig
@@ -146,10 +138,10 @@ class AdaLNSelfAttn(nn.Module):
     ln = layer_norm_no_affine(x, cfg.norm_eps).astype(self.dtype)
     a, new_cache = SelfAttention(cfg, name='attn', dtype=self.dtype)(ln * (scale1 + 1) + shift1, deterministic,
                                                                      cache, span)
-    x = x + _drop_path(self, a * gamma1, rate, deterministic)
+    x = x + drop_path(self, a * gamma1, rate, deterministic)
     ln = layer_norm_no_affine(x, cfg.norm_eps).astype(self.dtype)
     f = FFN(cfg, name='ffn', dtype=self.dtype)(ln * (scale2 + 1) + shift2, deterministic)
-    x = x + _drop_path(self, f * gamma2, rate, deterministic)
+    x = x + drop_path(self, f * gamma2, rate, deterministic)
     x = nn.with_logical_constraint(x, ('activation_batch', 'activation_length', 'activation_embed'))
     return x, new_cache
 
@@ -225,8 +217,7 @@ class VAR(nn.Module):
     """
     cfg = self.config
     if not deterministic and cfg.cond_drop_rate > 0:
-      drop = jax.random.uniform(self.make_rng('dropout'), labels.shape) < cfg.cond_drop_rate
-      labels = jnp.where(drop, cfg.num_classes, labels)
+      labels = drop_labels(labels, cfg.cond_drop_rate, cfg.num_classes, self.make_rng('dropout'))
     cond = self.class_cond(labels)
     sos = cond[:, None, :] + self.pos_start[None]
     x = jnp.concatenate([sos, self.word_embed(x_wo_first_l.astype(jnp.float32)).astype(jnp.float32)], axis=1)

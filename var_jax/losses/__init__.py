@@ -1,0 +1,1 @@
+"""Training losses: token cross-entropies (VAR, ELM), GAN terms (tokenizers), BAE codebook and BiGR losses."""
