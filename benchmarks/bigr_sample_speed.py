@@ -82,8 +82,8 @@ def build_configs():
 
 # ----------------------------------------------------------------------------- ours
 def time_ours(pipe, labels):
-  import jax.numpy as jnp
-  dtype = jnp.bfloat16 if FLAGS.dtype == 'bfloat16' else jnp.float32
+  from var_jax.dtypes import parse_dtype
+  dtype = parse_dtype(FLAGS.dtype, '--dtype')
   kw = dict(cfg=FLAGS.cfg, num_iter=FLAGS.num_iter, infer_steps=FLAGS.infer_steps, gumbel_temp=FLAGS.gumbel_temp,
             batch_size=FLAGS.batch_size, dtype=dtype, shard=FLAGS.shard)
   t0 = time.perf_counter()
@@ -268,7 +268,7 @@ def main(argv):
       raise app.UsageError('the reference generate_with_cfg needs --cfg > 1')
     os.environ.setdefault('XLA_PYTHON_CLIENT_PREALLOCATE', 'false')   # leave GPU memory to PyTorch
   import jax
-  from var_jax.bigr_pipeline import BiGRPipeline
+  from var_jax.pipelines.bigr import BiGRPipeline
 
   bae_cfg, bigr_cfg = build_configs()
   device_line, device = bc.describe_jax_devices()

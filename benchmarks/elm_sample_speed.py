@@ -160,8 +160,10 @@ def fmt_run(name, r):
 def time_ours(pipe, labels):
   import jax
   import jax.numpy as jnp
-  from var_jax import elm_sampling as es
-  dtype = jnp.bfloat16 if FLAGS.dtype == 'bfloat16' else jnp.float32
+  from var_jax.sampling import elm as es
+  from var_jax.sampling.common import per_sample_keys
+  from var_jax.dtypes import parse_dtype
+  dtype = parse_dtype(FLAGS.dtype, '--dtype')
   top_k = FLAGS.top_k or None
   if FLAGS.decode:
     kw = dict(cfg=FLAGS.cfg, cfg_schedule=FLAGS.cfg_schedule, temperature=FLAGS.temperature, top_k=top_k,
@@ -174,7 +176,7 @@ def time_ours(pipe, labels):
     params = pipe.elm_variables if FLAGS.dtype == 'float32' else jax.tree.map(lambda a: a.astype(dtype),
                                                                               pipe.elm_variables)
     run = lambda i: np.asarray(fn(params, jnp.asarray(labels[i]),
-                                  es.per_sample_keys(FLAGS.seed + i, labels.shape[1]))['tokens'])
+                                  per_sample_keys(FLAGS.seed + i, labels.shape[1]))['tokens'])
   t0 = time.perf_counter()
   tokens = run(0)
   first = time.perf_counter() - t0
@@ -296,9 +298,10 @@ def load_reference_models(pipe, path, dev):
 
 def greedy_ours(pipe, labels):
   import jax.numpy as jnp
-  from var_jax import elm_sampling as es
+  from var_jax.sampling import elm as es
+  from var_jax.sampling.common import per_sample_keys
   fn = es.make_ar_sampler(pipe.model, cfg_scale=FLAGS.cfg, cfg_schedule=FLAGS.cfg_schedule, top_k=1)
-  return np.asarray(fn(pipe.elm_variables, jnp.asarray(labels), es.per_sample_keys(0, len(labels)))['tokens'])
+  return np.asarray(fn(pipe.elm_variables, jnp.asarray(labels), per_sample_keys(0, len(labels)))['tokens'])
 
 
 def time_reference(pipe, labels):
@@ -362,7 +365,7 @@ def main(argv):
     # JAX would otherwise reserve most of the GPU memory at start-up and leave little to PyTorch
     os.environ.setdefault('XLA_PYTHON_CLIENT_PREALLOCATE', 'false')
   import jax
-  from var_jax.elm_pipeline import ELMPipeline
+  from var_jax.pipelines.elm import ELMPipeline
 
   bae_cfg, elm_cfg = build_configs()
   device_line, device = describe_jax_devices()

@@ -45,8 +45,8 @@ flags.DEFINE_bool('shard', True, 'Shard each batch over all local devices (pipe.
 
 
 def time_ours(pipe, labels, dtype_name):
-  import jax.numpy as jnp
-  dtype = jnp.bfloat16 if dtype_name == 'bfloat16' else jnp.float32
+  from var_jax.dtypes import parse_dtype
+  dtype = parse_dtype(dtype_name, '--dtype')
   kw = dict(cfg=FLAGS.cfg, top_k=FLAGS.top_k, top_p=FLAGS.top_p, batch_size=FLAGS.batch_size, dtype=dtype,
             shard=FLAGS.shard)
   t0 = time.perf_counter()

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from conftest import SHARED, nchw_to_nhwc, rel_err
-from var_jax import bigr_sampling as bs
-from var_jax.bigr_pipeline import RELEASE_SAMPLING, BiGRPipeline
+from var_jax.sampling import bigr as bs
+from var_jax.pipelines.bigr import RELEASE_SAMPLING, BiGRPipeline
 
 REF = SHARED / 'fixtures' / 'elm_bigr_reference'
 BAE_FIX, BIGR_FIX = REF / 'bae_k8', REF / 'bigr_k8'

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from conftest import SHARED
-from var_jax import bigr_sampling as bs
+from var_jax.sampling import bigr as bs
 from var_jax.interop import bigr as ib
 from var_jax.models.bigr import BiGR
 

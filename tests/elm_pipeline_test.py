@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import SHARED, nchw_to_nhwc
-from var_jax.elm_pipeline import ELMPipeline
+from var_jax.pipelines.elm import ELMPipeline
 from var_jax.interop.state_dict import CheckpointMismatchError
 
 REF = SHARED / 'fixtures' / 'elm_bigr_reference'

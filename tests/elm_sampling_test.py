@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from conftest import SHARED, nchw_to_nhwc
-from var_jax import elm_sampling as es
+from var_jax.sampling import elm as es
+from var_jax.sampling.common import filter_top_k_top_p, per_sample_keys
 from var_jax.interop import bae as ibae
 from var_jax.interop import elm as ie
 from var_jax.models import elm as E
@@ -78,7 +79,7 @@ def test_ar_greedy_matches_reference(name, bae):
   assert _maxdiff(image, nchw_to_nhwc(io['greedy_image'])) < IMAGE_TOL
   # the keyed path with top_k = 1 is greedy as well
   keyed = es.make_ar_sampler(model, **_ar_settings(cj, greedy=True))(v, io['labels'],
-                                                                     es.per_sample_keys(7, 2))
+                                                                     per_sample_keys(7, 2))
   np.testing.assert_array_equal(np.asarray(keyed['tokens']), io['greedy_tokens'])
 
 
@@ -133,7 +134,7 @@ def test_ar_keys_are_per_sample():
   settings = dict(cfg_scale=2.0, cfg_schedule='linear', temperature=1.0, top_k=None)
   fn = es.make_ar_sampler(model, **settings)
   root = jax.random.key(3)
-  keys = es.per_sample_keys(root, 4)
+  keys = per_sample_keys(root, 4)
   full = np.asarray(fn(v, np.array([0, 1, 2, 3], np.int32), keys)['tokens'])
   again = np.asarray(fn(v, np.array([0, 1, 2, 3], np.int32), keys)['tokens'])
   np.testing.assert_array_equal(full, again)
@@ -141,7 +142,7 @@ def test_ar_keys_are_per_sample():
   alone = np.asarray(fn(v, np.array([2], np.int32), keys[2:3])['tokens'])
   np.testing.assert_array_equal(alone[0], full[2])
   assert not np.array_equal(full[0], full[1])
-  other = np.asarray(fn(v, np.array([0, 1, 2, 3], np.int32), es.per_sample_keys(4, 4))['tokens'])
+  other = np.asarray(fn(v, np.array([0, 1, 2, 3], np.int32), per_sample_keys(4, 4))['tokens'])
   assert not np.array_equal(full, other)
   assert full.min() >= 0 and full.max() < model.config.codebook_size
 
@@ -167,7 +168,7 @@ def test_mlm_keyed_sampling():
   model, v, io, cj = _fixture('elm_mlm_2x4')
   fn = es.make_mlm_sampler(model, num_iter=4, cfg_scale=2.5, cfg_schedule='powercos', temperature=2.0,
                            scale_pow=2.0)
-  keys = es.per_sample_keys(11, 3)
+  keys = per_sample_keys(11, 3)
   labels = np.array([3, 3, 10], np.int32)
   out = jax.tree.map(np.asarray, fn(v, labels, keys))
   assert out['tokens'].min() >= 0 and out['tokens'].max() < model.config.codebook_size
@@ -219,10 +220,10 @@ def test_inverse_cdf_and_top_k():
   # cumsum <= u everywhere (rounding) -> clipped to V - 1
   np.testing.assert_array_equal(es.inverse_cdf(jnp.asarray([[0.5, 0.49]]), jnp.asarray([0.995])), [1])
   logits = jnp.asarray([[1.0, 3.0, 2.0, 3.0, 0.5]])
-  np.testing.assert_array_equal(np.isfinite(es.top_k_filter(logits, 2)), [[False, True, False, True, False]])
-  np.testing.assert_array_equal(np.isfinite(es.top_k_filter(logits, 3)), [[False, True, True, True, False]])
-  np.testing.assert_array_equal(es.top_k_filter(logits, 0), logits)
-  np.testing.assert_array_equal(es.top_k_filter(logits, 100), logits)
+  np.testing.assert_array_equal(np.isfinite(filter_top_k_top_p(logits, 2)), [[False, True, False, True, False]])
+  np.testing.assert_array_equal(np.isfinite(filter_top_k_top_p(logits, 3)), [[False, True, True, True, False]])
+  np.testing.assert_array_equal(filter_top_k_top_p(logits, 0), logits)
+  np.testing.assert_array_equal(filter_top_k_top_p(logits, 100), logits)
 
 
 def test_bad_arguments():

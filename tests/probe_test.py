@@ -14,8 +14,9 @@ import numpy as np
 import pytest
 
 from conftest import REPO
-from var_jax import probe
-from var_jax.bigr_pipeline import BiGRPipeline
+from var_jax.eval import probe
+from var_jax.pipelines.pretrained import parse_model_args
+from var_jax.pipelines.bigr import BiGRPipeline
 from var_jax.data import default_data_config
 
 
@@ -63,13 +64,13 @@ def test_standardize():
 
 def test_parse_model_args():
   want = {'n_head': 16, 'p_flip': True, 'focal': 0.0, 'n_kv_head': None}
-  assert probe.parse_model_args('{"n_head": 16, "p_flip": true, "focal": 0.0, "n_kv_head": null}') == want
-  assert probe.parse_model_args(['n_head=16', 'p_flip=true', 'focal=0.0', 'n_kv_head=null']) == want
-  assert probe.parse_model_args('n_head=16,p_flip=True,focal=0.0,n_kv_head=None') == want
-  assert probe.parse_model_args('{"n_head": 16, "p_flip": true, "focal": 0.0, "n_kv_head": null}'.split(',')) == want
-  assert probe.parse_model_args(None) == {}
+  assert parse_model_args('{"n_head": 16, "p_flip": true, "focal": 0.0, "n_kv_head": null}') == want
+  assert parse_model_args(['n_head=16', 'p_flip=true', 'focal=0.0', 'n_kv_head=null']) == want
+  assert parse_model_args('n_head=16,p_flip=True,focal=0.0,n_kv_head=None') == want
+  assert parse_model_args('{"n_head": 16, "p_flip": true, "focal": 0.0, "n_kv_head": null}'.split(',')) == want
+  assert parse_model_args(None) == {}
   with pytest.raises(ValueError, match='key=value'):
-    probe.parse_model_args(['n_head'])
+    parse_model_args(['n_head'])
 
 
 @pytest.fixture(scope='module')

@@ -10,7 +10,9 @@ from PIL import Image
 
 from conftest import REPO, fixture_dir
 from var_jax import VARPipeline
-from var_jax import sample as cli
+from var_jax.eval import protocol
+from var_jax.images import to_uint8
+from var_jax.pipelines import pretrained
 
 
 @pytest.fixture(scope='module')
@@ -20,14 +22,14 @@ def tiny_pipe():
 
 
 def test_out_dir_npz_and_resume(tmp_path, tiny_pipe):
-  labels = cli.sample_plan(10, ['1', '4', '9'], 2)
+  labels = protocol.sample_plan(10, ['1', '4', '9'], 2)
   assert labels == [1, 1, 4, 4, 9, 9]
   out_dir = tmp_path / 'samples'
-  n = cli.run(tiny_pipe, labels, seed=3, cfg=1.5, top_k=10, top_p=0.9, more_smooth=False, batch_size=4,
-              dtype='float32', out=str(tmp_path / 'grid.png'), out_dir=str(out_dir))
+  n = protocol.write_samples(tiny_pipe, labels, seed=3, cfg=1.5, top_k=10, top_p=0.9, more_smooth=False,
+                             batch_size=4, dtype='float32', out=str(tmp_path / 'grid.png'), out_dir=str(out_dir))
   assert n == 6
   files = sorted(f for f in os.listdir(out_dir) if f.endswith('.png'))
-  assert files == [cli.image_name(i, l) for i, l in enumerate(labels)]
+  assert files == [protocol.image_name(i, l) for i, l in enumerate(labels)]
   npz = np.load(out_dir / 'samples.npz')
   assert npz['arr_0'].dtype == np.uint8 and npz['arr_0'].shape == (6, 64, 64, 3)
   first = {f: (out_dir / f).read_bytes() for f in files}
@@ -36,8 +38,8 @@ def test_out_dir_npz_and_resume(tmp_path, tiny_pipe):
   # kill two images and resume with another batch size: only those are redrawn, identically
   os.remove(out_dir / files[1])
   os.remove(out_dir / files[4])
-  n = cli.run(tiny_pipe, labels, seed=3, cfg=1.5, top_k=10, top_p=0.9, more_smooth=False, batch_size=1,
-              dtype='float32', out_dir=str(out_dir))
+  n = protocol.write_samples(tiny_pipe, labels, seed=3, cfg=1.5, top_k=10, top_p=0.9, more_smooth=False,
+                             batch_size=1, dtype='float32', out_dir=str(out_dir))
   assert n == 2
   for f in files:
     np.testing.assert_array_equal(np.asarray(Image.open(out_dir / f)), np.asarray(Image.open(
@@ -47,19 +49,19 @@ def test_out_dir_npz_and_resume(tmp_path, tiny_pipe):
 
 def test_plan_errors():
   with pytest.raises(ValueError, match=r'class 10 is out of range.*10 classes'):
-    cli.sample_plan(10, ['10'], 1)
+    protocol.sample_plan(10, ['10'], 1)
   with pytest.raises(ValueError, match='num_per_class'):
-    cli.sample_plan(10, None, 0)
-  assert cli.sample_plan(3, None, 2) == [0, 0, 1, 1, 2, 2]
+    protocol.sample_plan(10, None, 0)
+  assert protocol.sample_plan(3, None, 2) == [0, 0, 1, 1, 2, 2]
 
 
 def test_load_errors(tmp_path):
   with pytest.raises(ValueError, match='not both'):
-    cli.load_pipeline('a.pth', 'b.pth', str(tmp_path))
+    pretrained.load_pipeline('a.pth', 'b.pth', str(tmp_path))
   with pytest.raises(ValueError, match='give --checkpoint'):
-    cli.load_pipeline('a.pth', None, None)
+    pretrained.load_pipeline('a.pth', None, None)
   with pytest.raises(FileNotFoundError, match='not a var_jax model checkpoint'):
-    cli.load_pipeline(checkpoint=str(tmp_path))
+    pretrained.load_pipeline(checkpoint=str(tmp_path))
 
 
 def test_checkpoint_roundtrip(tmp_path, tiny_pipe):
@@ -105,36 +107,37 @@ def _bits_fixture(name):
 @pytest.mark.parametrize('name,family', [('elm_ar_2x4', 'elm'), ('elm_mlm_2x4', 'elm'), ('bigr_k8', 'bigr')])
 def test_bits_models_through_the_cli(tmp_path, name, family):
   bae, ckpt, margs = _bits_fixture(name)
-  assert cli.detect_family(str(ckpt)) == family
+  assert pretrained.detect_family(str(ckpt)) == family
   args = [f'{k}={json.dumps(v)}' for k, v in margs.items()]
-  pipe = cli.load_pipeline(bae_ckpt=str(bae), model_ckpt=str(ckpt), model_args=cli.parse_model_args(args))
-  assert cli.model_kind(pipe) == family and cli.num_classes(pipe) == 10
-  labels = cli.sample_plan(10, ['3', '7'], 2)
+  pipe = pretrained.load_pipeline(bae_ckpt=str(bae), model_ckpt=str(ckpt), model_args=pretrained.parse_model_args(args))
+  assert pipe.family == family and pipe.num_classes == 10
+  labels = protocol.sample_plan(10, ['3', '7'], 2)
   extra = {'num_iter': 4} if family != 'elm' or 'mlm' in name else {}
   if family == 'bigr':
     extra['infer_steps'] = 5
   out_dir = tmp_path / 's'
-  n = cli.run(pipe, labels, 0, None, 5 if family == 'elm' else None, None, False, 4, 'float32',
-              out=str(tmp_path / 'grid.png'), out_dir=str(out_dir), options=extra)
+  n = protocol.write_samples(pipe, labels, 0, None, 5 if family == 'elm' else None, None, False, 4, 'float32',
+                             out=str(tmp_path / 'grid.png'), out_dir=str(out_dir), options=extra)
   assert n == 4
   arr = np.load(out_dir / 'samples.npz')['arr_0']
   assert arr.shape == (4, 64, 64, 3) and arr.dtype == np.uint8
   # the same images as the pipeline draws directly with the family's defaults (per-image keys)
-  opts = cli.sampling_options(family, top_k=5 if family == 'elm' else None, **extra)
+  opts = protocol.sampling_options(family, top_k=5 if family == 'elm' else None, **extra)
   imgs, _ = pipe.sample(labels, 0, sample_ids=list(range(4)), batch_size=4, **opts)
-  np.testing.assert_array_equal(arr, cli.to_uint8(imgs))
+  np.testing.assert_array_equal(arr, to_uint8(imgs))
 
 
 def test_sampling_options_per_family():
-  assert cli.sampling_options('var') == {'cfg': 1.5, 'top_k': 900, 'top_p': 0.96, 'more_smooth': False}
-  assert cli.sampling_options('elm', cfg_schedule='cos') == {'cfg': 4.0, 'top_k': 1000, 'cfg_schedule': 'cos'}
-  assert cli.sampling_options('bigr', cfg=2.0, gumbel_temp=0.5) == {'cfg': 2.0, 'gumbel_temp': 0.5}
+  assert protocol.sampling_options('var') == {'cfg': 1.5, 'top_k': 900, 'top_p': 0.96, 'more_smooth': False}
+  assert protocol.sampling_options('elm', cfg_schedule='cos') == {'cfg': 4.0, 'top_k': 1000, 'cfg_schedule': 'cos'}
+  assert protocol.sampling_options('bigr', cfg=2.0, gumbel_temp=0.5) == {'cfg': 2.0, 'gumbel_temp': 0.5}
   with pytest.raises(ValueError, match='--top_p do not apply to ELM'):
-    cli.sampling_options('elm', top_p=0.9)
+    protocol.sampling_options('elm', top_p=0.9)
   with pytest.raises(ValueError, match='--top_k do not apply to BIGR'):
-    cli.sampling_options('bigr', top_k=10)
+    protocol.sampling_options('bigr', top_k=10)
   with pytest.raises(ValueError, match='--gumbel_temp do not apply to VAR'):
-    cli.sampling_options('var', gumbel_temp=0.1)
-  assert cli.parse_model_args(['n_head=4', 'p_flip=true', 'name=x']) == {'n_head': 4, 'p_flip': True, 'name': 'x'}
+    protocol.sampling_options('var', gumbel_temp=0.1)
+  assert pretrained.parse_model_args(['n_head=4', 'p_flip=true', 'name=x']) == {'n_head': 4, 'p_flip': True,
+                                                                                'name': 'x'}
   with pytest.raises(ValueError, match='key=value'):
-    cli.parse_model_args(['n_head'])
+    pretrained.parse_model_args(['n_head'])

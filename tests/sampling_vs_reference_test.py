@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 
 from conftest import nchw_to_nhwc
-from var_jax import sampling
+from var_jax.sampling import var as sampling
+from var_jax.sampling.common import filter_top_k_top_p
 
 
 def test_greedy_cfg_sampling_matches_reference(reference_model):
@@ -57,21 +58,21 @@ def test_bad_labels(reference_model):
 
 def test_top_k_top_p_semantics():
   logits = jnp.log(jnp.array([[0.05, 0.4, 0.1, 0.3, 0.15]]))
-  k2 = sampling.filter_top_k_top_p(logits, top_k=2)
+  k2 = filter_top_k_top_p(logits, top_k=2)
   np.testing.assert_array_equal(np.isfinite(k2[0]), [False, True, False, True, False])
   # top-p 0.7: sorted ascending probs .05 .1 .15 .3 .4, cumsum .05 .15 .3 .6 1.0; remove cumsum <= 0.3
-  p = sampling.filter_top_k_top_p(logits, top_p=0.7)
+  p = filter_top_k_top_p(logits, top_p=0.7)
   np.testing.assert_array_equal(np.isfinite(p[0]), [False, True, False, True, False])
   # the largest is always kept
-  p = sampling.filter_top_k_top_p(logits, top_p=1e-6)
+  p = filter_top_k_top_p(logits, top_p=1e-6)
   np.testing.assert_array_equal(np.isfinite(p[0]), [False, True, False, False, False])
   # top-k keeps ties at the k-th value
-  t = sampling.filter_top_k_top_p(jnp.array([[1., 2., 2., 0.]]), top_k=2)
+  t = filter_top_k_top_p(jnp.array([[1., 2., 2., 0.]]), top_k=2)
   np.testing.assert_array_equal(np.isfinite(t[0]), [False, True, True, False])
   # sampling from a top-k=1 filtered distribution is the argmax
   keys = jax.random.split(jax.random.key(0), 64)
   lg = jax.random.normal(jax.random.key(1), (64, 100))
-  draws = jax.vmap(jax.random.categorical)(keys, sampling.filter_top_k_top_p(lg, top_k=1))
+  draws = jax.vmap(jax.random.categorical)(keys, filter_top_k_top_p(lg, top_k=1))
   np.testing.assert_array_equal(draws, jnp.argmax(lg, -1))
 
 

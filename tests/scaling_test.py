@@ -12,7 +12,7 @@ import pytest
 from scipy import stats
 
 from tests_helpers import REPO, load_config
-from var_jax import scaling
+from var_jax.eval import scaling
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -61,30 +61,20 @@ def make_sweep(root, n_runs=4):
 # ---------------------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize('q', [0.6, 0.9, 0.975, 0.995, 0.9999])
-def test_t_quantile_fallback_closed_forms(q):
+def test_t_quantile_closed_forms(q):
   # df = 1: Cauchy, tan(pi (q - 1/2)); df = 2: t = u sqrt(2 / (1 - u^2)), u = 2q - 1
-  assert scaling._t_quantile_fallback(q, 1) == pytest.approx(math.tan(math.pi * (q - 0.5)), rel=1e-10)
+  assert scaling.t_quantile(q, 1) == pytest.approx(math.tan(math.pi * (q - 0.5)), rel=1e-10)
   u = 2 * q - 1
-  assert scaling._t_quantile_fallback(q, 2) == pytest.approx(u * math.sqrt(2 / (1 - u * u)), rel=1e-10)
+  assert scaling.t_quantile(q, 2) == pytest.approx(u * math.sqrt(2 / (1 - u * u)), rel=1e-10)
   # df -> infinity: the normal quantile
-  assert scaling._t_quantile_fallback(q, 1e7) == pytest.approx(statistics.NormalDist().inv_cdf(q), rel=1e-5)
-  assert scaling._t_quantile_fallback(1 - q, 3) == -scaling._t_quantile_fallback(q, 3)
+  assert scaling.t_quantile(q, 1e7) == pytest.approx(statistics.NormalDist().inv_cdf(q), rel=1e-5)
+  assert scaling.t_quantile(1 - q, 3) == -scaling.t_quantile(q, 3)
 
 
 @pytest.mark.parametrize('df', [1, 2, 3, 4.5, 7, 30, 200])
-def test_t_quantile_fallback_vs_scipy(df):
+def test_t_quantile_vs_scipy(df):
   for q in (0.5, 0.55, 0.8, 0.95, 0.975, 0.995, 0.025):
-    assert scaling._t_quantile_fallback(q, df) == pytest.approx(stats.t.ppf(q, df), rel=1e-9, abs=1e-12)
     assert scaling.t_quantile(q, df) == pytest.approx(stats.t.ppf(q, df), rel=1e-12, abs=1e-12)
-  for t in (-3.0, -0.2, 0.0, 0.7, 4.0):
-    assert scaling._t_cdf_fallback(t, df) == pytest.approx(stats.t.cdf(t, df), rel=1e-10, abs=1e-14)
-  with pytest.raises(ValueError, match='quantile level'):
-    scaling._t_quantile_fallback(1.0, df)
-
-
-def test_t_quantile_without_scipy(monkeypatch):
-  monkeypatch.setitem(sys.modules, 'scipy', None)     # `from scipy import stats` raises ImportError
-  assert scaling.t_quantile(0.975, 3) == pytest.approx(3.182446305284263, rel=1e-10)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -54,7 +54,7 @@ def test_evaluate_cli_end_to_end(tmp_path):
   out = tmp_path / 'ev'
   r = _run(f'--vae_ckpt={d / "vae.pth"}', f'--var_ckpt={d / "var.pth"}', '--classes=2,5', '--num_per_class=4',
            f'--out_dir={out}', f'--ref={ref_dir}', f'--inception={inc_path}', f'--ref_cache={tmp_path / "rc.npz"}',
-           '--inception_batch=8', '--batch_size=8')
+           '--inception_batch=8', '--batch_size=8', '--is_split=equal10', '--pr_distance_dtype=float32')
   assert r.returncode == 0, r.stderr[-3000:]
   res = json.loads((out / 'metrics.json').read_text())
   for k in ('fid', 'inception_score', 'precision', 'recall'):
@@ -76,7 +76,8 @@ def test_evaluate_cli_end_to_end(tmp_path):
   # the cache now holds the reference; evaluating the npz again (no model) gives the same numbers
   assert (tmp_path / 'rc.npz').exists()
   r = _run(f'--samples={out / "samples" / "samples.npz"}', f'--ref={ref_dir}', f'--inception={inc_path}',
-           f'--ref_cache={tmp_path / "rc.npz"}', '--inception_batch=8', f'--out_dir={tmp_path / "ev2"}')
+           f'--ref_cache={tmp_path / "rc.npz"}', '--inception_batch=8', f'--out_dir={tmp_path / "ev2"}',
+           '--is_split=equal10', '--pr_distance_dtype=float32')
   assert r.returncode == 0, r.stderr[-3000:]
   res2 = json.loads((tmp_path / 'ev2' / 'metrics.json').read_text())
   assert res2['fid'] == pytest.approx(res['fid'], rel=1e-6)
@@ -88,10 +89,10 @@ def test_evaluate_cli_rfid_and_test_loss(tmp_path):
   import jax
   from tests_helpers import quickstart_config
   from var_jax import VARPipeline
-  from var_jax.train import trainer
+  from var_jax.train.tasks import var as var_task
   inc_path = tmp_path / 'inception.safetensors'
   _random_inception_file(inc_path)
-  vae_cfg, var_cfg = trainer.model_configs(quickstart_config())
+  vae_cfg, var_cfg = var_task.model_configs(quickstart_config())
   VARPipeline.init_random(vae_cfg, var_cfg, jax.random.key(0)).save_checkpoint(str(tmp_path / 'model'))
   r = _run('--config=configs/quickstart.py', f'--checkpoint={tmp_path / "model"}', '--rfid', '--test_loss',
            '--config.model.depth=2', '--config.model.embed_dim=64', '--config.model.num_heads=1',

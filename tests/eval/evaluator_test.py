@@ -10,16 +10,15 @@ from PIL import Image
 
 from tests_helpers import quickstart_config
 from var_jax import VARPipeline
-from var_jax import sample as sample_lib
 from var_jax.data import pipeline as data_lib
-from var_jax.eval import evaluator, metrics
-from var_jax.train import trainer
+from var_jax.eval import evaluator, metrics, protocol
+from var_jax.train.tasks import var as var_task
 
 
 @pytest.fixture(scope='module')
 def quick_pipe():
   config = quickstart_config()
-  vae_cfg, var_cfg = trainer.model_configs(config)
+  vae_cfg, var_cfg = var_task.model_configs(config)
   return config, VARPipeline.init_random(vae_cfg, var_cfg, jax.random.key(0))
 
 
@@ -104,7 +103,7 @@ def test_reference_statistics_and_metrics(tmp_path):
   ref = evaluator.load_reference(str(tmp_path / 'stats.npz'))
   assert ref.pool3 is None
   logits = rng.normal(size=(50, 12))
-  out = evaluator.sample_metrics({'pool3': fake, 'logits': logits}, ref)
+  out = evaluator.sample_metrics({'pool3': fake, 'logits': logits}, ref, is_split='equal10')   # the 10-split rule
   assert 'precision' not in out    # statistics alone cannot give precision/recall
   np.testing.assert_allclose(out['fid'], metrics.frechet_distance(*metrics.feature_statistics(fake), mu, sigma))
   np.testing.assert_allclose(out['inception_score'], metrics.inception_score(logits, splits=10)[0])
@@ -113,7 +112,7 @@ def test_reference_statistics_and_metrics(tmp_path):
   evaluator.save_reference(str(tmp_path / 'cache.npz'), full)
   back = evaluator.load_reference('unused-because-cached', cache=str(tmp_path / 'cache.npz'))
   np.testing.assert_array_equal(back.pool3, real)
-  out = evaluator.sample_metrics({'pool3': fake, 'logits': logits}, back, k=3)
+  out = evaluator.sample_metrics({'pool3': fake, 'logits': logits}, back, k=3, pr_distance_dtype='float32')
   p, r = metrics.precision_recall(real, fake, k=3)
   assert (out['precision'], out['recall']) == (p, r)
   assert evaluator.sample_metrics({'pool3': real, 'logits': logits[:50]}, back)['fid'] == pytest.approx(0, abs=1e-6)
@@ -131,16 +130,16 @@ def test_sharded_generation_partitions_ids(tmp_path):
   from conftest import fixture_dir
   d = fixture_dir('tiny')
   pipe = VARPipeline.from_torch(d / 'vae.pth', d / 'var.pth')
-  labels = sample_lib.sample_plan(10, ['2', '5'], 3)
+  labels = protocol.sample_plan(10, ['2', '5'], 3)
   out = str(tmp_path / 's')
-  n = sample_lib.run(pipe, labels, 0, 1.5, 10, 0.9, False, 4, 'float32', out_dir=out, shard_index=1, shard_count=2,
-                     write_outputs=False)
-  assert n == 3 and sorted(os.listdir(out)) == [sample_lib.image_name(i, labels[i]) for i in (1, 3, 5)]
+  n = protocol.write_samples(pipe, labels, 0, 1.5, 10, 0.9, False, 4, 'float32', out_dir=out, shard_index=1,
+                             shard_count=2, write_outputs=False)
+  assert n == 3 and sorted(os.listdir(out)) == [protocol.image_name(i, labels[i]) for i in (1, 3, 5)]
   with pytest.raises(FileNotFoundError, match=r'3 of 6 samples are missing'):
-    sample_lib.write_npz(out, labels)
-  assert sample_lib.run(pipe, labels, 0, 1.5, 10, 0.9, False, 4, 'float32', out_dir=out, shard_index=0,
-                        shard_count=2, write_outputs=False) == 3
-  arr = np.load(sample_lib.write_npz(out, labels))['arr_0']
+    protocol.write_npz(out, labels)
+  assert protocol.write_samples(pipe, labels, 0, 1.5, 10, 0.9, False, 4, 'float32', out_dir=out,
+                                 shard_index=0, shard_count=2, write_outputs=False) == 3
+  arr = np.load(protocol.write_npz(out, labels))['arr_0']
   # the same images as one unsharded process draws (keys are per global image id)
   ref, _ = pipe.sample(labels, 0, cfg=1.5, top_k=10, top_p=0.9, sample_ids=list(range(6)))
   np.testing.assert_array_equal(arr, evaluator.to_uint8(ref))

@@ -3,31 +3,42 @@ reference batch, tokenizer rFID, and the test-set loss of a VAR checkpoint.
 
 The CLI over this is ``python -m var_jax.evaluate``. The protocol (what makes numbers comparable with the paper's):
 
-* Generated images go through a **uint8 PNG round trip** before any feature is computed (``var_jax.sample`` writes
-  PNGs and builds ``samples.npz`` from the files on disk), as the reference's ``create_npz_from_sample_folder`` does.
+* Generated images go through a **uint8 PNG round trip** before any feature is computed (``var_jax.eval.protocol``
+  writes PNGs and builds ``samples.npz`` from the files on disk), as the reference's ``create_npz_from_sample_folder``
+  does.
 * Features are those of the FID Inception-v3 (pytorch-fid's port of the 2015 TF graph, ``var_jax.eval.inception``):
   uint8 -> [0, 1] -> bilinear resize to 299 (torch's ``align_corners=False``, no antialias) -> [-1, 1].
   ``pool3`` (2048-d) for FID and precision/recall, the 1008-way logits for the Inception Score.
+  ``InceptionFeatures(preprocessing='tf1_legacy')`` uses the TF graph's own input path instead (TF1 legacy bilinear
+  of [0, 255], ``(x - 128) / 128``), as OpenAI's evaluator does.
 * FID: Frechet distance of the Gaussians of the two ``pool3`` sets (float64 statistics, pytorch-fid's numerics);
-  IS: 10 splits; precision/recall: k = 3 nearest-neighbour manifolds (Kynkaanniemi et al.).
+  IS: OpenAI's evaluator's split rule, consecutive chunks of 5000 samples (``is_split='chunks5000'``; ``'equal10'``:
+  10 equal splits, the improved-GAN rule; equal at N = 50000); precision/recall: k = 3 nearest-neighbour manifolds
+  (Kynkaanniemi et al.) with the evaluator's float16 distances (``pr_distance_dtype='float16'``; ``'float32'``
+  moves P/R by ~0.1-0.2 points). The rules used are recorded in the returned metrics / ``metrics.json``.
 * The paper's tables come from OpenAI's guided-diffusion evaluator (TF Inception, its own resize) on
-  ``samples.npz`` vs ``VIRTUAL_imagenet256_labeled.npz``. Our numbers use the same network weights and formulas but
-  torch's resize, so they are close but not bit-identical to that evaluator: report which one you used. The
-  ``samples.npz`` written here is exactly what that evaluator reads.
+  ``samples.npz`` vs ``VIRTUAL_imagenet256_labeled.npz``. Our numbers use the same network weights, its IS split
+  and P/R distance rules by default, and pytorch-fid's input path (torch resize) unless ``preprocessing='tf1_legacy'``;
+  they are close but not bit-identical to that evaluator (TF's convolutions round differently): report which one you
+  used. The ``samples.npz`` written here is exactly what that evaluator reads.
 """
 from __future__ import annotations
 
 import dataclasses
 import glob
+import json
 import math
 import os
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+import time
+from typing import Any, Callable, Dict, Iterator, Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import logging
 
 from var_jax.eval import metrics
+from var_jax.images import read_rgb, to_uint8
 
 IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.bmp', '.webp')
 
@@ -67,14 +78,12 @@ class ImageSet:
       raise FileNotFoundError(f'{path}: no image files ({", ".join(IMAGE_EXTENSIONS)}) found')
 
     def gen(bs):
-      from PIL import Image
       shape = None
       for s in range(0, len(files), bs):
         out = []
         for f in files[s:s + bs]:
           try:
-            with Image.open(f) as im:
-              a = np.asarray(im.convert('RGB'))
+            a = read_rgb(f)
           except Exception as e:  # PIL raises many types for a corrupt file
             raise ValueError(f'{f}: cannot be read as an image ({e})') from e
           if shape is None:
@@ -116,11 +125,6 @@ def _check_uint8_images(a: np.ndarray, name: str) -> np.ndarray:
   return a
 
 
-def to_uint8(images) -> np.ndarray:
-  """Float images in [0, 1] -> uint8, rounding as PIL's PNG writer sees it (``round(x * 255)``, clipped)."""
-  return np.clip(np.round(np.asarray(images, np.float32) * 255.0), 0, 255).astype(np.uint8)
-
-
 # ----------------------------------------------------------------------------- Inception activations
 def _inception_outputs(out):
   # IS uses softmax(pool3 @ W) without the fc bias, as OpenAI's evaluator, the improved-GAN code and torch-fidelity
@@ -132,7 +136,8 @@ class InceptionFeatures:
   """Batched, device-sharded Inception-v3 activations: ``pool3`` (N, 2048) and the Inception-Score ``logits``
   (N, 1008; the fc output without its bias, as the published IS implementations use)."""
 
-  def __init__(self, variables, batch_size: int = 200, devices: Optional[Sequence[jax.Device]] = None):
+  def __init__(self, variables, batch_size: int = 200, devices: Optional[Sequence[jax.Device]] = None,
+               preprocessing: str = 'pytorch_fid'):
     from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
     from var_jax.eval import inception
     devices = list(devices or jax.local_devices())
@@ -141,7 +146,11 @@ class InceptionFeatures:
     self._in = NamedSharding(mesh, P('batch'))
     rep = NamedSharding(mesh, P())
     self._params = jax.device_put(variables, rep)
-    self._fn = jax.jit(lambda p, x: _inception_outputs(inception.apply(p, x)), in_shardings=(rep, self._in))
+    # 'pytorch_fid' (torch bilinear of x / 255, 2x - 1) or 'tf1_legacy' (OpenAI's evaluator: TF1 legacy bilinear of
+    # [0, 255], (x - 128) / 128); see var_jax/eval/inception.py
+    self.preprocessing = preprocessing
+    self._fn = jax.jit(lambda p, x: _inception_outputs(inception.apply(p, x, preprocessing=preprocessing)),
+                       in_shardings=(rep, self._in))
 
   def __call__(self, images_u8: np.ndarray) -> Dict[str, np.ndarray]:
     n = images_u8.shape[0]
@@ -228,18 +237,25 @@ def save_reference(path: str, ref: Reference):
 
 
 # ----------------------------------------------------------------------------- the metrics
-def sample_metrics(fake: Dict[str, np.ndarray], ref: Reference, k: int = 3, is_splits: int = 10,
-                   pr_batch: int = 1000) -> Dict[str, float]:
-  """FID, IS and (when the reference has features) precision/recall of generated activations ``fake``."""
+def sample_metrics(fake: Dict[str, np.ndarray], ref: Reference, k: int = 3, is_split: str = metrics.DEFAULT_IS_SPLIT,
+                   pr_batch: int = 1000, pr_distance_dtype: str = 'float16') -> Dict[str, Any]:
+  """FID, IS and (when the reference has features) precision/recall of generated activations ``fake``.
+
+  The defaults are OpenAI's evaluator's rules (the paper's numbers): ``is_split='chunks5000'`` (IS over consecutive
+  chunks of 5000 samples; ``'equal10'``: 10 equal splits) and ``pr_distance_dtype='float16'`` (its float16 distance
+  blocks; ``'float32'``: plain float32). The rules used are returned as ``'is_split'`` / ``'pr_distance_dtype'``."""
   mu, sigma = metrics.feature_statistics(fake['pool3'])
   out = {'fid': metrics.frechet_distance(mu, sigma, ref.mu, ref.sigma), 'num_samples': int(len(fake['pool3']))}
-  splits = min(is_splits, len(fake['logits']))
-  out['inception_score'], out['inception_score_std'] = metrics.inception_score(fake['logits'], splits=splits)
+  out['inception_score'], out['inception_score_std'] = metrics.inception_score(
+      fake['logits'], **metrics.is_split_kwargs(is_split, len(fake['logits'])))
+  out['is_split'] = is_split
   if ref.pool3 is not None:
     if len(ref.pool3) <= k or len(fake['pool3']) <= k:
       raise ValueError(f'precision/recall with k={k} needs more than {k} images in each set '
                        f'({len(ref.pool3)} reference, {len(fake["pool3"])} generated)')
-    out['precision'], out['recall'] = metrics.precision_recall(ref.pool3, fake['pool3'], k=k, batch_size=pr_batch)
+    out['precision'], out['recall'] = metrics.precision_recall(ref.pool3, fake['pool3'], k=k, batch_size=pr_batch,
+                                                               distance_dtype=pr_distance_dtype)
+    out['pr_distance_dtype'] = pr_distance_dtype
     out['num_reference'] = int(len(ref.pool3))
   return out
 
@@ -325,3 +341,101 @@ def test_loss(pipe, data_cfg, split: str, batch_size: int, max_batches: int = -1
   for s, (l, a) in enumerate(zip(tot['scale_loss'], tot['scale_acc'])):
     res[f'test_loss_scale{s}'], res[f'test_acc_scale{s}'] = float(l) / n, 100 * float(a) / n
   return res
+
+
+# ----------------------------------------------------------------------------- the whole evaluation
+def inception_features(path: Optional[str], batch: int) -> InceptionFeatures:
+  from var_jax.eval import inception
+  if not path:
+    raise ValueError('--inception is required for FID/IS/precision/recall: pass pytorch-fid\'s '
+                     'pt_inception-2015-12-05-6726825d.pth (or its converted .safetensors); it is never downloaded')
+  return InceptionFeatures(inception.load_inception_params(path), batch_size=batch)
+
+
+def write_metrics(out_dir: str, results: Dict[str, Any], log: Callable[[str], None] = print) -> str:
+  """``metrics.json`` (atomically) and a table of the scalar results."""
+  path = os.path.join(out_dir, 'metrics.json')
+  with open(path + '.tmp', 'w') as f:
+    json.dump(results, f, indent=1, default=lambda o: o.item() if isinstance(o, np.generic) else str(o))
+  os.replace(path + '.tmp', path)
+  width = max((len(k) for k in results), default=0)
+  for k, v in results.items():
+    if not isinstance(v, dict):
+      log(f'{k:<{width}}  {v:.4f}' if isinstance(v, float) else f'{k:<{width}}  {v}')
+  log(f'wrote {path}')
+  return path
+
+
+def evaluate(pipe=None, *, out_dir: Optional[str] = None, samples: Optional[str] = None, ref: Optional[str] = None,
+             ref_cache: Optional[str] = None, inception: Optional[str] = None, inception_batch: int = 200,
+             pr_k: int = 3, rfid: bool = False, test_set_loss: bool = False, data_config=None,
+             split: Optional[str] = None, max_images: int = -1, max_batches: int = -1, classes=None,
+             num_per_class: int = 50, cfg: Optional[float] = None, top_k: Optional[int] = None,
+             top_p: Optional[float] = None, seed: int = 0, batch_size: int = 64, dtype: str = 'float32',
+             is_split: str = metrics.DEFAULT_IS_SPLIT, pr_distance_dtype: str = 'float16',
+             log: Callable[[str], None] = print) -> Dict[str, Any]:
+  """Sample quality (FID / IS / precision-recall of ``samples``, or of the protocol's samples of ``pipe`` generated
+  into ``out_dir/samples``; against the reference batch ``ref``, IS only without one), tokenizer rFID + PSNR
+  (``rfid``) and VAR's test loss (``test_set_loss``) over ``split`` of ``data_config``; returns the metrics and
+  writes them to ``out_dir/metrics.json`` (on process 0)."""
+  from var_jax.eval import protocol
+  results: Dict[str, Any] = {}
+  if (rfid or test_set_loss) and pipe is not None and pipe.family != 'var':
+    raise ValueError('--rfid and --test_loss are implemented for VAR checkpoints (VQVAE tokenizer) only')
+  if (rfid or test_set_loss) and data_config is None:
+    raise ValueError('--rfid and --test_loss read a data split: give --config=configs/<x>.py (its data section)')
+  if not out_dir and not samples:
+    raise ValueError('give --out_dir (where samples and metrics.json go) or --samples')
+  out_dir = out_dir or os.path.dirname(os.path.abspath(samples))
+  os.makedirs(out_dir, exist_ok=True)
+  split = split or (data_config.eval_split if data_config is not None else None)
+  feats = None
+  main = jax.process_index() == 0
+
+  # ---- sample quality ----
+  if samples or ref or not (rfid or test_set_loss):
+    if not samples:
+      labels = protocol.sample_plan(pipe.num_classes, classes, num_per_class)
+      samples = protocol.generate_samples(pipe, os.path.join(out_dir, 'samples'), labels, seed=seed, cfg=cfg,
+                                          top_k=top_k, top_p=top_p, batch_size=batch_size, dtype=dtype, log=log)
+      opts = protocol.sampling_options(pipe.family, cfg=cfg, top_k=top_k, top_p=top_p)
+    else:
+      opts = {}
+    if main:
+      feats = inception_features(inception, inception_batch)
+      fake_set = ImageSet.open(samples)
+      t0 = time.time()
+      fake = feats.of_set(fake_set)
+      log(f'Inception features of {len(fake_set)} samples in {time.time() - t0:.1f}s')
+      if ref:
+        results.update(sample_metrics(fake, load_reference(ref, feats, ref_cache), k=pr_k, is_split=is_split,
+                                      pr_distance_dtype=pr_distance_dtype))
+      else:
+        logging.warning('no --ref: only the Inception Score is computed')
+        results['inception_score'], results['inception_score_std'] = metrics.inception_score(
+            fake['logits'], **metrics.is_split_kwargs(is_split, len(fake['logits'])))
+        results['is_split'] = is_split
+        results['num_samples'] = int(len(fake['logits']))
+      results['protocol'] = {**opts, 'seed': seed, 'num_per_class': num_per_class, 'samples': samples,
+                             'reference': ref, 'features': f'FID Inception-v3 (pytorch-fid port), '
+                             f'{getattr(feats, "preprocessing", "pytorch_fid")} preprocessing'}
+
+  # ---- tokenizer rFID ----
+  if rfid and main:
+    orig, rec, pix = reconstruction_sets(pipe, data_config, split, batch_size, max_images)
+    feats = feats or inception_features(inception, inception_batch)
+    fo = feats.of_set(ImageSet.from_array(orig, f'{split} originals'))['pool3']
+    fr = feats.of_set(ImageSet.from_array(rec, f'{split} reconstructions'))['pool3']
+    results['rfid'] = metrics.frechet_distance(*metrics.feature_statistics(fr), *metrics.feature_statistics(fo))
+    results.update({f'recon_{k}': v for k, v in pix.items()})
+    results['rfid_split'] = split
+
+  # ---- test loss ----
+  if test_set_loss and main:
+    bs = batch_size - batch_size % jax.local_device_count() or jax.local_device_count()
+    results.update(test_loss(pipe, data_config, split, bs, max_batches))
+    results['test_split'] = split
+
+  if main:
+    write_metrics(out_dir, results, log)
+  return results

@@ -44,6 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from var_jax.models.elm import ELMAR, ELMMLM, init_cache
+from var_jax.sampling.common import filter_top_k_top_p, per_sample_keys
 
 AR_CFG_SCHEDULES = ('constant', 'linear', 'cos', 'log', 'square', 'square_root')
 MLM_CFG_SCHEDULES = ('constant', 'linear', 'powercos')
@@ -51,6 +52,11 @@ MASK_SCHEDULES = ('cos', 'linear')
 
 
 # ----------------------------------------------------------------------------- schedules (host, float64)
+def _step_ratios(num_iter: int):
+  """(step, ratio = (step + 1) / num_iter) per step, in Python floats as the reference."""
+  return [(step, 1.0 * (step + 1) / num_iter) for step in range(int(num_iter))]
+
+
 def cfg_scales(cfg_scale: float, cfg_schedule: str, num_iter: int, modeling: str = 'ar',
                scale_pow: float = 1.0) -> np.ndarray:
   """CFG scale per step (num_iter,) float64, as the reference computes it in Python floats.
@@ -63,25 +69,24 @@ def cfg_scales(cfg_scale: float, cfg_schedule: str, num_iter: int, modeling: str
   allowed = AR_CFG_SCHEDULES if modeling == 'ar' else MLM_CFG_SCHEDULES
   if cfg_schedule not in allowed:
     raise ValueError(f'unknown cfg_schedule {cfg_schedule!r} for ELM {modeling.upper()}; expected one of {allowed}')
-  out = []
-  for step in range(int(num_iter)):
-    ratio = 1.0 * (step + 1) / num_iter
-    if cfg_schedule == 'constant':
-      c = cfg_scale
-    elif cfg_schedule == 'linear':
-      c = 1.0 + (cfg_scale - 1.0) * ratio
-    elif cfg_schedule == 'cos':
-      c = 1.0 + (cfg_scale - 1.0) * np.cos(-np.pi / 2 + ratio * (np.pi / 2))
-    elif cfg_schedule == 'log':
-      c = 1.0 + (cfg_scale - 1.0) * np.log1p(ratio * (np.e - 1.0)) / np.log1p(np.e - 1.0)
-    elif cfg_schedule == 'square':
-      c = 1.0 + (cfg_scale - 1) * ratio ** 2
-    elif cfg_schedule == 'square_root':
-      c = 1.0 + (cfg_scale - 1.0) * ((1.0 * step / num_iter) ** 0.5)
-    else:   # powercos
-      c = (cfg_scale - 1) * ((1 - np.cos((((step + 1) / num_iter) ** scale_pow) * math.pi)) * 1 / 2) + 1
-    out.append(float(c))
-  return np.asarray(out, np.float64)
+  return np.asarray([float(_cfg_at(cfg_scale, cfg_schedule, step, ratio, num_iter, scale_pow))
+                     for step, ratio in _step_ratios(num_iter)], np.float64)
+
+
+def _cfg_at(cfg_scale: float, cfg_schedule: str, step: int, ratio: float, num_iter: int, scale_pow: float):
+  if cfg_schedule == 'constant':
+    return cfg_scale
+  if cfg_schedule == 'linear':
+    return 1.0 + (cfg_scale - 1.0) * ratio
+  if cfg_schedule == 'cos':
+    return 1.0 + (cfg_scale - 1.0) * np.cos(-np.pi / 2 + ratio * (np.pi / 2))
+  if cfg_schedule == 'log':
+    return 1.0 + (cfg_scale - 1.0) * np.log1p(ratio * (np.e - 1.0)) / np.log1p(np.e - 1.0)
+  if cfg_schedule == 'square':
+    return 1.0 + (cfg_scale - 1) * ratio ** 2
+  if cfg_schedule == 'square_root':
+    return 1.0 + (cfg_scale - 1.0) * ((1.0 * step / num_iter) ** 0.5)
+  return (cfg_scale - 1) * ((1 - np.cos((((step + 1) / num_iter) ** scale_pow) * math.pi)) * 1 / 2) + 1   # powercos
 
 
 def mlm_mask_lengths(seq_len: int, num_iter: int, mask_schtype: str = 'cos') -> np.ndarray:
@@ -89,12 +94,8 @@ def mlm_mask_lengths(seq_len: int, num_iter: int, mask_schtype: str = 'cos') -> 
   ('cos', the default) or 1 - r ('linear'), r = (it+1)/I, in float64 as the reference."""
   if mask_schtype not in MASK_SCHEDULES:
     raise ValueError(f'unknown mask_schtype {mask_schtype!r}; expected one of {MASK_SCHEDULES}')
-  out = []
-  for step in range(int(num_iter)):
-    ratio = 1.0 * (step + 1) / num_iter
-    mask_ratio = np.cos(math.pi / 2.0 * ratio) if mask_schtype == 'cos' else 1.0 - ratio
-    out.append(int(np.floor(seq_len * mask_ratio)))
-  return np.asarray(out, np.int64)
+  ratios = [np.cos(math.pi / 2.0 * r) if mask_schtype == 'cos' else 1.0 - r for _, r in _step_ratios(num_iter)]
+  return np.asarray([int(np.floor(seq_len * m)) for m in ratios], np.int64)
 
 
 def mlm_masked_counts(seq_len: int, num_iter: int, mask_schtype: str = 'cos') -> np.ndarray:
@@ -114,16 +115,6 @@ def inverse_cdf(probs, u):
   cdf = jnp.cumsum(probs.astype(jnp.float32), axis=-1)
   idx = jnp.sum(cdf <= jnp.asarray(u, jnp.float32)[..., None], axis=-1)
   return jnp.minimum(idx, probs.shape[-1] - 1).astype(jnp.int32)
-
-
-def top_k_filter(logits, top_k: Optional[int]):
-  """Keep the logits >= the k-th largest (ties kept), -inf elsewhere; ``None``/0 = no filtering; k is clipped
-  to V (the reference ``torch.topk(logits, min(top_k, V))``)."""
-  if not top_k:
-    return logits
-  k = min(int(top_k), logits.shape[-1])
-  kth = jax.lax.top_k(logits, k)[0][..., -1:]
-  return jnp.where(logits < kth, -jnp.inf, logits)
 
 
 def _labels(labels):
@@ -202,7 +193,7 @@ def ar_sample_tokens(model: ELMAR, variables: Mapping[str, Any], labels, randomn
     logits, caches = model.apply(variables, h_in, cond, caches, s, method=ELMAR.decode)   # (2B, T, V) f32
     lc, lu = _split_pairs(logits)
     guided = lu + (lc - lu) * scales[s]
-    probs = jax.nn.softmax(top_k_filter(guided / temperature, top_k), axis=-1)
+    probs = jax.nn.softmax(filter_top_k_top_p(guided / temperature, top_k), axis=-1)
     if u is None:
       u = jax.vmap(lambda k: jax.random.uniform(jax.random.fold_in(k, s), (t,), jnp.float32))(keys)
     tok = inverse_cdf(probs, u)                                                         # (B, T)
@@ -308,14 +299,6 @@ def make_mlm_sampler(model: ELMMLM, *, injected: bool = False, **settings):
 
 
 # ----------------------------------------------------------------------------- convenience
-def per_sample_keys(rng, batch: int, sample_ids=None):
-  """(B,) keys ``fold_in(rng, i)`` for i = 0..B-1 (or the given ids); rng a key or an int seed."""
-  if isinstance(rng, (int, np.integer)):
-    rng = jax.random.key(int(rng))
-  ids = jnp.arange(batch, dtype=jnp.uint32) if sample_ids is None else jnp.asarray(sample_ids, jnp.uint32)
-  return jax.vmap(lambda i: jax.random.fold_in(rng, i))(ids)
-
-
 def generate(model, variables: Mapping[str, Any], labels, *, rng=None, uniforms=None, gumbel=None,
              **settings) -> Dict[str, jax.Array]:
   """Sample tokens with an ``ELMAR`` or ``ELMMLM`` (compiles each call; use ``make_*_sampler`` to reuse).
@@ -339,5 +322,5 @@ def generate(model, variables: Mapping[str, Any], labels, *, rng=None, uniforms=
 
 
 __all__ = ['AR_CFG_SCHEDULES', 'MLM_CFG_SCHEDULES', 'MASK_SCHEDULES', 'cfg_scales', 'mlm_mask_lengths',
-           'mlm_masked_counts', 'inverse_cdf', 'top_k_filter', 'ar_sample_tokens', 'make_ar_sampler',
-           'mlm_sample_tokens', 'make_mlm_sampler', 'per_sample_keys', 'generate']
+           'mlm_masked_counts', 'inverse_cdf', 'ar_sample_tokens', 'make_ar_sampler', 'mlm_sample_tokens',
+           'make_mlm_sampler', 'generate']

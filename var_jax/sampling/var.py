@@ -21,11 +21,11 @@ from typing import List, Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from var_jax.models.transformer import VAR
+from var_jax.models.var import VAR
 from var_jax.models.vqvae import VQVAE
 from var_jax.ops.resize import area_resize, bilinear_resize
+from var_jax.sampling.common import filter_top_k_top_p
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,29 +40,6 @@ class SamplingOptions:
       raise ValueError(f'top_k must be >= 0, got {self.top_k}')
     if not 0.0 <= self.top_p < 1.0:
       raise ValueError(f'top_p must be in [0, 1), got {self.top_p}')
-
-
-def filter_top_k_top_p(logits, top_k: int = 0, top_p: float = 0.0):
-  """Mask logits to -inf outside the top-k and outside the top-p nucleus, with the reference's semantics.
-
-  top-k keeps every logit >= the k-th largest (ties kept). top-p removes the tokens whose ascending cumulative
-  probability is <= 1 - top_p, i.e. keeps a token iff the probability mass ranked above it is < top_p (so the
-  largest is always kept). Implemented with one descending sort of the k (or V) largest values and a threshold
-  compare — no argsort/scatter over the vocabulary. (Only exact float ties at the nucleus boundary can be decided
-  differently from the reference's sort order, which is itself arbitrary there.)
-  """
-  v = logits.shape[-1]
-  k = min(top_k, v) if top_k > 0 else v
-  if top_k <= 0 and top_p <= 0:
-    return logits
-  vals = jax.lax.top_k(logits, k)[0]                               # descending, (..., k)
-  thresh = vals[..., -1:] if top_k > 0 else jnp.full_like(vals[..., :1], -jnp.inf)
-  if top_p > 0:
-    probs = jax.nn.softmax(vals.astype(jnp.float32), axis=-1)
-    above = jnp.cumsum(probs, axis=-1) - probs                     # mass ranked strictly above each value
-    keep = above < top_p
-    thresh = jnp.maximum(thresh, jnp.min(jnp.where(keep, vals, jnp.inf), axis=-1, keepdims=True))
-  return jnp.where(logits < thresh, -jnp.inf, logits)
 
 
 def _per_sample(fn, keys, *xs):
@@ -140,33 +117,8 @@ def sample(vae: VQVAE, var: VAR, vae_vars, var_vars, labels, keys, opts: Samplin
   return (images + 1) * 0.5, jnp.concatenate(tokens, axis=1)
 
 
-def resolve_labels(labels, rng, num_samples, num_classes: int) -> np.ndarray:
-  """Class labels of a sampling call as int32 (num_classes = unconditional): ``labels`` as given (one label repeated
-  ``num_samples`` times), or ``num_samples`` random classes drawn from ``rng`` when ``labels`` is None."""
-  nc = num_classes
-  if labels is None:
-    if num_samples is None:
-      raise ValueError('labels=None samples random classes: give num_samples too')
-    return np.asarray(jax.random.randint(jax.random.fold_in(rng, 0x7fffffff), (num_samples,), 0, nc), np.int32)
-  lab = np.asarray(labels).reshape(-1)
-  if num_samples is not None and lab.size == 1:
-    lab = np.repeat(lab, num_samples)
-  if lab.size == 0 or not np.issubdtype(lab.dtype, np.integer):
-    raise ValueError(f'labels must be integers in [0, {nc}] ({nc} = unconditional), got {labels!r}')
-  if lab.min() < 0 or lab.max() > nc:
-    raise ValueError(f'class label out of range: labels must lie in [0, {nc}] ({nc} = unconditional), '
-                     f'got min {lab.min()} max {lab.max()}')
-  return lab.astype(np.int32)
-
-
-def cast_floating(tree, dtype):
-  """Cast the floating leaves of a param tree (once, outside the sampling loop)."""
-  return jax.tree.map(lambda a: a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a, tree)
-
-
-def make_sampler(vae_config, var_config, opts: SamplingOptions, dtype=jnp.float32, edit: bool = False,
-                 in_shardings=None, out_shardings=None):
-  """A jitted ``fn(vae_vars, var_vars, labels, keys[, edit_tokens, edit_masks]) -> (images, tokens)``.
+def sampler_fn(vae_config, var_config, opts: SamplingOptions, dtype=jnp.float32, edit: bool = False):
+  """``fn(vae_vars, var_vars, labels, keys[, edit_tokens, edit_masks]) -> (images, tokens)``, not jitted.
 
   ``dtype`` is the compute dtype of the transformer and the decoder (bf16 for speed on GPU/TPU; pass params
   already cast with ``cast_floating``); the quantizer's f_hat accumulation and the codebook stay float32.
@@ -179,9 +131,11 @@ def make_sampler(vae_config, var_config, opts: SamplingOptions, dtype=jnp.float3
   else:
     def fn(vae_vars, var_vars, labels, keys):
       return sample(vae, var, vae_vars, var_vars, labels, keys, opts, cache_dtype=dtype)
-  kw = {}
-  if in_shardings is not None:
-    kw['in_shardings'] = in_shardings
-  if out_shardings is not None:
-    kw['out_shardings'] = out_shardings
-  return jax.jit(fn, **kw)
+  return fn
+
+
+def make_sampler(vae_config, var_config, opts: SamplingOptions, dtype=jnp.float32, edit: bool = False,
+                 in_shardings=None, out_shardings=None):
+  """``jax.jit`` of ``sampler_fn`` (with the given shardings, if any)."""
+  kw = {k: v for k, v in (('in_shardings', in_shardings), ('out_shardings', out_shardings)) if v is not None}
+  return jax.jit(sampler_fn(vae_config, var_config, opts, dtype, edit), **kw)

@@ -26,9 +26,7 @@ import numpy as np
 
 from var_jax.models import bernoulli_diffusion as bd
 from var_jax.models.bigr import BiGR
-
-CFG_SCHEDULES = ('constant', 'linear')
-GUMBEL_SCHEDULES = ('constant', 'down', 'up')
+from var_jax.sampling.common import as_key
 
 
 def cosine_unmask_counts(seq_len: int, num_iter: int) -> np.ndarray:
@@ -41,26 +39,28 @@ def cosine_unmask_counts(seq_len: int, num_iter: int) -> np.ndarray:
   return np.asarray(out, np.int32)
 
 
+def _per_iteration(value: float, schedule: str, num_iter: int, forms, what: str) -> np.ndarray:
+  """``forms[schedule](value, ratio)`` per iteration (num_iter,) float64, ratio = (it+1)/I."""
+  if schedule not in forms:
+    raise ValueError(f'unknown {what} {schedule!r}; expected one of {tuple(forms)}')
+  ratio = (np.arange(num_iter) + 1.0) / num_iter
+  return np.broadcast_to(np.asarray(forms[schedule](value, ratio), np.float64), (num_iter,)).copy()
+
+
+_CFG_FORMS = {'constant': lambda c, r: c, 'linear': lambda c, r: 1.0 + (c - 1.0) * r}
+_GUMBEL_FORMS = {'constant': lambda g, r: g, 'down': lambda g, r: g * (1.0 - r), 'up': lambda g, r: g * r}
+CFG_SCHEDULES = tuple(_CFG_FORMS)
+GUMBEL_SCHEDULES = tuple(_GUMBEL_FORMS)
+
+
 def cfg_scales(cfg_scale: float, cfg_schedule: str, num_iter: int) -> np.ndarray:
   """CFG scale per iteration: constant, or linear 1 + (cfg - 1) (it+1)/I."""
-  ratio = (np.arange(num_iter) + 1.0) / num_iter
-  if cfg_schedule == 'constant':
-    return np.full((num_iter,), cfg_scale, np.float64)
-  if cfg_schedule == 'linear':
-    return 1.0 + (cfg_scale - 1.0) * ratio
-  raise ValueError(f'unknown cfg_schedule {cfg_schedule!r}; expected one of {CFG_SCHEDULES}')
+  return _per_iteration(cfg_scale, cfg_schedule, num_iter, _CFG_FORMS, 'cfg_schedule')
 
 
 def gumbel_scales(gumbel_temp: float, gumbel_schedule: str, num_iter: int) -> np.ndarray:
   """Gumbel scale per iteration: constant, down (1 - ratio) or up (ratio), ratio = (it+1)/I."""
-  ratio = (np.arange(num_iter) + 1.0) / num_iter
-  if gumbel_schedule == 'constant':
-    return np.full((num_iter,), gumbel_temp, np.float64)
-  if gumbel_schedule == 'down':
-    return gumbel_temp * (1.0 - ratio)
-  if gumbel_schedule == 'up':
-    return gumbel_temp * ratio
-  raise ValueError(f'unknown gumbel_schedule {gumbel_schedule!r}; expected one of {GUMBEL_SCHEDULES}')
+  return _per_iteration(gumbel_temp, gumbel_schedule, num_iter, _GUMBEL_FORMS, 'gumbel_schedule')
 
 
 def make_generate_fn(model: BiGR, batch: int, *, num_iter: int = 10, cfg_scale: float = 1.0,
@@ -182,4 +182,4 @@ def generate(model: BiGR, variables: Mapping[str, Any], labels, *, num_iter: int
                                                                                            'gumbel')})
   if rng is None:
     raise ValueError('generate needs rng (a PRNG key or an int seed) or injected noise')
-  return fn(variables, labels, jax.random.key(rng) if isinstance(rng, int) else rng)
+  return fn(variables, labels, as_key(rng))

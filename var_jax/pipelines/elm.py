@@ -1,9 +1,9 @@
 """``ELMPipeline``: the binary autoencoder (BAE) + an ELM transformer (AR or MLM) with params.
 
 A thin facade in the manner of ``VARPipeline`` / ``BiGRPipeline``: the logic lives in ``var_jax.models.bae``,
-``var_jax.models.elm`` and ``var_jax.elm_sampling``; the pipeline holds configs and params, checks shapes, caches
-jitted functions (one compilation per setting and batch size), splits large batches (padding the last) and shards
-them over the local devices.
+``var_jax.models.elm`` and ``var_jax.sampling.elm``; the pipeline (``var_jax.pipelines.base``) holds configs and
+params, checks shapes, caches jitted functions (one compilation per setting and batch size), splits large batches
+(padding the last) and shards them over the local devices.
 
 Conventions: images are NHWC float32 in [0, 1] (the reference does not normalise); bits are NHWC (B, h, w, K) uint8
 (the reference's (B, K, h, w) transposed); tokens are (B, N, T) int32 sub-tokens, N = h*w in raster order, the K
@@ -21,45 +21,40 @@ from __future__ import annotations
 
 import functools
 import os
-from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Mapping, Optional, Tuple, Union
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from var_jax import elm_sampling as es
-from var_jax import sampling as sampling_lib
-from var_jax import sharding as shd
-from var_jax.interop import bae as ibae
 from var_jax.interop import elm as ielm
-from var_jax.interop.reference import CheckpointMismatchError, load_state_dict
+from var_jax.interop.state_dict import load_state_dict
 from var_jax.models import elm as E
-from var_jax.models.bae import BAEConfig, BinaryAutoEncoder
+from var_jax.models.bae import BAEConfig
 from var_jax.models.elm import ELMConfig
+from var_jax.pipelines.base import BinaryLatentPipeline, named_mismatch
+from var_jax.sampling import elm as es
+from var_jax.sampling.common import as_key, resolve_labels
 
 PathLike = Union[str, os.PathLike]
 
 
-class ELMPipeline:
+class ELMPipeline(BinaryLatentPipeline):
   """BAE + ELM with params, e.g. ``ELMPipeline.from_torch('binaryae.th', 'model.pth', **model_args)``."""
 
-  def __init__(self, bae_config: BAEConfig, elm_config: ELMConfig, bae_variables: Mapping[str, Any],
-               elm_variables: Mapping[str, Any]):
-    if bae_config.codebook_size != elm_config.bits_per_cell:
-      raise ValueError(f'the BAE has K={bae_config.codebook_size} bits per cell; the ELM model needs token_each * '
-                       f'code_dim = {elm_config.token_each} * {elm_config.code_dim} = {elm_config.bits_per_cell}')
-    self.bae_config, self.elm_config = bae_config, elm_config
-    self.latent_size = elm_config.grid
-    self.image_size = elm_config.grid * bae_config.downsample
-    self.bae = BinaryAutoEncoder(bae_config)
+  family, model_attr = 'elm', 'elm_variables'
+
+  @staticmethod
+  def _latent(c: ELMConfig):
+    return c.grid, c.bits_per_cell, (f'the ELM model needs token_each * code_dim = {c.token_each} * {c.code_dim} = '
+                                     f'{c.bits_per_cell}')
+
+  def _set_model(self, elm_config: ELMConfig, elm_variables: Dict[str, Any]):
+    self.elm_config = elm_config
     self.model = ielm.elm_model(elm_config)
-    self.bae_variables = jax.tree.map(jnp.asarray, dict(bae_variables))
-    elm_variables = dict(elm_variables)
     # the MLM checkpoint's unused tensors (kept for save_torch), never passed to the model
     self._elm_unused = {k: np.asarray(a) for k, a in dict(elm_variables.pop(ielm.UNUSED, {})).items()}
     self.elm_variables = jax.tree.map(jnp.asarray, elm_variables)
-    self._jit_cache: Dict[Any, Any] = {}
-    self._param_cache: Dict[Any, Any] = {}
 
   # ------------------------------------------------------------------ construction
   @classmethod
@@ -76,19 +71,10 @@ class ELMPipeline:
     size the ELM grid implies.
     """
     sd = load_state_dict(model_path)
-    try:
+    with named_mismatch(model_path):
       elm_cfg = ielm.infer_elm_config(sd, **model_args)
       elm_vars = ielm.import_elm(sd, elm_cfg, keep_unused=True, what=os.fspath(model_path))
-    except CheckpointMismatchError as e:
-      raise CheckpointMismatchError(f'{os.fspath(model_path)}: {e}') from None
-    own, _ = ibae.split_bae_state_dict(load_state_dict(bae_path), what=os.fspath(bae_path))
-    probe = ibae.bae_config_from_state_dict(own)
-    bae_cfg = ibae.bae_config_from_state_dict(own, resolution=elm_cfg.grid * probe.downsample,
-                                              **(bae_overrides or {}))
-    try:
-      bae_vars = ibae.import_bae(own, bae_cfg)
-    except CheckpointMismatchError as e:
-      raise CheckpointMismatchError(f'{os.fspath(bae_path)}: {e}') from None
+    bae_cfg, bae_vars = cls._load_bae(bae_path, elm_cfg.grid, bae_overrides)
     return cls(bae_cfg, elm_cfg, bae_vars, elm_vars)
 
   @classmethod
@@ -96,12 +82,8 @@ class ELMPipeline:
     """Fresh weights with the reference initialisation (tests, benchmarks). As in the reference, the AR output
     heads (and adaLN layers) start at zero, so a fresh AR model samples uniformly among the top-k."""
     from flax.core import meta
-    if isinstance(rng, (int, np.integer)):
-      rng = jax.random.key(int(rng))
-    k1, k2 = jax.random.split(rng)
-    s = bae_config.resolution
-    bae_vars = jax.jit(functools.partial(BinaryAutoEncoder(bae_config).init, train=False))(
-        k1, jnp.zeros((1, s, s, bae_config.in_channels), jnp.float32))
+    k1, k2 = jax.random.split(as_key(rng))
+    bae_vars = cls._init_bae(bae_config, k1)
     c = elm_config
     tokens = jnp.zeros((1, c.seq_len, c.token_each), jnp.int32)
     elm_vars = jax.jit(ielm.elm_model(c).init)(k2, tokens, jnp.zeros((1,), jnp.int32))
@@ -112,8 +94,7 @@ class ELMPipeline:
     """Write the reference layouts: ``binaryae.th`` with ``ae.``-prefixed keys (what ``load_pretrain`` reads) and
     the ELM ``model.pth`` state_dict (loads with ``strict=True``; an MLM's unused tensors are written back as read,
     zeros when absent). Either path may be None to skip it."""
-    if bae_path:
-      ibae.save_bae(jax.device_get(self.bae_variables), self.bae_config, os.fspath(bae_path))
+    self._save_bae(bae_path)
     if model_path:
       v = dict(jax.device_get(self.elm_variables))
       if self._elm_unused:
@@ -155,56 +136,7 @@ class ELMPipeline:
   def codebook_size(self) -> int:
     return self.elm_config.codebook_size
 
-  @property
-  def bits_per_cell(self) -> int:
-    return self.bae_config.codebook_size
-
-  # ------------------------------------------------------------------ devices and params
-  _mesh = staticmethod(shd.local_data_mesh)
-
-  def _params(self, which: str, dtype=jnp.float32, sharding=None):
-    """The BAE or ELM variables, cast (ELM only) and placed (replicated) once per (dtype, sharding)."""
-    key = (which, jnp.dtype(dtype).name, sharding)
-    if key not in self._param_cache:
-      if which == 'bae':
-        v = self.bae_variables
-      else:
-        v = self.elm_variables
-        if jnp.dtype(dtype) != jnp.float32:
-          v = sampling_lib.cast_floating(v, dtype)
-      self._param_cache[key] = jax.device_put(v, sharding) if sharding is not None else v
-    return self._param_cache[key]
-
-  def _placed(self, which: str, arrays: Sequence[jax.Array], shard: bool):
-    """(params, arrays): arrays sharded on their batch axis over the local devices when it divides evenly."""
-    mesh = self._mesh() if shard else None
-    b = arrays[0].shape[0]
-    if mesh is None or b % mesh.devices.size:
-      return self._params(which), list(arrays)
-    from jax.sharding import NamedSharding, PartitionSpec as P
-    data = NamedSharding(mesh, P('data'))
-    return self._params(which, sharding=NamedSharding(mesh, P())), [jax.device_put(a, data) for a in arrays]
-
   # ------------------------------------------------------------------ checks
-  def _check_images(self, images, what='images') -> jax.Array:
-    x = jnp.asarray(images)
-    c = self.bae_config.in_channels
-    if x.ndim != 4 or x.shape[-1] != c:
-      raise ValueError(f'{what} must be NHWC with {c} channels in [0, 1], got shape {tuple(x.shape)}')
-    s = self.image_size
-    if x.shape[1:3] != (s, s):
-      raise ValueError(f'{what} must be {s}x{s} (ELM grid {self.latent_size} x BAE downsample '
-                       f'{self.bae_config.downsample}), got {x.shape[1]}x{x.shape[2]}')
-    return x.astype(jnp.float32)
-
-  def _check_bits(self, bits, what='bits') -> jax.Array:
-    """(B, h, w, K) 0/1 -> uint8."""
-    b = jnp.asarray(bits)
-    g, k = self.latent_size, self.bits_per_cell
-    if b.ndim != 4 or b.shape[1:] != (g, g, k):
-      raise ValueError(f'{what} must be (B, {g}, {g}, {k}), got shape {tuple(b.shape)}')
-    return (b > 0).astype(jnp.uint8) if jnp.issubdtype(b.dtype, jnp.floating) else b.astype(jnp.uint8)
-
   def _check_tokens(self, tokens, allow_mask: bool = False, what='tokens') -> jax.Array:
     t = np.asarray(tokens)
     n, te = self.seq_len, self.token_each
@@ -216,39 +148,14 @@ class ELMPipeline:
                        f'[{t.min()}, {t.max()}]')
     return jnp.asarray(t, jnp.int32)
 
-  def _labels(self, labels, batch: int) -> jax.Array:
-    lab = np.asarray(labels)
-    if not np.issubdtype(lab.dtype, np.integer):
-      raise ValueError(f'labels must be integers in [0, {self.num_classes}], got {labels!r}')
-    lab = np.full((batch,), int(lab)) if lab.ndim == 0 else lab.reshape(-1)
-    if lab.shape != (batch,):
-      raise ValueError(f'{lab.size} labels for a batch of {batch}')
-    if lab.min() < 0 or lab.max() > self.num_classes:
-      raise ValueError(f'class labels must lie in [0, {self.num_classes}] ({self.num_classes} = null class), got '
-                       f'min {lab.min()} max {lab.max()}')
-    return jnp.asarray(lab, jnp.int32)
-
   # ------------------------------------------------------------------ jitted pieces
   def _fn(self, name: str):
-    if name not in self._jit_cache:
-      bae, model = self.bae, self.model
-      fns = {
-          'encode': lambda v, x: bae.apply(v, x, method=BinaryAutoEncoder.bits),
-          'decode': lambda v, bits: bae.apply(v, bits, method=BinaryAutoEncoder.decode),
-          'logits_ar': lambda v, labels, toks: model.apply(v, toks, labels),
-          'logits_mlm': lambda v, labels, toks, mask: model.apply(v, toks, labels, token_all_mask=mask),
-      }
-      self._jit_cache[name] = jax.jit(fns[name])
-    return self._jit_cache[name]
+    model = self.model
+    fns = {'logits_ar': lambda v, labels, toks: model.apply(v, toks, labels),
+           'logits_mlm': lambda v, labels, toks, mask: model.apply(v, toks, labels, token_all_mask=mask)}
+    return self._cached(name, lambda: jax.jit(fns[name]))
 
   # ------------------------------------------------------------------ public API
-  def encode(self, images, *, shard: bool = True) -> jax.Array:
-    """Images NHWC in [0, 1] -> bits (B, h, w, K) uint8 by the threshold ``p > 0.5`` (the reference
-    ``encode()`` with ``deterministic``; training tokenises with Bernoulli samples: ``BinaryAutoEncoder.bits``
-    with mode 'bernoulli')."""
-    params, (x,) = self._placed('bae', [self._check_images(images)], shard)
-    return self._fn('encode')(params, x)
-
   def bits_to_tokens(self, bits) -> jax.Array:
     """(B, h, w, K) bits -> (B, N, T) sub-tokens (MSB first within a chunk)."""
     return E.bits_to_tokens(self._check_bits(bits), self.token_each)
@@ -260,13 +167,6 @@ class ELMPipeline:
   def tokenize(self, images, *, shard: bool = True) -> jax.Array:
     """Images -> (B, N, T) int32 sub-tokens of the threshold bits."""
     return self.bits_to_tokens(self.encode(images, shard=shard))
-
-  def decode(self, bits, *, clip: bool = False, shard: bool = True) -> jax.Array:
-    """Bits (B, h, w, K) -> images NHWC float32 (the reference ``bae.decode(bits, is_bin=True)``). A trained BAE
-    decodes to about [0, 1]; the output is clamped only with ``clip`` (the reference clamps when saving)."""
-    params, (b,) = self._placed('bae', [self._check_bits(bits)], shard)
-    out = self._fn('decode')(params, b)
-    return jnp.clip(out, 0.0, 1.0) if clip else out
 
   def decode_tokens(self, tokens, *, clip: bool = False, shard: bool = True) -> jax.Array:
     """(B, N, T) sub-tokens -> images NHWC float32."""
@@ -282,23 +182,18 @@ class ELMPipeline:
     """
     is_mlm = self.modeling == 'mlm'
     toks = self._check_tokens(tokens, allow_mask=is_mlm)
-    labels = self._labels(labels, toks.shape[0])
+    labels = self._batch_labels(labels, toks.shape[0])
     if not is_mlm:
       if token_all_mask is not None:
         raise ValueError('token_all_mask is for ELM MLM; this is an AR model')
-      params, (labels, toks) = self._placed('elm', [labels, toks], shard)
-      return self._fn('logits_ar')(params, labels, toks)
+      return self._apply(self._fn('logits_ar'), 'model', [labels, toks], shard)
     mask = (jnp.zeros(toks.shape[:2], jnp.uint8) if token_all_mask is None
             else jnp.asarray(token_all_mask).astype(jnp.uint8))
     if mask.shape != toks.shape[:2]:
       raise ValueError(f'token_all_mask must be (B, N) = {toks.shape[:2]}, got {mask.shape}')
-    params, (labels, toks, mask) = self._placed('elm', [labels, toks, mask], shard)
-    return self._fn('logits_mlm')(params, labels, toks, mask)
+    return self._apply(self._fn('logits_mlm'), 'model', [labels, toks, mask], shard)
 
   # ------------------------------------------------------------------ sampling
-  def _resolve_labels(self, labels, rng, num_samples):
-    return sampling_lib.resolve_labels(labels, rng, num_samples, self.num_classes)
-
   def _settings(self, cfg, cfg_schedule, temperature, top_k, num_iter, scale_pow) -> Tuple:
     """Validated sampler settings as a hashable tuple (the jit cache key)."""
     c = self.elm_config
@@ -330,27 +225,15 @@ class ELMPipeline:
       return functools.partial(es.ar_sample_tokens, model, injected=injected, **dict(settings))
     return functools.partial(es.mlm_sample_tokens, model, injected=injected, **dict(settings))
 
-  def _sampler(self, settings: Tuple, batch: int, dtype, clip: bool, mesh, injected: bool = False):
-    """A jitted ``fn(bae_vars, elm_vars, labels (B,), keys (B,) or noise) -> (images NHWC, tokens (B, N, T))``."""
-    key = ('sample', settings, batch, jnp.dtype(dtype).name, clip, mesh, injected)
-    if key in self._jit_cache:
-      return self._jit_cache[key]
+  def _sampler(self, settings: Tuple, dtype, clip: bool, injected: bool = False):
+    """``fn(bae_vars, elm_vars, labels (B,), keys (B,) or noise) -> (images NHWC, tokens (B, N, T))``."""
     tokens_fn = self._token_fn(settings, dtype, injected)
-    bae, code_dim, g = self.bae, self.code_dim, self.latent_size
+    decode, code_dim, g = self._decoded(clip), self.code_dim, self.latent_size
 
     def fn(bae_vars, elm_vars, labels, randomness):
       tokens = tokens_fn(elm_vars, labels, randomness)['tokens']
-      bits = E.tokens_to_bits(tokens, code_dim, (g, g))
-      images = bae.apply(bae_vars, bits, method=BinaryAutoEncoder.decode)
-      return (jnp.clip(images, 0.0, 1.0) if clip else images), tokens
-
-    kw = {}
-    if mesh is not None:
-      from jax.sharding import NamedSharding, PartitionSpec as P
-      rep, data = NamedSharding(mesh, P()), NamedSharding(mesh, P('data'))
-      kw = dict(in_shardings=(rep, rep, data, data), out_shardings=(data, data))
-    self._jit_cache[key] = jax.jit(fn, **kw)
-    return self._jit_cache[key]
+      return decode(bae_vars, E.tokens_to_bits(tokens, code_dim, (g, g))), tokens
+    return fn
 
   def sample(self, labels, rng=None, cfg: float = 4.0, cfg_schedule: str = 'linear', temperature: float = 1.0,
              top_k: Optional[int] = 1000, num_iter: Optional[int] = None, *, scale_pow: float = 1.0,
@@ -381,52 +264,18 @@ class ELMPipeline:
         layout: AR {'uniforms': (N, B, T)}; MLM {'uniforms': (I, B, N*T), 'gumbel': (I, B, N, T)}.
     """
     settings = self._settings(cfg, cfg_schedule, temperature, top_k, num_iter, scale_pow)
-    if noise is not None:
-      return self._sample_injected(labels, settings, noise, clip, dtype)
-    if rng is None:
-      raise ValueError('sample needs rng (a PRNG key or an int seed) unless noise is given')
-    if isinstance(rng, (int, np.integer)):
-      rng = jax.random.key(int(rng))
-    lab = self._resolve_labels(labels, rng, num_samples)
-    n = lab.shape[0]
-    ids = np.arange(n) if sample_ids is None else np.asarray(sample_ids).reshape(-1)
-    if ids.shape[0] != n:
-      raise ValueError(f'{ids.shape[0]} sample_ids for {n} samples')
-    keys = es.per_sample_keys(rng, n, ids)
-    bs = int(batch_size or n)
-    if bs < 1:
-      raise ValueError(f'batch_size must be >= 1, got {batch_size}')
-    mesh = self._mesh() if shard else None
-    if mesh is not None:
-      from jax.sharding import NamedSharding, PartitionSpec as P
-      nd = mesh.devices.size
-      bs = -(-bs // nd) * nd
-      rep = NamedSharding(mesh, P())
-      params = (self._params('bae', sharding=rep), self._params('elm', dtype, sharding=rep))
-    else:
-      params = (self._params('bae'), self._params('elm', dtype))
-    fn = self._sampler(settings, bs, dtype, bool(clip), mesh)
-    imgs, toks = [], []
-    for start in range(0, n, bs):
-      stop = min(start + bs, n)
-      m = stop - start
-      pad = lambda a: jnp.concatenate([a, jnp.repeat(a[-1:], bs - m, axis=0)]) if m < bs else a
-      im, tk = fn(*params, pad(jnp.asarray(lab[start:stop])), pad(keys[start:stop]))
-      imgs.append(np.asarray(im)[:m])
-      toks.append(np.asarray(tk)[:m])
-    return np.concatenate(imgs), np.concatenate(toks)
+    return self._generate(settings, labels, rng, noise, clip, dtype, num_samples, sample_ids, batch_size, shard)
 
   def _sample_injected(self, labels, settings, noise, clip, dtype):
-    lab = np.asarray(labels).reshape(-1)
-    if lab.size == 0 or not np.issubdtype(lab.dtype, np.integer) or lab.min() < 0 or lab.max() > self.num_classes:
-      raise ValueError(f'labels must be integers in [0, {self.num_classes}], got {labels!r}')
+    lab = resolve_labels(labels, None, None, self.num_classes)
     if self.modeling == 'ar':
       r = jnp.asarray(noise['uniforms'], jnp.float32)
     else:
       r = {'uniforms': jnp.asarray(noise['uniforms'], jnp.float32), 'gumbel': jnp.asarray(noise['gumbel'],
                                                                                          jnp.float32)}
-    fn = self._sampler(settings, lab.shape[0], dtype, bool(clip), None, injected=True)
-    im, tk = fn(self._params('bae'), self._params('elm', dtype), jnp.asarray(lab, jnp.int32), r)
+    key = ('sample_injected', settings, lab.shape[0], jnp.dtype(dtype).name, clip)
+    fn = self._cached(key, lambda: jax.jit(self._sampler(settings, dtype, clip, injected=True)))
+    im, tk = fn(self._params('bae'), self._params('model', dtype), jnp.asarray(lab), r)
     return np.asarray(im), np.asarray(tk)
 
 

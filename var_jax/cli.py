@@ -1,0 +1,58 @@
+"""What the command lines (``python -m var_jax.sample``, ``.evaluate``, ``.probe``, ``.scaling``) share: the flags
+that name a model and a sampling protocol, and the entry point. Only CLIs import this; it defines no flag itself
+until a CLI calls ``define_*`` under ``__main__``."""
+from __future__ import annotations
+
+import sys
+from typing import Callable, Optional, Sequence, Type
+
+from absl import app, flags
+
+FLAGS = flags.FLAGS
+
+
+def define_model_flags():
+  """The checkpoint flags of any family: VAR (reference weights or our checkpoint), ELM / BiGR (BAE + generator)."""
+  flags.DEFINE_string('vae_ckpt', None, 'reference-layout VQVAE weights (.pth or .safetensors)')
+  flags.DEFINE_string('var_ckpt', None, 'reference-layout VAR weights (.pth or .safetensors)')
+  flags.DEFINE_string('checkpoint', None, 'a var_jax model checkpoint directory (instead of --vae_ckpt/--var_ckpt)')
+  flags.DEFINE_list('patch_nums', None, 'override the inferred patch_nums (comma list)')
+  flags.DEFINE_enum('model', 'auto', ['auto', 'var', 'elm', 'bigr'],
+                    'model family; auto: VAR for --vae_ckpt/--var_ckpt/--checkpoint, else ELM or BiGR from the keys '
+                    'of --model_ckpt')
+  flags.DEFINE_string('bae_ckpt', None, 'ELM/BiGR: reference binary autoencoder weights (binaryae*.th)')
+  flags.DEFINE_string('model_ckpt', None, 'ELM/BiGR: reference generator weights (ELM .pth, BiGR .pt)')
+  flags.DEFINE_list('model_args', [], 'ELM/BiGR: reference ModelArgs fields as key=value (values parsed as JSON, e.g. '
+                    'n_head=16,p_flip=true)')
+
+
+def define_sampling_flags(num_per_class: int, batch_size: int):
+  """Which images (labels, seed) and the common sampling settings (unset: each family's release setting)."""
+  flags.DEFINE_list('classes', None, 'class labels to sample, e.g. 207,360 (default: all classes)')
+  flags.DEFINE_integer('num_per_class', num_per_class, 'images per class')
+  flags.DEFINE_float('cfg', None, 'classifier-free guidance ratio (default: the model family\'s release setting)')
+  flags.DEFINE_integer('top_k', None, 'top-k filtering (0: off; VAR default 900, ELM 1000)')
+  flags.DEFINE_float('top_p', None, 'VAR top-p filtering (0: off; default 0.96)')
+  flags.DEFINE_integer('seed', 0, 'PRNG seed (image i uses fold_in(seed, i))')
+  flags.DEFINE_integer('batch_size', batch_size, 'images per compiled call (split over local devices)')
+  flags.DEFINE_enum('dtype', 'float32', ['float32', 'bfloat16'], 'compute dtype')
+
+
+def load_pipeline_from_flags():
+  """The pipeline the ``define_model_flags`` flags name."""
+  from var_jax.pipelines.pretrained import load_pipeline
+  return load_pipeline(FLAGS.vae_ckpt, FLAGS.var_ckpt, FLAGS.checkpoint, FLAGS.patch_nums, model=FLAGS.model,
+                       bae_ckpt=FLAGS.bae_ckpt, model_ckpt=FLAGS.model_ckpt, model_args=FLAGS.model_args)
+
+
+def run(main: Callable[[], Optional[int]], errors: Sequence[Type[BaseException]] = ()):
+  """``app.run`` of ``main()`` (no positional arguments allowed); an exception of ``errors`` exits with status 1 and
+  ``error: <message>`` on stderr instead of a traceback."""
+  def entry(argv):
+    if len(argv) > 1:
+      raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+    try:
+      return main()
+    except tuple(errors) as e:
+      sys.exit(f'error: {e}')
+  app.run(entry)

@@ -1,0 +1,149 @@
+"""Samples on disk, the way the evaluation protocol wants them: which label each image gets, one PNG per image (the
+uint8 round trip), ``samples.npz`` for OpenAI's evaluator, each family's release sampling settings, and the
+resumable generation loop (split over processes: image i on process i % count) that the CLIs run."""
+from __future__ import annotations
+
+import os
+import sys
+import time
+from typing import Any, Dict, List, Optional, Sequence
+
+import numpy as np
+
+from var_jax.dtypes import parse_dtype
+from var_jax.images import labelled_grid, read_rgb, to_uint8, write_png
+
+# the release settings a family samples with where a setting is left unset
+FAMILY_DEFAULTS = {'var': {'cfg': 1.5, 'top_k': 900, 'top_p': 0.96}, 'elm': {'cfg': 4.0, 'top_k': 1000}, 'bigr': {}}
+# the ``pipe.sample`` settings beyond cfg / top_k that a family has
+FAMILY_SETTINGS = {'var': ('top_p', 'more_smooth'), 'elm': ('cfg_schedule', 'temperature', 'num_iter'),
+                   'bigr': ('cfg_schedule', 'temperature', 'num_iter', 'infer_steps', 'gumbel_temp',
+                            'gumbel_schedule')}
+
+
+def sample_plan(num_classes: int, classes: Optional[Sequence[int]], num_per_class: int) -> List[int]:
+  """The label of every image, in output order."""
+  if num_per_class < 1:
+    raise ValueError(f'--num_per_class must be >= 1, got {num_per_class}')
+  labels = list(range(num_classes)) if not classes else [int(c) for c in classes]
+  for c in labels:
+    if not 0 <= c < num_classes:
+      raise ValueError(f'--classes: class {c} is out of range for a model with {num_classes} classes '
+                       f'(0..{num_classes - 1})')
+  return [c for c in labels for _ in range(num_per_class)]
+
+
+def image_name(index: int, label: int) -> str:
+  return f'{index:06d}_class{label:04d}.png'
+
+
+def sampling_options(family: str, cfg=None, top_k=None, top_p=None, more_smooth=False, cfg_schedule=None,
+                     temperature=None, num_iter=None, infer_steps=None, gumbel_temp=None,
+                     gumbel_schedule=None) -> Dict[str, Any]:
+  """The keyword arguments of ``pipe.sample`` for a model family; unset values take the family's defaults, and a
+  setting the family does not have is an error (naming the flag)."""
+  given = {'top_p': top_p, 'more_smooth': more_smooth or None, 'cfg_schedule': cfg_schedule,
+           'temperature': temperature, 'num_iter': num_iter, 'infer_steps': infer_steps, 'gumbel_temp': gumbel_temp,
+           'gumbel_schedule': gumbel_schedule}
+  bad = [f'--{k}' for k, v in given.items() if v is not None and k not in FAMILY_SETTINGS[family]]
+  if family == 'bigr' and top_k is not None:
+    bad.append('--top_k')
+  if bad:
+    raise ValueError(f'{", ".join(bad)} do not apply to {family.upper()} models')
+  opts = {**FAMILY_DEFAULTS[family], **{k: v for k, v in given.items() if v is not None}}
+  if family == 'var':
+    opts['more_smooth'] = bool(more_smooth)
+  opts.update({k: v for k, v in (('cfg', cfg), ('top_k', top_k)) if v is not None})
+  return opts
+
+
+def write_npz(out_dir: str, labels: List[int]) -> str:
+  """``samples.npz`` (``arr_0``: uint8 NHWC) built from the PNGs on disk (the uint8 round trip is part of the FID
+  protocol): exactly what OpenAI's evaluator reads. Written atomically."""
+  paths = [os.path.join(out_dir, image_name(i, l)) for i, l in enumerate(labels)]
+  missing = [p for p in paths if not os.path.exists(p)]
+  if missing:
+    raise FileNotFoundError(f'{out_dir}: {len(missing)} of {len(paths)} samples are missing (first: {missing[0]}); '
+                            f'rerun the sampling to complete the set')
+  arr = np.stack([read_rgb(p) for p in paths])
+  path = os.path.join(out_dir, 'samples.npz')
+  np.savez(path + '.tmp.npz', arr_0=arr)
+  os.replace(path + '.tmp.npz', path)
+  return path
+
+
+def _progress(done: int, total: int, t0: float):
+  sys.stderr.write(f'\r[{done}/{total}] {done / max(time.time() - t0, 1e-9):.2f} images/s')
+  sys.stderr.flush()
+
+
+def write_samples(pipe, labels: List[int], seed: int, cfg: Optional[float], top_k: Optional[int],
+                  top_p: Optional[float], more_smooth: bool, batch_size: int, dtype: str, out: Optional[str] = None,
+                  out_dir: Optional[str] = None, grid_cols: int = 8, shard_index: int = 0, shard_count: int = 1,
+                  write_outputs: bool = True, options: Optional[Dict[str, Any]] = None) -> int:
+  """Sample ``labels`` and write the grid and/or the per-image PNGs + npz. Returns the number of new images.
+
+  ``cfg``/``top_k``/``top_p``/``more_smooth`` (None: the family's default) and ``options`` (ELM/BiGR settings, see
+  ``sampling_options``) go to ``pipe.sample``; image i draws from fold_in(key(seed), i), so a resumed run (existing
+  PNGs are skipped) draws exactly what an uninterrupted one would.
+
+  ``shard_index``/``shard_count``: sample only images ``i % shard_count == shard_index`` (one share per process of a
+  multi-host job writing to a shared folder); ``write_outputs=False`` skips the grid and npz (written once, by one
+  process, after all shares are done)."""
+  if not out and not out_dir:
+    raise ValueError('give --out (a grid PNG) and/or --out_dir (one PNG per image + npz)')
+  jdtype = parse_dtype(dtype, '--dtype')
+  opts = sampling_options(pipe.family, cfg=cfg, top_k=top_k, top_p=top_p, more_smooth=more_smooth,
+                          **(options or {}))
+  total = len(labels)
+  todo = list(range(shard_index, total, shard_count))
+  if out_dir:
+    os.makedirs(out_dir, exist_ok=True)
+    n_mine = len(todo)
+    todo = [i for i in todo if not os.path.exists(os.path.join(out_dir, image_name(i, labels[i])))]
+    if len(todo) < n_mine:
+      print(f'{out_dir}: {n_mine - len(todo)} of {n_mine} images exist already; sampling the other {len(todo)}')
+  grid_imgs = {}
+  t0 = time.time()
+  for start in range(0, len(todo), batch_size):
+    ids = todo[start:start + batch_size]
+    imgs, _ = pipe.sample([labels[i] for i in ids], seed, batch_size=batch_size, dtype=jdtype, sample_ids=ids,
+                          **opts)
+    for i, im in zip(ids, to_uint8(imgs)):
+      if out_dir:
+        write_png(os.path.join(out_dir, image_name(i, labels[i])), im)
+      if out:
+        grid_imgs[i] = im
+    _progress(min(start + batch_size, len(todo)), len(todo), t0)
+  if todo:
+    sys.stderr.write('\n')
+  if not write_outputs:
+    return len(todo)
+  if out:
+    for i in range(total):       # grid of a resumed run: read the existing PNGs back
+      if i not in grid_imgs:
+        grid_imgs[i] = read_rgb(os.path.join(out_dir, image_name(i, labels[i])))
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    labelled_grid(np.stack([grid_imgs[i] for i in range(total)]), labels, grid_cols).save(out)
+    print(f'wrote {out} ({total} images)')
+  if out_dir:
+    write_npz(out_dir, labels)
+    print(f'wrote {total} PNGs and samples.npz to {out_dir}')
+  return len(todo)
+
+
+def generate_samples(pipe, out_dir: str, labels: List[int], *, seed: int = 0, cfg=None, top_k=None, top_p=None,
+                     batch_size: int = 64, dtype: str = 'float32', log=print) -> str:
+  """The protocol's samples in ``out_dir``, split over processes (image i on process i % count) and local devices;
+  resumable. Returns the path of ``samples.npz`` on process 0 (written once all processes are done), else ''."""
+  import jax
+  t0 = time.time()
+  n_new = write_samples(pipe, labels, seed, cfg, top_k, top_p, False, batch_size, dtype, out_dir=out_dir,
+                        shard_index=jax.process_index(), shard_count=jax.process_count(), write_outputs=False)
+  dt = time.time() - t0
+  if n_new:
+    log(f'generated {n_new} images in {dt:.1f}s ({n_new / dt:.2f} images/s on process {jax.process_index()})')
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices('var_jax.eval.protocol: samples written')
+  return write_npz(out_dir, labels) if jax.process_index() == 0 else ''

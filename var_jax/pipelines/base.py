@@ -1,0 +1,275 @@
+"""What the three pipelines share: PRNG-key and label handling, compute-dtype casting, placement over the local
+devices, the batched sampling loop and the jit cache; and, for ELM and BiGR, the binary autoencoder around them.
+
+Placement: with several local devices a batch is padded to a multiple of the device count (repeating its last
+example), sharded over a 1-D ``'data'`` mesh (``sharding.local_data_mesh``) with the params replicated, and the
+outputs are sliced back; one device (or ``shard=False``) runs unsharded.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from var_jax import sharding as shd
+from var_jax.dtypes import parse_dtype
+from var_jax.interop import bae as ibae
+from var_jax.interop.state_dict import CheckpointMismatchError, load_state_dict
+from var_jax.models.bae import BAEConfig, BinaryAutoEncoder
+from var_jax.sampling.common import as_key, batch_labels, cast_floating, per_sample_keys, resolve_labels
+
+
+def check_images(images, channels: int, size: int, why: str, what: str = 'images', value_range: str = ''):
+  """NHWC with ``channels`` channels at ``size`` x ``size`` (``why`` explains the size) -> float32."""
+  x = jnp.asarray(images)
+  if x.ndim != 4 or x.shape[-1] != channels:
+    raise ValueError(f'{what} must be NHWC with {channels} channels{value_range}, got shape {tuple(x.shape)}')
+  if x.shape[1:3] != (size, size):
+    raise ValueError(f'{what} must be {size}x{size} ({why}), got {x.shape[1]}x{x.shape[2]}')
+  return x.astype(jnp.float32)
+
+
+@contextlib.contextmanager
+def named_mismatch(path):
+  """Prefix a ``CheckpointMismatchError`` raised inside with the checkpoint's path."""
+  try:
+    yield
+  except CheckpointMismatchError as e:
+    raise CheckpointMismatchError(f'{os.fspath(path)}: {e}') from None
+
+
+def _pad(a, size: int):
+  """Pad axis 0 to ``size`` by repeating the last entry."""
+  a = jnp.asarray(a)
+  m = a.shape[0]
+  return jnp.concatenate([a, jnp.repeat(a[-1:], size - m, axis=0)]) if m < size else a
+
+
+def _data_sharding(mesh) -> NamedSharding:
+  return NamedSharding(mesh, P('data'))
+
+
+class Pipeline:
+  """Configs + params of one model family, with cached compiled functions. Subclasses set ``family``, ``parts``
+  (the variable sets a sampler takes, in order) and implement ``num_classes`` and ``_variables``."""
+
+  family: str = ''
+  parts: Tuple[str, ...] = ()
+  float32_parts: Tuple[str, ...] = ()      # never cast to the compute dtype
+
+  def __init__(self):
+    self._jit_cache: Dict[Any, Any] = {}
+    self._param_cache: Dict[Any, Any] = {}
+
+  _mesh = staticmethod(shd.local_data_mesh)
+
+  @property
+  def num_classes(self) -> int:
+    raise NotImplementedError
+
+  def _variables(self, which: str, dtype):
+    """The variable set ``which`` for compute dtype ``dtype`` (cast where the family computes in it)."""
+    raise NotImplementedError
+
+  def _params(self, which: str, dtype=jnp.float32, mesh=None):
+    """``_variables`` cast and placed (replicated over ``mesh``) once per (dtype, mesh), then reused."""
+    dtype = jnp.float32 if which in self.float32_parts else dtype
+    key = (which, jnp.dtype(dtype).name, mesh)
+    if key not in self._param_cache:
+      v = self._variables(which, dtype)
+      self._param_cache[key] = v if mesh is None else jax.device_put(v, shd.replicated(mesh))
+    return self._param_cache[key]
+
+  def _cached(self, key, build: Callable[[], Any]):
+    if key not in self._jit_cache:
+      self._jit_cache[key] = build()
+    return self._jit_cache[key]
+
+  def _apply(self, fn, which: str, arrays: Sequence, shard: bool = True):
+    """``fn(params of which, *arrays)``, the batch (axis 0 of every array) sharded over the local devices."""
+    mesh = self._mesh() if shard else None
+    if mesh is None:
+      return fn(self._params(which), *arrays)
+    n = arrays[0].shape[0]
+    size = -(-n // mesh.devices.size) * mesh.devices.size
+    data = _data_sharding(mesh)
+    out = fn(self._params(which, mesh=mesh), *[jax.device_put(_pad(a, size), data) for a in arrays])
+    return out if size == n else jax.tree.map(lambda a: a[:n], out)
+
+  def _batch_labels(self, labels, batch: int, default: Optional[int] = None) -> jax.Array:
+    return batch_labels(labels, batch, self.num_classes, default)
+
+  def _sample_inputs(self, labels, rng, num_samples=None, sample_ids=None) -> Tuple[np.ndarray, jax.Array]:
+    """(labels (N,) int32, keys (N,)): labels resolved (None: random classes), key i = fold_in(rng, id_i)."""
+    rng = as_key(rng)
+    lab = resolve_labels(labels, rng, num_samples, self.num_classes)
+    return lab, per_sample_keys(rng, lab.shape[0], sample_ids)
+
+  def _sample_batches(self, settings, build: Callable[[Any], Callable], per_sample: Sequence, dtype,
+                      batch_size: Optional[int], shard: bool) -> Tuple[np.ndarray, ...]:
+    """Run ``build(dtype)`` — ``fn(*params of parts, *per_sample) -> (a, b)`` — over ``per_sample`` (pytrees with
+    the samples on axis 0: labels, keys, ...) in compiled batches of ``batch_size`` (the last one padded, so one
+    compilation per ``settings`` serves all; rounded up to a multiple of the device count when sharded)."""
+    n = jax.tree.leaves(per_sample)[0].shape[0]
+    bs = int(batch_size or n)
+    if bs < 1:
+      raise ValueError(f'batch_size must be >= 1, got {batch_size}')
+    mesh = self._mesh() if shard else None
+    if mesh is not None:
+      bs = -(-bs // mesh.devices.size) * mesh.devices.size
+    dtype = parse_dtype(dtype)
+    params = tuple(self._params(w, dtype, mesh) for w in self.parts)
+
+    def compile_():
+      if mesh is None:
+        return jax.jit(build(dtype))
+      rep, data = shd.replicated(mesh), _data_sharding(mesh)
+      return jax.jit(build(dtype), in_shardings=(rep,) * len(params) + (data,) * len(per_sample),
+                     out_shardings=(data, data))
+
+    fn = self._cached(('sample', settings, bs, jnp.dtype(dtype).name, mesh), compile_)
+    outs = []
+    for start in range(0, n, bs):
+      m = min(bs, n - start)
+      batch = jax.tree.map(lambda a: _pad(a[start:start + m], bs), list(per_sample))
+      outs.append([np.asarray(o)[:m] for o in fn(*params, *batch)])
+    return tuple(np.concatenate(o) for o in zip(*outs))
+
+
+class BinaryLatentPipeline(Pipeline):
+  """A generator over the bits of a binary autoencoder (BAE): ELM and BiGR. Images are NHWC float32 in [0, 1];
+  bits are NHWC (B, h, w, K) uint8 (the reference's (B, K, h, w) transposed), or (B, N = h*w, K) in raster order."""
+
+  parts = ('bae', 'model')
+  float32_parts = ('bae',)                 # the BAE always decodes in float32
+  model_attr: str = ''                     # the attribute holding the generator's variables
+
+  def __init__(self, bae_config: BAEConfig, model_config, bae_variables: Mapping[str, Any],
+               model_variables: Mapping[str, Any]):
+    latent_size, bits_needed, needs = self._latent(model_config)
+    if bae_config.codebook_size != bits_needed:
+      raise ValueError(f'the BAE has K={bae_config.codebook_size} bits per cell; {needs}')
+    super().__init__()
+    self.bae_config = bae_config
+    self.latent_size = latent_size
+    self.image_size = latent_size * bae_config.downsample
+    self.bae = BinaryAutoEncoder(bae_config)
+    self.bae_variables = jax.tree.map(jnp.asarray, dict(bae_variables))
+    self._set_model(model_config, dict(model_variables))
+
+  @staticmethod
+  def _latent(model_config) -> Tuple[int, int, str]:
+    """(grid side, bits per cell the generator models, what it needs: for the error when the BAE differs)."""
+    raise NotImplementedError
+
+  def _set_model(self, model_config, model_variables: Dict[str, Any]):
+    raise NotImplementedError
+
+  @property
+  def bits_per_cell(self) -> int:
+    return self.bae_config.codebook_size
+
+  @staticmethod
+  def _load_bae(bae_path, latent_size: int, overrides: Optional[Dict[str, Any]] = None):
+    """(config, variables) of ``binaryae*.th`` (``ae.``-prefixed or plain); its ``resolution`` (only naming the
+    attention levels) is the image size that the generator's grid implies."""
+    own, _ = ibae.split_bae_state_dict(load_state_dict(bae_path), what=os.fspath(bae_path))
+    probe = ibae.bae_config_from_state_dict(own)
+    cfg = ibae.bae_config_from_state_dict(own, resolution=latent_size * probe.downsample, **(overrides or {}))
+    with named_mismatch(bae_path):
+      return cfg, ibae.import_bae(own, cfg)
+
+  @staticmethod
+  def _init_bae(bae_config: BAEConfig, rng):
+    s = bae_config.resolution
+    return jax.jit(functools.partial(BinaryAutoEncoder(bae_config).init, train=False))(
+        rng, jnp.zeros((1, s, s, bae_config.in_channels), jnp.float32))
+
+  def _save_bae(self, bae_path):
+    if bae_path:
+      ibae.save_bae(jax.device_get(self.bae_variables), self.bae_config, os.fspath(bae_path))
+
+  # ------------------------------------------------------------------ checks
+  def _check_images(self, images, what='images') -> jax.Array:
+    return check_images(images, self.bae_config.in_channels, self.image_size,
+                        f'{type(self).__name__[:-len("Pipeline")]} grid {self.latent_size} x BAE downsample '
+                        f'{self.bae_config.downsample}',
+                        what, ' in [0, 1]')
+
+  def _check_bits(self, bits, what='bits') -> jax.Array:
+    """(B, h, w, K) or (B, N, K) 0/1 -> (B, h, w, K) uint8."""
+    b = jnp.asarray(bits)
+    g, k = self.latent_size, self.bits_per_cell
+    if b.ndim == 3 and b.shape[1:] == (g * g, k):
+      b = b.reshape(b.shape[0], g, g, k)
+    if b.ndim != 4 or b.shape[1:] != (g, g, k):
+      raise ValueError(f'{what} must be (B, {g}, {g}, {k}) (or (B, {g * g}, {k})), got shape {tuple(b.shape)}')
+    return (b > 0).astype(jnp.uint8) if jnp.issubdtype(b.dtype, jnp.floating) else b.astype(jnp.uint8)
+
+  # ------------------------------------------------------------------ the autoencoder
+  def _bae_fn(self, name: str):
+    bae, ds, k = self.bae, self.bae_config.downsample, self.bits_per_cell
+
+    def bernoulli(v, x, keys):
+      u = jax.vmap(lambda kk: jax.random.uniform(kk, (x.shape[1] // ds, x.shape[2] // ds, k)))(keys)
+      return bae.apply(v, x, 'bernoulli', None, u, method=BinaryAutoEncoder.bits)
+
+    fns = {'encode_threshold': lambda v, x: bae.apply(v, x, method=BinaryAutoEncoder.bits),
+           'encode_bernoulli': bernoulli,
+           'decode': lambda v, bits: bae.apply(v, bits, method=BinaryAutoEncoder.decode)}
+    return self._cached(name, lambda: jax.jit(fns[name]))
+
+  def encode(self, images, mode: str = 'threshold', rng=None, *, shard: bool = True) -> jax.Array:
+    """Images NHWC in [0, 1] -> bits (B, h, w, K) uint8.
+
+    ``mode='threshold'``: ``p > 0.5`` (the reference ``encode()`` with ``deterministic``: what the generators are
+    evaluated and probed on). ``mode='bernoulli'``: ``u < p`` (how the references tokenise for training); ``rng`` a
+    PRNG key or int seed, image i draws from ``fold_in(rng, i)`` (independent of the batch composition).
+    """
+    x = self._check_images(images)
+    if mode == 'threshold':
+      return self._apply(self._bae_fn('encode_threshold'), 'bae', [x], shard)
+    if mode == 'bernoulli':
+      if rng is None:
+        raise ValueError("mode='bernoulli' needs rng (a PRNG key or an int seed)")
+      keys = per_sample_keys(rng, x.shape[0])
+      return self._apply(self._bae_fn('encode_bernoulli'), 'bae', [x, keys], shard)
+    raise ValueError(f"mode must be 'threshold' or 'bernoulli', got {mode!r}")
+
+  def decode(self, bits, *, clip: bool = False, shard: bool = True) -> jax.Array:
+    """Bits (B, h, w, K) (or (B, N, K)) -> images NHWC float32 (the reference ``bae.decode(bits, is_bin=True)``).
+
+    A trained BAE decodes to about [0, 1]; the output is clamped only with ``clip`` (the references clamp when they
+    write files)."""
+    out = self._apply(self._bae_fn('decode'), 'bae', [self._check_bits(bits)], shard)
+    return jnp.clip(out, 0.0, 1.0) if clip else out
+
+  def _generate(self, settings: Tuple, labels, rng, noise, clip: bool, dtype, num_samples, sample_ids, batch_size,
+                shard) -> Tuple[np.ndarray, np.ndarray]:
+    """Keyed generation in compiled batches (``_sampler(settings, dtype, clip)``), or one call with the injected
+    ``noise`` of the reference fixtures (``_sample_injected``)."""
+    clip = bool(clip)
+    if noise is not None:
+      return self._sample_injected(labels, settings, noise, clip, dtype)
+    lab, keys = self._sample_inputs(labels, rng, num_samples, sample_ids)
+    return self._sample_batches((settings, clip), lambda dt: self._sampler(settings, dt, clip), [lab, keys], dtype,
+                                batch_size, shard)
+
+  def _decoded(self, clip: bool):
+    """``fn(bae_vars, bits (B, h, w, K)) -> images``, clamped with ``clip``: the last step of a sampler."""
+    bae = self.bae
+
+    def decode(bae_vars, bits):
+      images = bae.apply(bae_vars, bits, method=BinaryAutoEncoder.decode)
+      return jnp.clip(images, 0.0, 1.0) if clip else images
+    return decode
+
+  def _variables(self, which: str, dtype):
+    v = getattr(self, 'bae_variables' if which == 'bae' else self.model_attr)
+    return v if which == 'bae' or jnp.dtype(dtype) == jnp.float32 else cast_floating(v, dtype)

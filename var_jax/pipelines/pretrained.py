@@ -1,0 +1,95 @@
+"""Any family's pipeline from files: reference checkpoints (VAR ``.pth``/``.safetensors``, ELM / BiGR generator +
+binary autoencoder) or a var_jax model checkpoint directory; the family of a generator checkpoint from its keys; the
+reference ``ModelArgs`` overrides as the CLIs spell them."""
+from __future__ import annotations
+
+import ast
+import json
+import os
+from typing import Any, Dict, Optional, Sequence, Union
+
+from var_jax.pipelines.base import Pipeline
+from var_jax.pipelines.bigr import BiGRPipeline
+from var_jax.pipelines.elm import ELMPipeline
+from var_jax.pipelines.var import VARPipeline
+
+PIPELINES = {'var': VARPipeline, 'elm': ELMPipeline, 'bigr': BiGRPipeline}
+
+
+def parse_model_args(value: Union[None, str, Sequence[str], Dict[str, Any]]) -> Dict[str, Any]:
+  """``ModelArgs`` overrides from a JSON object string, or a list / comma string of ``key=value`` items (values
+  parsed as JSON, then as Python literals, else kept as strings: ``p_flip=true``, ``focal=0.0``, ``n_head=16``)."""
+  if value is None or value == '' or value == []:
+    return {}
+  if isinstance(value, dict):
+    return dict(value)
+  if not isinstance(value, str) and value and str(value[0]).lstrip().startswith('{'):
+    value = ','.join(value)                     # a JSON object split on its commas by absl's DEFINE_list
+  if isinstance(value, str):
+    if value.strip().startswith('{'):
+      out = json.loads(value)
+      if not isinstance(out, dict):
+        raise ValueError(f'--model_args JSON must be an object, got {value!r}')
+      return out
+    value = [v for v in value.split(',') if v.strip()]
+  out = {}
+  for item in value:
+    if '=' not in item:
+      raise ValueError(f'--model_args: expected key=value, got {item!r}')
+    k, v = (s.strip() for s in item.split('=', 1))
+    try:
+      out[k] = json.loads(v)
+    except json.JSONDecodeError:
+      try:
+        out[k] = ast.literal_eval(v)
+      except (ValueError, SyntaxError):
+        out[k] = v
+  return out
+
+
+def detect_family(model_ckpt: str) -> str:
+  """'bigr' or 'elm' from a generator checkpoint's keys (BiGR has the diffusion transcoder)."""
+  if not os.path.exists(model_ckpt):
+    raise FileNotFoundError(f'--model_ckpt: {model_ckpt} does not exist')
+  if model_ckpt.endswith('.safetensors'):
+    from safetensors import safe_open
+    with safe_open(model_ckpt, 'numpy') as f:
+      keys = list(f.keys())
+  else:
+    import torch
+    obj = torch.load(model_ckpt, map_location='cpu', weights_only=True, mmap=True)
+    if isinstance(obj, dict) and isinstance(obj.get('ema'), dict):
+      obj = obj['ema']
+    keys = list(obj) if isinstance(obj, dict) else []
+  if any(k.startswith(('denoise_mlp.', 'diffusion_processor.')) for k in keys):
+    return 'bigr'
+  if any(k.startswith(('tok_embeddings', 'layers.')) for k in keys):
+    return 'elm'
+  raise ValueError(f'{model_ckpt}: neither an ELM nor a BiGR checkpoint (first keys: {keys[:5]})')
+
+
+def load_pipeline(vae_ckpt: Optional[str] = None, var_ckpt: Optional[str] = None, checkpoint: Optional[str] = None,
+                  patch_nums: Optional[Sequence] = None, *, model: str = 'auto', bae_ckpt: Optional[str] = None,
+                  model_ckpt: Optional[str] = None, model_args=None) -> Pipeline:
+  """VAR from ``vae_ckpt`` + ``var_ckpt`` (reference weights) or ``checkpoint`` (ours); ELM / BiGR from ``bae_ckpt``
+  + ``model_ckpt`` with ``model_args`` (``parse_model_args``). ``model``: 'auto' (from which files are given and,
+  for ELM / BiGR, from the generator's keys), 'var', 'elm' or 'bigr'."""
+  if model not in ('auto', *PIPELINES):
+    raise ValueError(f'model must be auto, var, elm or bigr, got {model!r}')
+  model_args = parse_model_args(model_args)
+  if model in ('elm', 'bigr') or (model == 'auto' and (bae_ckpt or model_ckpt)):
+    if vae_ckpt or var_ckpt or checkpoint:
+      raise ValueError('give either --bae_ckpt/--model_ckpt (ELM, BiGR) or --vae_ckpt/--var_ckpt/--checkpoint (VAR)')
+    if not (bae_ckpt and model_ckpt):
+      raise ValueError('ELM/BiGR sampling needs both --bae_ckpt and --model_ckpt')
+    family = detect_family(model_ckpt) if model == 'auto' else model
+    return PIPELINES[family].from_torch(bae_ckpt, model_ckpt, **model_args)
+  if model_args:
+    raise ValueError('--model_args applies to ELM/BiGR checkpoints only')
+  if checkpoint:
+    if vae_ckpt or var_ckpt:
+      raise ValueError('give either --checkpoint or --vae_ckpt/--var_ckpt, not both')
+    return VARPipeline.from_checkpoint(checkpoint)
+  if not (vae_ckpt and var_ckpt):
+    raise ValueError('give --checkpoint, or both --vae_ckpt and --var_ckpt')
+  return VARPipeline.from_torch(vae_ckpt, var_ckpt, patch_nums=[int(p) for p in patch_nums] if patch_nums else None)

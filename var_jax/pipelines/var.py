@@ -1,0 +1,218 @@
+"""``VARPipeline``: a thin facade over the VQVAE, the VAR transformer and the reference-checkpoint interop.
+
+All the logic lives in the Linen modules (``var_jax.models``) and pure functions; the pipeline holds configs and
+params and caches jitted functions so repeated calls do not recompile.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from var_jax.interop import state_dict as sd_io
+from var_jax.interop import var as ref
+from var_jax.models.var_config import VARConfig, VQVAEConfig
+from var_jax.models.var import VAR
+from var_jax.models.vqvae import VQVAE
+from var_jax.pipelines.base import Pipeline, check_images, named_mismatch
+from var_jax.sampling import var as var_sampling
+from var_jax.sampling.common import cast_floating
+
+
+def _check_images(images, cfg: VQVAEConfig, what='images'):
+  return check_images(images, cfg.in_channels, cfg.image_size, f'patch_nums {cfg.patch_nums}: last patch '
+                      f'{cfg.patch_nums[-1]} x downsample {cfg.downsample}', what)
+
+
+def _vae_method(method, takes: str, doc: str):
+  """A pipeline method running ``VQVAE.<method>`` (jitted once) on checked images or on tokens (``takes``)."""
+  def run(self, x):
+    x = _check_images(x, self.vae_config) if takes == 'images' else self.split_tokens(x)
+    return self._vae_fn(method)(self.vae_variables, x)
+  run.__doc__ = doc
+  return run
+
+
+class VARPipeline(Pipeline):
+  """Tokenizer + transformer with params, e.g. ``VARPipeline.from_torch('vae.pth', 'var.pth')``."""
+
+  family = 'var'
+  parts = ('vae', 'var')
+
+  def __init__(self, vae_config: VQVAEConfig, var_config: VARConfig, vae_variables: Dict[str, Any],
+               var_variables: Dict[str, Any]):
+    if (vae_config.vocab_size, vae_config.z_channels) != (var_config.vocab_size, var_config.z_channels):
+      raise ValueError(f'tokenizer (V={vae_config.vocab_size}, Cvae={vae_config.z_channels}) and transformer '
+                       f'(V={var_config.vocab_size}, Cvae={var_config.z_channels}) do not fit together')
+    if tuple(vae_config.patch_nums) != tuple(var_config.patch_nums):
+      raise ValueError(f'patch_nums differ: tokenizer {vae_config.patch_nums} vs transformer {var_config.patch_nums}')
+    super().__init__()
+    self.vae_config, self.var_config = vae_config, var_config
+    self.vae = VQVAE(vae_config)
+    self.var = VAR(var_config)
+    self.vae_variables = jax.tree.map(jnp.asarray, vae_variables)
+    self.var_variables = jax.tree.map(jnp.asarray, var_variables)
+
+  @property
+  def num_classes(self) -> int:
+    return self.var_config.num_classes
+
+  # ------------------------------------------------------------------ construction
+  @classmethod
+  def from_torch(cls, vae_path: str, var_path: str, patch_nums: Optional[Sequence[int]] = None,
+                 num_heads: Optional[int] = None, vae_overrides: Optional[Dict[str, Any]] = None,
+                 **var_overrides) -> 'VARPipeline':
+    """Load reference checkpoints (``.pth`` or ``.safetensors``); the configs are inferred from the tensors.
+
+    What the tensors cannot tell goes in the overrides, e.g. ``vae_overrides={'using_znorm': True}`` for a
+    tokenizer trained with cosine code lookup, or ``drop_path_rate=...`` for the transformer."""
+    var_sd = sd_io.load_state_dict(var_path)
+    var_cfg = ref.var_config_from_state_dict(var_sd, patch_nums=patch_nums, num_heads=num_heads, **var_overrides)
+    vae_sd = sd_io.load_state_dict(vae_path)
+    vae_cfg = ref.vae_config_from_state_dict(vae_sd, patch_nums=var_cfg.patch_nums, **(vae_overrides or {}))
+    with named_mismatch(vae_path):
+      vae_vars = ref.import_vae(vae_sd, vae_cfg)
+    with named_mismatch(var_path):
+      var_vars = ref.import_var(var_sd, var_cfg)
+    return cls(vae_cfg, var_cfg, vae_vars, var_vars)
+
+  @classmethod
+  def init_random(cls, vae_config: VQVAEConfig, var_config: VARConfig, rng) -> 'VARPipeline':
+    """Fresh weights with the reference's initialisation (for training from scratch, tests and benchmarks)."""
+    from flax.core import meta
+    k1, k2 = jax.random.split(rng)
+    s = vae_config.image_size
+    vae_vars = jax.jit(functools.partial(VQVAE(vae_config).init, method=VQVAE.init_all))(
+        k1, jnp.zeros((1, s, s, vae_config.in_channels)))
+    var_vars = jax.jit(VAR(var_config).init)(k2, jnp.zeros((1,), jnp.int32),
+                                             jnp.zeros((1, var_config.seq_len - var_config.first_l,
+                                                        var_config.z_channels)))
+    return cls(vae_config, var_config, meta.unbox(vae_vars), meta.unbox(var_vars))
+
+  @classmethod
+  def from_checkpoint(cls, path: str) -> 'VARPipeline':
+    """Load our own model checkpoint directory (``var_jax.checkpoint``), configs included."""
+    from var_jax import checkpoint
+    return cls(*checkpoint.load_model(path))
+
+  def save_checkpoint(self, path: str):
+    """Write our own model checkpoint directory (orbax params + config.json)."""
+    from var_jax import checkpoint
+    checkpoint.save_model(path, self.vae_config, self.var_config, jax.device_get(self.vae_variables),
+                          jax.device_get(self.var_variables))
+
+  # ------------------------------------------------------------------ export
+  def save_torch(self, vae_path: Optional[str], var_path: Optional[str]):
+    """Write the reference layout (buffers included); ``.pth`` or ``.safetensors`` by extension."""
+    if vae_path:
+      sd_io.save_state_dict(ref.export_vae(jax.device_get(self.vae_variables), self.vae_config), vae_path)
+    if var_path:
+      sd_io.save_state_dict(ref.export_var(jax.device_get(self.var_variables), self.var_config), var_path)
+
+  # ------------------------------------------------------------------ jitted pieces
+  def _vae_fn(self, method):
+    """``VQVAE.<method>`` of (variables, input), jitted once."""
+    return self._cached(method.__name__, lambda: jax.jit(lambda v, x: self.vae.apply(v, x, method=method)))
+
+  # ------------------------------------------------------------------ public API
+  encode = _vae_method(VQVAE.img_to_idx, 'images', """images NHWC float32 in [-1, 1] -> tokens per scale, int32
+    (B, pn*pn), coarsest first.""")
+  encode_features = _vae_method(VQVAE.encode_features, 'images', """``quant_conv(encoder(images))``, (B, h, w,
+    Cvae).""")
+  fhats = _vae_method(VQVAE.img_to_fhats, 'images', """Accumulated quantized feature after every scale, each
+    (B, h, w, Cvae).""")
+  reconstruct = _vae_method(VQVAE.img_to_reconstructed_img, 'images', """NHWC in [-1, 1] -> reconstruction NHWC in
+    [-1, 1] (all scales).""")
+  decode = _vae_method(VQVAE.idx_to_img, 'tokens', """Tokens (list per scale, or concatenated (B, L)) -> images NHWC
+    in [-1, 1].""")
+  var_input = _vae_method(VQVAE.idx_to_var_input, 'tokens', """Teacher-forcing input (B, L - first_l, Cvae) from
+    tokens.""")
+
+  def logits(self, labels, tokens) -> jax.Array:
+    """Teacher-forced logits (B, L, V) float32 (no label dropout)."""
+    toks = self.split_tokens(tokens)
+    labels = self._batch_labels(labels, toks[0].shape[0])
+    fn = self._cached('logits', lambda: jax.jit(lambda v, lab, x: self.var.apply(v, lab, x)))
+    return fn(self.var_variables, labels, self.var_input(toks))
+
+  # ------------------------------------------------------------------ helpers
+  def split_tokens(self, tokens) -> List[jax.Array]:
+    """Accept a list of (B, pn^2) per scale or a (B, L) array; check the shapes; return the list."""
+    pns = self.var_config.patch_nums
+    if isinstance(tokens, (list, tuple)):
+      toks = [jnp.asarray(t, jnp.int32) for t in tokens]
+      want = [p * p for p in pns]
+      got = [t.shape[-1] if t.ndim == 2 else None for t in toks]
+      if got != want:
+        raise ValueError(f'token maps must be (B, pn^2) for patch_nums {pns}: expected lengths {want}, got '
+                         f'{[tuple(t.shape) for t in toks]}')
+    else:
+      t = jnp.asarray(tokens, jnp.int32)
+      if t.ndim != 2 or t.shape[1] != self.var_config.seq_len:
+        raise ValueError(f'tokens must be (B, {self.var_config.seq_len}), got shape {tuple(t.shape)}')
+      toks = [t[:, b:e] for b, e in self.var_config.begin_ends]
+    return toks
+
+  # ------------------------------------------------------------------ sampling
+  def _variables(self, which: str, dtype):
+    if which == 'var':
+      return cast_floating(self.var_variables, dtype)
+    vae_vars = dict(self.vae_variables)
+    params = dict(vae_vars['params'])
+    quant = params.pop('quantize')          # codebook and phis stay float32
+    params = cast_floating(params, dtype)
+    params['quantize'] = quant
+    vae_vars['params'] = params
+    return vae_vars
+
+  def sample(self, labels, rng, cfg: float = 1.5, top_k: int = 0, top_p: float = 0.0, more_smooth: bool = False,
+             *, num_samples: Optional[int] = None, batch_size: Optional[int] = None, dtype=jnp.float32,
+             shard: bool = True, sample_ids=None) -> Tuple[np.ndarray, np.ndarray]:
+    """Class-conditional samples -> (images NHWC float32 in [0, 1], tokens int32 (N, L)), on the host.
+
+    labels: ints (``num_classes`` = unconditional), a single int with ``num_samples``, or None for random classes
+    (``num_samples`` of them). rng: a PRNG key or an int seed; sample i depends only on fold_in(rng, i), so the
+    result does not change with ``batch_size`` or the number of devices (``sample_ids`` replaces i by given
+    global ids, so a resumed job draws exactly the images a full run would). Batches larger than ``batch_size``
+    are split (the last one padded, so one compilation serves all); with several local devices the batch is
+    sharded over them. ``dtype=jnp.bfloat16`` computes the transformer and decoder in bf16.
+    """
+    lab, keys = self._sample_inputs(labels, rng, num_samples, sample_ids)
+    return self._sample(self._options(cfg, top_k, top_p, more_smooth), [lab, keys], dtype, batch_size, shard)
+
+  @staticmethod
+  def _options(cfg, top_k, top_p, more_smooth) -> var_sampling.SamplingOptions:
+    return var_sampling.SamplingOptions(cfg=float(cfg), top_k=int(top_k), top_p=float(top_p),
+                                        more_smooth=bool(more_smooth))
+
+  def _sample(self, opts, per_sample, dtype, batch_size, shard):
+    edit = len(per_sample) > 2
+    build = lambda dt: var_sampling.sampler_fn(self.vae_config, self.var_config, opts, dt, edit)
+    return self._sample_batches((opts, edit), build, per_sample, dtype, batch_size, shard)
+
+  def edit(self, images, keep_mask, labels, rng, cfg: float = 1.5, top_k: int = 0, top_p: float = 0.0,
+           more_smooth: bool = False, *, batch_size: Optional[int] = None, dtype=jnp.float32,
+           shard: bool = True) -> Tuple[np.ndarray, np.ndarray]:
+    """Zero-shot in-/out-painting and class-conditional editing (the reference demo).
+
+    images: NHWC in [-1, 1]. keep_mask: (H, W) or (B, H, W), 1 = keep the input there, 0 = generate; at image
+    or finest-token resolution. labels: the class to generate (per image or one int). Returns like ``sample``.
+    In-painting: keep_mask 0 inside the hole; out-painting: keep_mask 1 inside the kept centre; class editing:
+    keep the background, regenerate the object region under another label.
+    """
+    x = _check_images(images, self.vae_config)
+    b = x.shape[0]
+    m = np.asarray(keep_mask, np.float32)
+    if m.ndim == 2:
+      m = np.broadcast_to(m, (b,) + m.shape)
+    if m.ndim != 3 or m.shape[0] != b:
+      raise ValueError(f'keep_mask must be (H, W) or (B, H, W) for {b} images, got shape {tuple(m.shape)}')
+    lab, keys = self._sample_inputs(labels, rng, b)
+    if lab.shape[0] != b:
+      raise ValueError(f'{lab.shape[0]} labels for {b} images')
+    masks = var_sampling.edit_force_masks(m, self.var_config.patch_nums)
+    return self._sample(self._options(cfg, top_k, top_p, more_smooth), [lab, keys, self.encode(x), masks], dtype,
+                        batch_size, shard)
