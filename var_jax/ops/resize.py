@@ -24,8 +24,15 @@ matmuls with interpolation matrices precomputed in numpy and cached per
 bicubic matrix used for float32 (and bf16/fp16) inputs replays torch's own
 float32 coordinate/coefficient arithmetic, because torch's rounding of the
 source coordinate alone moves outputs by up to ~7e-6 from exact math; float64
-inputs use an exact float64 matrix, as torch does. The sizes are static Python
-ints, so every function is ``jax.jit`` compatible.
+inputs use an exact float64 matrix, as torch does. Bilinear (float32) goes
+further: torch's float32 weights and its ``fma(x0, w0, x1 * w1)`` combination,
+W then H, as two gathers per axis, so it is bit-identical to torch's generic
+CPU kernel (see :func:`bilinear_resize`). The sizes are static Python ints, so
+every function is ``jax.jit`` compatible.
+
+``tf1_legacy_bilinear_resize`` is the other bilinear: TF1's
+``tf.image.resize_bilinear`` without half-pixel centres, the resize inside the
+TF Inception graph of OpenAI's evaluator and TF-FID.
 """
 
 from __future__ import annotations
@@ -39,7 +46,7 @@ import numpy as np
 
 Size = Union[int, Tuple[int, int]]
 
-__all__ = ['area_resize', 'bicubic_resize', 'bilinear_resize', 'nearest_upsample_2x']
+__all__ = ['area_resize', 'bicubic_resize', 'bilinear_resize', 'nearest_upsample_2x', 'tf1_legacy_bilinear_resize']
 
 _CUBIC_A = -0.75  # torch's upsample_bicubic2d coefficient
 
@@ -161,7 +168,8 @@ def _area_matrix_f32(in_size: int, out_size: int) -> np.ndarray:
 @functools.lru_cache(maxsize=None)
 def _bilinear_matrix(in_size: int, out_size: int) -> np.ndarray:
   """(out, in) float64 matrix of torch bilinear (align_corners=False, no antialias): src = (dst + 0.5) * in / out
-  - 0.5 clamped at 0 (torch's linear path clamps, unlike cubic), taps floor(src) and min(floor(src) + 1, in - 1)."""
+  - 0.5 clamped at 0 (torch's linear path clamps, unlike cubic), taps floor(src) and min(floor(src) + 1, in - 1).
+  This is what torch computes for float64 inputs."""
   m = np.zeros((out_size, in_size), dtype=np.float64)
   scale = in_size / out_size
   for o in range(out_size):
@@ -175,6 +183,75 @@ def _bilinear_matrix(in_size: int, out_size: int) -> np.ndarray:
   return m
 
 
+@functools.lru_cache(maxsize=None)
+def _bilinear_taps_f32(in_size: int, out_size: int) -> Tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+  """``(i0, i1, lambda0, lambda1)`` along one axis with torch's float32 rounding (float32/bf16/fp16 inputs).
+
+  torch's ``compute_source_index_and_lambda`` works in ``opmath_t`` = float32: scale = float(in) / out,
+  src = fma(scale, dst + 0.5, -0.5) (its CPU kernels are compiled with FMA contraction), clamped at 0,
+  i0 = min(floor(src), in - 1), i1 = i0 + (i0 < in - 1), lambda1 = clamp(src - i0, 0, 1), lambda0 = 1 - lambda1,
+  all rounded to float32. Exact float64 weights are off by up to ~3e-5 for 300 -> 299 (~9e-6 for 256 -> 299);
+  these reproduced torch 2.13's weights (CPU, AVX512) bit for bit for every in/out pair in 1..64 and for
+  256/300/512 -> 299.
+  """
+  scale = _F32(in_size) / _F32(out_size)
+  i0s, i1s, l0s, l1s = [], [], [], []
+  for o in range(out_size):
+    src = max(_fma_f32(scale, _F32(o) + _F32(0.5), _F32(-0.5)), _F32(0))
+    i0 = min(int(np.floor(src)), in_size - 1)
+    lam1 = min(max(src - _F32(i0), _F32(0)), _F32(1))
+    i0s.append(i0)
+    i1s.append(i0 + (1 if i0 < in_size - 1 else 0))
+    l0s.append(_F32(1) - lam1)
+    l1s.append(lam1)
+  out = (np.asarray(i0s, np.int32), np.asarray(i1s, np.int32), np.asarray(l0s, np.float32),
+         np.asarray(l1s, np.float32))
+  for a in out:
+    a.setflags(write=False)
+  return out
+
+
+@functools.lru_cache(maxsize=None)
+def _bilinear_matrix_f32(in_size: int, out_size: int) -> np.ndarray:
+  """(out, in) float32 matrix of :func:`_bilinear_taps_f32` (equal sizes: the identity, torch copies)."""
+  m = np.zeros((out_size, in_size), dtype=np.float32)
+  if in_size == out_size:
+    m[np.arange(out_size), np.arange(out_size)] = 1
+  else:
+    i0, i1, l0, l1 = _bilinear_taps_f32(in_size, out_size)
+    np.add.at(m, (np.arange(out_size), i0), l0)
+    np.add.at(m, (np.arange(out_size), i1), l1)
+  m.setflags(write=False)
+  return m
+
+
+def _bilinear_axis(x: jax.Array, axis: int, out_size: int) -> jax.Array:
+  """One axis of torch's generic bilinear kernel: ``x[i0] * lambda0 + x[i1] * lambda1`` per output index.
+
+  Written as two gathers and that expression (not a matmul) so that the rounding is torch's: its kernel evaluates
+  ``t0 * w0 + t1 * w1`` (as ``fma(t0, w0, t1 * w1)`` on FMA CPUs; XLA's CPU backend contracts the same expression
+  the same way), W first, then H on the W results. When the last tap is clamped (i1 == i0) the two products are
+  still added separately, as torch does.
+  """
+  i0, i1, l0, l1 = _bilinear_taps_f32(x.shape[axis], out_size)
+  shape = [1] * x.ndim
+  shape[axis] = out_size
+  l0 = jnp.asarray(l0, x.dtype).reshape(shape)
+  l1 = jnp.asarray(l1, x.dtype).reshape(shape)
+  return jnp.take(x, jnp.asarray(i0), axis=axis) * l0 + jnp.take(x, jnp.asarray(i1), axis=axis) * l1
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2))
+def _bilinear_f32_taps_resize(x: jax.Array, out_h: int, out_w: int) -> jax.Array:
+  # jitted also when called eagerly: op-by-op dispatch would round the products separately (no FMA contraction),
+  # 1 ulp off torch in ~40% of the outputs; inside an outer jit it is inlined.
+  if x.shape[2] != out_w:
+    x = _bilinear_axis(x, 2, out_w)
+  if x.shape[1] != out_h:
+    x = _bilinear_axis(x, 1, out_h)
+  return x
+
+
 def _matrix(kind: str, in_size: int, out_size: int, dtype) -> jax.Array:
   """Interpolation matrix cast to ``dtype``.
 
@@ -182,12 +259,10 @@ def _matrix(kind: str, in_size: int, out_size: int, dtype) -> jax.Array:
   every other dtype goes through the float32 matrices, as torch computes and
   then stores its weights in the input dtype.
   """
-  if kind == 'bilinear':
-    return jnp.asarray(_bilinear_matrix(in_size, out_size), dtype=dtype)
   if jnp.dtype(dtype) == jnp.float64:
-    f = _area_matrix if kind == 'area' else _bicubic_matrix
+    f = {'area': _area_matrix, 'bicubic': _bicubic_matrix, 'bilinear': _bilinear_matrix}[kind]
   else:
-    f = _area_matrix_f32 if kind == 'area' else _bicubic_matrix_f32
+    f = {'area': _area_matrix_f32, 'bicubic': _bicubic_matrix_f32}[kind]
   return jnp.asarray(f(in_size, out_size), dtype=dtype)
 
 
@@ -197,6 +272,9 @@ def _separable_resize(x: jax.Array, size: Size, kind: str) -> jax.Array:
   out_h, out_w = _normalize_size(size)
   _, in_h, in_w, _ = x.shape
   dtype = x.dtype
+  if kind == 'bilinear' and jnp.dtype(dtype) != jnp.float64:
+    # torch's generic bilinear kernel, W then H (see _bilinear_axis); float64 keeps the exact float64 matrix.
+    return _bilinear_f32_taps_resize(x, out_h, out_w)
   # W first, then H: torch's 2-D kernel interpolates along W inside and
   # combines the H taps outside, so this also matches its summation order.
   if in_w != out_w:
@@ -244,10 +322,58 @@ def bicubic_resize(x: jax.Array, size: Size) -> jax.Array:
 def bilinear_resize(x: jax.Array, size: Size) -> jax.Array:
   """``F.interpolate(x, size=size, mode='bilinear', align_corners=False)`` (no antialias) for an NHWC array.
 
-  VAR uses it only to resample zero-shot edit masks to each token-map size (the reference demo's
-  ``replace_embedding``), where the result is thresholded at 0.5.
+  Source coordinate ``(dst + 0.5) * in / out - 0.5`` clamped at 0, taps ``floor`` and ``floor + 1`` (clamped to the
+  border). float32 (and bf16/fp16) inputs replay torch's float32 arithmetic: the source index, lambdas and the
+  ``fma(x0, lambda0, x1 * lambda1)`` combination per axis, W first, then H (see ``_bilinear_taps_f32``). This is bit
+  for bit ``F.interpolate`` of torch 2.13's generic CPU kernel (the one it runs for NCHW float with more than one
+  thread, or C != 3, and output h + w > 128, e.g. every resize to 299x299), verified to the last ulp for
+  256/64/32x48/512/300 -> 299 and 100x80 -> 150x120; torch's single-threaded C = 3 path and its small-output
+  separable kernel round differently (up to a few ulps, ~5e-7 on unit-scale data). Exact float64 weights (the
+  previous implementation) were up to 2e-4 off on unit-normal data (up to 5e-5 on [0, 1] images, 300 -> 299).
+  float64 inputs use the exact float64 matrix (torch's double path). Equal sizes are an identity.
+
+  Used by the FID Inception's pytorch-fid preprocessing (256 -> 299) and VAR's zero-shot edit masks (the reference
+  demo's ``replace_embedding``, thresholded at 0.5).
   """
   return _separable_resize(x, size, 'bilinear')
+
+
+@functools.lru_cache(maxsize=None)
+def _tf1_legacy_taps(in_size: int, out_size: int) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """TF's ``compute_interpolation_weights`` with ``LegacyScaler``: scale = float(in) / out, src = float(dst) * scale
+  (float32, no half-pixel offset), lower = floor(src), upper = min(ceil(src), in - 1), lerp = src - floor(src)."""
+  scale = _F32(in_size) / _F32(out_size)
+  src = np.arange(out_size, dtype=np.float32) * scale
+  lower = np.floor(src)
+  out = (lower.astype(np.int32), np.minimum(np.ceil(src), in_size - 1).astype(np.int32),
+         (src - lower).astype(np.float32))
+  for a in out:
+    a.setflags(write=False)
+  return out
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def tf1_legacy_bilinear_resize(x: jax.Array, size: Size) -> jax.Array:
+  """TF1's ``tf.image.resize_bilinear(x, size)`` (``align_corners=False, half_pixel_centers=False``), NHWC, float32.
+
+  The resize inside the ``inception-2015-12-05`` graph that OpenAI's guided-diffusion evaluator and TF-FID run:
+  output index ``d`` samples source coordinate ``d * in / out`` (no half-pixel offset, so the image shifts by half a
+  pixel against :func:`bilinear_resize`), taps ``floor`` / ``min(ceil, in - 1)``, and TF's lerp form
+  ``top = tl + (tr - tl) * x_lerp``, ``bottom = bl + (br - bl) * x_lerp``, ``out = top + (bottom - top) * y_lerp``
+  (W first, then H) in float32. No antialiasing. Integer inputs are converted to float32 (TF's op outputs float32).
+  TF's own rounding depends on its build (its GPU kernel contracts to FMA, its CPU wheels usually do not), so
+  expect agreement to ~1 ulp, not bit for bit.
+  """
+  if x.ndim != 4:
+    raise ValueError(f'expected NHWC array, got shape {x.shape}')
+  out_h, out_w = _normalize_size(size)
+  x = jnp.asarray(x).astype(jnp.float32)
+  lo, hi, lerp = (jnp.asarray(a) for a in _tf1_legacy_taps(x.shape[2], out_w))
+  left, right = jnp.take(x, lo, axis=2), jnp.take(x, hi, axis=2)
+  x = left + (right - left) * lerp[None, None, :, None]
+  lo, hi, lerp = (jnp.asarray(a) for a in _tf1_legacy_taps(x.shape[1], out_h))
+  top, bottom = jnp.take(x, lo, axis=1), jnp.take(x, hi, axis=1)
+  return top + (bottom - top) * lerp[None, :, None, None]
 
 
 def nearest_upsample_2x(x: jax.Array) -> jax.Array:
