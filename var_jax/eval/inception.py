@@ -10,11 +10,21 @@ Inception3 layout (``BasicConv2d`` = conv without bias, BatchNorm(eps=1e-3), ReL
 * ``Mixed_7c`` (E_2): that branch is a 3x3/1 *max* pool with padding 1 instead (a quirk of the TF graph);
 * ``fc`` has 1008 outputs (the TF graph's classes; 1000 ImageNet classes plus unused ones), no aux classifier.
 
-Preprocessing is pytorch-fid's ``InceptionV3(resize_input=True, normalize_input=True)``: images in [0, 1] (uint8
-inputs are divided by 255 first, as ``ToTensor`` does), bilinearly resized to 299x299 exactly as
-``F.interpolate(mode='bilinear', align_corners=False)`` (no antialiasing; ``var_jax.ops.resize.bilinear_resize``),
-then mapped to [-1, 1] by ``2x - 1``. ``pool3`` is the global average pool of ``Mixed_7c`` (2048 features), the
-pytorch-fid FID feature.
+Preprocessing (``preprocessing=``), two rules that differ in the resize and in the normalisation:
+
+* ``'pytorch_fid'`` (default): pytorch-fid's ``InceptionV3(resize_input=True, normalize_input=True)``: images in
+  [0, 1] (uint8 inputs are divided by 255 first, as ``ToTensor`` does), bilinearly resized to 299x299 exactly as
+  ``F.interpolate(mode='bilinear', align_corners=False)`` (half-pixel centres: source ``(dst + 0.5) * in / out -
+  0.5``; no antialiasing; torch's float32 rounding; ``var_jax.ops.resize.bilinear_resize``), then mapped to [-1, 1]
+  by ``2x - 1`` (so 0 -> -1, 255 -> 1).
+* ``'tf1_legacy'``: what the TF graph itself does, i.e. OpenAI's guided-diffusion evaluator (which feeds float32
+  [0, 255] images to ``ExpandDims:0``) and TF-FID: TF1's ``tf.image.resize_bilinear`` (``align_corners=False``,
+  ``half_pixel_centers=False``: source ``dst * in / out``, no half-pixel offset) of the [0, 255] values, then
+  ``(x - 128) / 128`` (so 0 -> -1, 255 -> 0.9921875); ``var_jax.ops.resize.tf1_legacy_bilinear_resize``. uint8 inputs
+  are used as is, float inputs (in [0, 1]) are multiplied by 255 first. Use it for parity with the evaluator's
+  numbers; the pytorch-fid port's weights are the same, only this input path differs.
+
+``pool3`` is the global average pool of ``Mixed_7c`` (2048 features), the pytorch-fid FID feature.
 
 Logits and the Inception Score. pytorch-fid computes FID only: its ``InceptionV3`` stops at the average pool and never
 applies ``fc`` (the 1008-way fc weights are in its file all the same). The network returns both forms of the fc:
@@ -43,6 +53,7 @@ and either pass it to ``load_inception_params`` (needs torch) or convert it to a
 from __future__ import annotations
 
 import collections
+import functools
 import os
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
@@ -52,7 +63,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from var_jax.models.layers import torch_default_bias_init, torch_default_kernel_init
-from var_jax.ops.resize import bilinear_resize
+from var_jax.ops.resize import bilinear_resize, tf1_legacy_bilinear_resize
 
 Params = Dict[str, Any]
 
@@ -243,20 +254,51 @@ class InceptionBlock(nn.Module):
     raise ValueError(f'unknown inception block kind {self.kind!r}')
 
 
-def preprocess(images, resize_input: bool = True, normalize_input: bool = True) -> jax.Array:
-  """pytorch-fid's input path on NHWC images: integer (uint8) images / 255, float images taken as [0, 1]; then the
-  torch-exact bilinear resize to 299x299 and ``2x - 1``. Returns float32."""
+PREPROCESSING = ('pytorch_fid', 'tf1_legacy')
+_U8_OVER_255 = np.arange(256, dtype=np.float32) / np.float32(255)
+
+
+def _check_preprocessing(preprocessing: str) -> str:
+  if preprocessing not in PREPROCESSING:
+    raise ValueError(f'preprocessing must be one of {PREPROCESSING}, got {preprocessing!r}')
+  return preprocessing
+
+
+def preprocess(images, resize_input: bool = True, normalize_input: bool = True,
+               preprocessing: str = 'pytorch_fid') -> jax.Array:
+  """The network's input path on NHWC images (see the module docstring). Returns float32.
+
+  ``'pytorch_fid'``: integer (uint8) images / 255, float images taken as [0, 1]; the torch-exact bilinear resize to
+  299x299 (half-pixel centres) and ``2x - 1``. ``'tf1_legacy'`` (OpenAI's evaluator / the TF graph): integer images
+  as [0, 255] values, float images (in [0, 1]) times 255; TF1's legacy bilinear resize (``src = dst * in / out``)
+  and ``(x - 128) / 128``.
+  """
+  _check_preprocessing(preprocessing)
   x = jnp.asarray(images)
   if x.ndim != 4 or x.shape[-1] != 3:
     raise ValueError(f'expected NHWC RGB images (batch, height, width, 3), got shape {x.shape}')
-  if jnp.issubdtype(x.dtype, jnp.integer) or x.dtype == jnp.bool_:
+  integer = jnp.issubdtype(x.dtype, jnp.integer) or x.dtype == jnp.bool_
+  if preprocessing == 'tf1_legacy':
+    x = x.astype(jnp.float32) if integer else x.astype(jnp.float32) * 255.0
+    if resize_input:
+      x = tf1_legacy_bilinear_resize(x, (INPUT_SIZE, INPUT_SIZE))
+    if normalize_input:
+      x = (x - 128.0) * (1.0 / 128.0)     # the graph's Sub(128), Mul(1/128); exact, 1/128 is a power of two
+    return x
+  if x.dtype == jnp.uint8 or x.dtype == jnp.bool_:
+    # a table of the correctly rounded k / 255 (torch's ``x.float() / 255``): XLA's CPU float32 division is not
+    # correctly rounded (126 of the 256 quotients are 1 ulp off)
+    x = jnp.take(jnp.asarray(_U8_OVER_255), x.astype(jnp.int32))
+  elif integer:
     x = x.astype(jnp.float32) / 255.0
   else:
     x = x.astype(jnp.float32)
   if resize_input:
     x = bilinear_resize(x, (INPUT_SIZE, INPUT_SIZE))
   if normalize_input:
-    x = 2.0 * x - 1.0
+    # ``2x - 1`` written as ``(x + x) - 1`` (x + x = 2x exactly): inside a jit XLA would contract ``2 * x - 1`` into
+    # one FMA, one rounding fewer than torch's two ops, 1 ulp off in ~40% of the pixels.
+    x = (x + x) - 1.0
   return x
 
 
@@ -278,15 +320,17 @@ class InceptionV3(nn.Module):
 
   ``__call__(images)`` -> ``{'pool3': (B, 2048), 'logits': (B, 1008), 'logits_unbiased': (B, 1008)}``, float32;
   ``logits = pool3 @ fc.W + fc.b``, ``logits_unbiased = pool3 @ fc.W`` (the Inception Score convention, see the module
-  docstring). With ``resize_input=False`` the images are used at their own size (at least 75x75).
+  docstring). With ``resize_input=False`` the images are used at their own size (at least 75x75). ``preprocessing``:
+  ``'pytorch_fid'`` (default) or ``'tf1_legacy'`` (OpenAI's evaluator), see :func:`preprocess`.
   """
   resize_input: bool = True
   normalize_input: bool = True
   precision: Any = jax.lax.Precision.HIGHEST
+  preprocessing: str = 'pytorch_fid'
 
   @nn.compact
   def __call__(self, images) -> Dict[str, jax.Array]:
-    x = preprocess(images, self.resize_input, self.normalize_input)
+    x = preprocess(images, self.resize_input, self.normalize_input, self.preprocessing)
     if min(x.shape[1:3]) < MIN_SIZE:
       raise ValueError(f'the Inception network needs inputs of at least {MIN_SIZE}x{MIN_SIZE}, got '
                        f'{x.shape[1]}x{x.shape[2]} (use resize_input=True)')
@@ -310,9 +354,10 @@ def init_params(rng: jax.Array) -> Params:
 
 
 def apply(params: Params, images, resize_input: bool = True, normalize_input: bool = True,
-          precision: Any = jax.lax.Precision.HIGHEST) -> Dict[str, jax.Array]:
+          precision: Any = jax.lax.Precision.HIGHEST, preprocessing: str = 'pytorch_fid') -> Dict[str, jax.Array]:
   """``InceptionV3(...).apply`` on the public params layout (returned by ``load_inception_params``)."""
-  model = InceptionV3(resize_input=resize_input, normalize_input=normalize_input, precision=precision)
+  model = InceptionV3(resize_input=resize_input, normalize_input=normalize_input, precision=precision,
+                      preprocessing=_check_preprocessing(preprocessing))
   return model.apply({'params': params}, images)
 
 
@@ -449,9 +494,9 @@ def convert_inception(pth_path: str, out_path: str) -> Params:
 
 
 # ----------------------------------------------------------------------------- feature extraction
-@jax.jit
-def _preprocess(images):
-  return preprocess(images)
+@functools.partial(jax.jit, static_argnames='preprocessing')
+def _preprocess(images, preprocessing='pytorch_fid'):
+  return preprocess(images, preprocessing=preprocessing)
 
 
 @jax.jit
@@ -459,7 +504,8 @@ def _network(params, x):
   return apply(params, x, resize_input=False, normalize_input=False)
 
 
-def make_feature_fn(params: Params, fc_bias: bool = False) -> Callable[[Any], Tuple[jax.Array, jax.Array]]:
+def make_feature_fn(params: Params, fc_bias: bool = False,
+                    preprocessing: str = 'pytorch_fid') -> Callable[[Any], Tuple[jax.Array, jax.Array]]:
   """A function ``images (B, H, W, 3) uint8/float in [0, 1] -> (pool3 (B, 2048), logits (B, 1008))``, float32.
 
   ``logits`` are ``pool3 @ fc.W`` (the Inception Score convention of OpenAI's evaluator, improved-GAN and
@@ -467,12 +513,14 @@ def make_feature_fn(params: Params, fc_bias: bool = False) -> Callable[[Any], Tu
   (compiled per input shape) and the network on 299x299 (compiled once per batch size), with the params passed as
   an argument (never baked into the program). Inputs sharded over devices along the batch give sharded outputs;
   the params are put on the default device uncommitted (``jax.device_put`` them replicated yourself to pin them).
+  ``preprocessing``: ``'pytorch_fid'`` (default) or ``'tf1_legacy'`` (OpenAI's evaluator), see :func:`preprocess`.
   """
+  _check_preprocessing(preprocessing)
   params = jax.tree.map(jnp.asarray, params)
   key = 'logits' if fc_bias else 'logits_unbiased'
 
   def features(images):
-    out = _network(params, _preprocess(images))
+    out = _network(params, _preprocess(images, preprocessing=preprocessing))
     return out['pool3'], out[key]
   return features
 
@@ -504,15 +552,15 @@ def _batches(images: Union[np.ndarray, jax.Array, Iterable[Any]], batch_size: in
 
 
 def extract_features(params: Params, images: Union[np.ndarray, jax.Array, Iterable[Any]], batch_size: int = 50,
-                     fc_bias: bool = False) -> Tuple[np.ndarray, np.ndarray]:
+                     fc_bias: bool = False, preprocessing: str = 'pytorch_fid') -> Tuple[np.ndarray, np.ndarray]:
   """``(pool3 (N, 2048), logits (N, 1008))`` numpy float32 for all images, ``batch_size`` at a time.
 
   ``images``: an (N, H, W, 3) array, or an iterable of (b, H, W, 3) batches (any b; single (H, W, 3) images work
   too), uint8 or float in [0, 1], any size (resized to 299x299 as pytorch-fid does). Short batches are padded to
-  ``batch_size`` so the network compiles once. ``logits`` as in ``make_feature_fn``."""
+  ``batch_size`` so the network compiles once. ``logits`` and ``preprocessing`` as in ``make_feature_fn``."""
   if batch_size < 1:
     raise ValueError(f'batch_size must be positive, got {batch_size}')
-  fn = make_feature_fn(params, fc_bias=fc_bias)
+  fn = make_feature_fn(params, fc_bias=fc_bias, preprocessing=preprocessing)
   pools, logits = [], []
   for batch in _batches(images, batch_size):
     valid = batch.shape[0]
