@@ -5,6 +5,7 @@ import dataclasses
 
 import ml_collections
 
+from var_jax.data.pipeline import default_data_config
 from var_jax.train.optim import REFERENCE_NOWD_KEYS
 from var_jax.models.var_config import PATCH_NUMS_256, PATCH_NUMS_512, VARConfig, VQVAEConfig
 
@@ -21,14 +22,9 @@ def base() -> ml_collections.ConfigDict:
   c.seed = 0
 
   # ---- data (var_jax.data) ----
-  c.data = ml_collections.ConfigDict(dict(
-      name='folder',            # 'folder' (train/<class>/*), 'tfds' (ArrayRecord via tfds.data_source), 'digits'
-      path='',                  # folder root (has train/ and val/)
-      tfds_name='', tfds_data_dir='',
-      image_size=256, mid_reso=1.125, hflip=False,
-      train_split='train', eval_split='val',
-      num_workers=8, worker_buffer_size=2, max_skip_fraction=0.01,
-  ))
+  c.data = default_data_config()   # every field documented there
+  c.data.update(name='folder',      # 'folder' (train/<class>/*), 'tfds' (ArrayRecord via tfds.data_source), 'digits'
+                tfds_data_dir='', num_workers=8)
 
   # ---- stage 1: the frozen tokenizer ----
   c.vae = ml_collections.ConfigDict(_fields(VQVAEConfig))

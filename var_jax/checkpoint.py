@@ -41,9 +41,20 @@ def configs_from_json(text: str, where: str = 'config.json') -> Tuple[VQVAEConfi
   return out[0], out[1]
 
 
-def save_model(path: str, vae_config: VQVAEConfig, var_config: VARConfig, vae_variables, var_variables):
-  """Write a model checkpoint directory (see module doc). Refuses to overwrite a non-checkpoint directory."""
+def _process_local_checkpointer():
+  """A StandardCheckpointer that involves only this process (no cross-process barriers): model files are written by
+  one process and read by each on its own, whatever the process count."""
   import orbax.checkpoint as ocp
+  if jax.process_count() == 1:
+    return ocp.StandardCheckpointer()
+  i = jax.process_index()
+  return ocp.StandardCheckpointer(multiprocessing_options=ocp.options.MultiprocessingOptions(
+      primary_host=i, active_processes={i}, barrier_sync_key_prefix=f'model_p{i}'))
+
+
+def save_model(path: str, vae_config: VQVAEConfig, var_config: VARConfig, vae_variables, var_variables):
+  """Write a model checkpoint directory (see module doc) from host arrays; with several processes, call it on one.
+  Refuses to overwrite a non-checkpoint directory."""
   path = os.path.abspath(os.fspath(path))
   if os.path.exists(path) and not os.path.exists(os.path.join(path, CONFIG_FILE)):
     raise FileExistsError(f'{path} exists and is not a var_jax model checkpoint; refusing to overwrite it')
@@ -53,7 +64,7 @@ def save_model(path: str, vae_config: VQVAEConfig, var_config: VARConfig, vae_va
   os.makedirs(tmp)
   with open(os.path.join(tmp, CONFIG_FILE), 'w') as f:
     f.write(_configs_to_json(vae_config, var_config))
-  ckptr = ocp.StandardCheckpointer()
+  ckptr = _process_local_checkpointer()
   ckptr.save(os.path.join(tmp, PARAMS_DIR), {'vae': vae_variables, 'var': var_variables})
   ckptr.wait_until_finished()
   if os.path.exists(path):
@@ -67,14 +78,13 @@ def save_model(path: str, vae_config: VQVAEConfig, var_config: VARConfig, vae_va
 
 def load_model(path: str) -> Tuple[VQVAEConfig, VARConfig, Dict[str, Any], Dict[str, Any]]:
   """Read a model checkpoint directory -> (vae_config, var_config, vae_variables, var_variables), on the host."""
-  import orbax.checkpoint as ocp
   path = os.path.abspath(os.fspath(path))
   cfg_file = os.path.join(path, CONFIG_FILE)
   if not os.path.isfile(cfg_file):
     raise FileNotFoundError(f'{path} is not a var_jax model checkpoint (no {CONFIG_FILE})')
   with open(cfg_file) as f:
     vae_cfg, var_cfg = configs_from_json(f.read(), cfg_file)
-  tree = ocp.StandardCheckpointer().restore(os.path.join(path, PARAMS_DIR))
+  tree = _process_local_checkpointer().restore(os.path.join(path, PARAMS_DIR))
   tree = jax.tree.map(np.asarray, tree)
   for key in ('vae', 'var'):
     if key not in tree:

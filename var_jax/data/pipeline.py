@@ -60,23 +60,19 @@ def default_data_config() -> ml_collections.ConfigDict:
   })
 
 
-def _get(cfg, key: str):
-  return cfg.get(key, default_data_config()[key])
-
-
 def make_source(data_cfg, split: str):
   """The random-access source named by ``data_cfg.name`` for ``split``."""
-  name = _get(data_cfg, 'name')
+  name = data_cfg.name
   if name == 'digits':
     return DigitsSource(split)
   if name == 'folder':
-    if not _get(data_cfg, 'path'):
+    if not data_cfg.path:
       raise ValueError("data.name='folder' needs data.path (the root holding <split>/<class>/<images>)")
-    return ImageFolderSource(_get(data_cfg, 'path'), split)
+    return ImageFolderSource(data_cfg.path, split)
   if name == 'tfds':
-    if not _get(data_cfg, 'tfds_name'):
+    if not data_cfg.tfds_name:
       raise ValueError("data.name='tfds' needs data.tfds_name")
-    return TfdsSource(_get(data_cfg, 'tfds_name'), split, _get(data_cfg, 'tfds_data_dir'))
+    return TfdsSource(data_cfg.tfds_name, split, data_cfg.tfds_data_dir)
   raise ValueError(f"unknown data.name {name!r} (expected 'digits', 'folder' or 'tfds')")
 
 
@@ -101,14 +97,14 @@ def _ensure_flags_parsed():
 
 
 def _finish(ds: grain.MapDataset, data_cfg, per_process_batch: int) -> grain.IterDataset:
-  read = grain.ReadOptions(num_threads=int(_get(data_cfg, 'read_threads')),
-                           prefetch_buffer_size=int(_get(data_cfg, 'read_buffer_size')))
+  read = grain.ReadOptions(num_threads=int(data_cfg.read_threads),
+                           prefetch_buffer_size=int(data_cfg.read_buffer_size))
   out = ds.to_iter_dataset(read).batch(per_process_batch, drop_remainder=True)
-  num_workers = int(_get(data_cfg, 'num_workers'))
+  num_workers = int(data_cfg.num_workers)
   if num_workers > 0:
     _ensure_flags_parsed()
     out = out.mp_prefetch(grain.MultiprocessingOptions(
-        num_workers=num_workers, per_worker_buffer_size=int(_get(data_cfg, 'worker_buffer_size'))))
+        num_workers=num_workers, per_worker_buffer_size=int(data_cfg.worker_buffer_size)))
   return out
 
 
@@ -124,12 +120,12 @@ def make_train_dataset(data_cfg, per_process_batch: int, seed: int, process_inde
   ``data_cfg.max_skip_fraction``) counts unreadable images in this process."""
   _check_sharding(per_process_batch, process_index, process_count)
   if source is None:
-    source = make_source(data_cfg, _get(data_cfg, 'train_split'))
+    source = make_source(data_cfg, data_cfg.train_split)
   if len(source) == 0:
     raise ValueError(f'empty training source {source!r}')
-  monitor = skip_monitor if skip_monitor is not None else SkipMonitor(float(_get(data_cfg, 'max_skip_fraction')))
-  transform = TrainTransform(int(_get(data_cfg, 'image_size')), float(_get(data_cfg, 'mid_reso')),
-                             bool(_get(data_cfg, 'hflip')))
+  monitor = skip_monitor if skip_monitor is not None else SkipMonitor(float(data_cfg.max_skip_fraction))
+  transform = TrainTransform(int(data_cfg.image_size), float(data_cfg.mid_reso),
+                             bool(data_cfg.hflip))
   ds = grain.MapDataset.source(source).shuffle(seed=int(seed)).repeat(None)
   # The augmentation rng is keyed by the element's position in the global stream (random_map before the process
   # slice, both lazy), so an element's augmentation does not depend on process_count.
@@ -196,11 +192,11 @@ def make_eval_dataset(data_cfg, per_process_batch: int, process_index: int = 0, 
   """One pass over ``data_cfg.eval_split`` (or ``source``) for this process, center-cropped, padded with ``mask``."""
   _check_sharding(per_process_batch, process_index, process_count)
   if source is None:
-    source = make_source(data_cfg, _get(data_cfg, 'eval_split'))
-  monitor = skip_monitor if skip_monitor is not None else SkipMonitor(float(_get(data_cfg, 'max_skip_fraction')))
-  image_size = int(_get(data_cfg, 'image_size'))
-  num_workers = int(_get(data_cfg, 'num_workers'))
+    source = make_source(data_cfg, data_cfg.eval_split)
+  monitor = skip_monitor if skip_monitor is not None else SkipMonitor(float(data_cfg.max_skip_fraction))
+  image_size = int(data_cfg.image_size)
+  num_workers = int(data_cfg.num_workers)
   length = eval_steps(len(source), per_process_batch, process_count, num_workers) * per_process_batch
   ds = grain.MapDataset.source(_EvalShard(source, process_index, process_count, length))
-  ds = ds.map(EvalTransform(image_size, float(_get(data_cfg, 'mid_reso')))).map(MaskCorrupt(monitor, image_size))
+  ds = ds.map(EvalTransform(image_size, float(data_cfg.mid_reso))).map(MaskCorrupt(monitor, image_size))
   return _finish(ds, data_cfg, per_process_batch)

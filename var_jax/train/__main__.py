@@ -9,7 +9,7 @@ import logging as std_logging
 import os
 import sys
 
-from absl import app, flags, logging
+from absl import flags, logging
 from ml_collections import config_flags
 
 _MULTIHOST_ENV = ('JAX_COORDINATOR_ADDRESS', 'TPU_WORKER_HOSTNAMES', 'MEGASCALE_COORDINATOR_ADDRESS',
@@ -39,9 +39,7 @@ def setup_logging(verbose: bool):
   lg.propagate = False
 
 
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+def main():
   FLAGS = flags.FLAGS
   setup_logging(FLAGS['verbosity'].present)
   import jax
@@ -61,4 +59,5 @@ if __name__ == '__main__':
   flags.DEFINE_string('workdir', None, 'checkpoints, metrics, TensorBoard and samples go here (local or gs://)')
   flags.DEFINE_bool('distributed', None, 'call jax.distributed.initialize() (default: auto-detect multi-host)')
   flags.mark_flags_as_required(['config', 'workdir'])
-  app.run(main)
+  from var_jax import cli
+  cli.run(main)

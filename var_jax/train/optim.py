@@ -113,7 +113,3 @@ def make_optimizer(optim_cfg, global_batch_size: int, total_steps: int, warmup_s
       optax.scale_by_learning_rate(lr_schedule(o, global_batch_size, total_steps, warmup_steps)),
   ]
   return optax.chain(*parts)
-
-
-def current_lr(optim_cfg, global_batch_size, total_steps, warmup_steps, step) -> float:
-  return float(lr_schedule(optim_cfg, global_batch_size, total_steps, warmup_steps)(step))

@@ -58,8 +58,10 @@ def accumulate(micro: Callable, params, batch, keys, accum: int):
 
 
 class Task:
-  """Base of the per-family tasks. Subclasses set, in ``__init__``: ``self.schedule``, ``self.tx``,
-  ``self.frozen`` (a replicated pytree passed to every step), and call ``self._set_state_shapes(boxed_params)``."""
+  """Base of the per-family tasks. Subclasses set, in ``__init__``: ``self.schedule``, ``self.tx``, and call
+  ``self._set_state_shapes(boxed_params)``; ``load_frozen()`` gives the replicated pytree passed to every step (a
+  frozen tokenizer's variables, LPIPS weights), loaded on first use of ``self.frozen`` — shapes, shardings and
+  compilation need no weights."""
   name = ''
   vector_metrics: Dict[str, str] = {}      # metric -> format of its per-index scalars ('loss_scale{}')
   has_eval = False
@@ -72,10 +74,24 @@ class Task:
     self.rules = shd.rules_from_config(config.logical_axis_rules) if rules is None else rules
     self._steps: Dict[Any, Callable] = {}
     self._eval = None
+    self._frozen = None
     e = config.ema
     self.ema = (float(e.decay), int(e.every), int(e.start))
     if self.ema[1] < 1:
       raise ValueError(f'config.ema.every must be >= 1, got {self.ema[1]}')
+
+  def load_frozen(self):
+    return {}
+
+  @property
+  def frozen(self):
+    if self._frozen is None:
+      self._frozen = self.load_frozen()
+    return self._frozen
+
+  @frozen.setter
+  def frozen(self, value):
+    self._frozen = value
 
   # ---- state
   def ema_select(self, params):
@@ -151,9 +167,11 @@ class Task:
   def describe(self, state) -> str:
     return f'{self.name} params: {state_lib.num_params(state.params) / 1e6:.2f}M'
 
+  lr_schedule: Optional[Callable] = None   # step -> learning rate (set by tasks with one optimizer)
+
   def step_metrics(self, step: int, stage) -> Dict[str, float]:
-    """Host-side metrics of the step just taken (e.g. its learning rate)."""
-    return {}
+    """Host-side metrics of the step just taken: its learning rate."""
+    return {'lr': float(self.lr_schedule(step))} if self.lr_schedule else {}
 
   def log_line(self, m: Dict[str, float]) -> str:
     return f'loss {m["loss"]:.4f}'

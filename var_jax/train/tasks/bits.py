@@ -229,17 +229,21 @@ class BitsTask(base.Task):
     self.schedule = s
     self.model = make_model(self.kind, self.cfg, parse_dtype(config.dtype, 'config.dtype'))
     self.bae = BinaryAutoEncoder(self.bae_cfg, dtype=parse_dtype(config.bae_dtype, 'config.bae_dtype'))
-    self.frozen = load_bae(config, self.bae_cfg, mesh)
     self.diffusion = bd.make_schedule(self.cfg.n_sample_steps, self.cfg.beta_type) if self.kind == 'bigr' else None
     self.tokens_per_example = self.cfg.seq_len
     boxed = jax.eval_shape(self._init_boxed, jax.random.key(0))['params']
     mask = reference_decay_mask(self.kind, self.cfg, unbox(boxed))
     self.tx = optim.make_optimizer(config.optim, config.global_batch_size, s.total_steps,
                                    float(config.optim.warmup_steps), mask=mask)
+    self.lr_schedule = optim.lr_schedule(config.optim, config.global_batch_size, s.total_steps,
+                                         float(config.optim.warmup_steps))
     self._set_state_shapes(boxed)
 
   def _init_boxed(self, rng):
     return self.model.init(rng, *dummy_inputs(self.kind, self.cfg))
+
+  def load_frozen(self):
+    return load_bae(self.config, self.bae_cfg, self.mesh)
 
   def init_params(self, rng):
     return unbox(self._init_boxed(rng)['params']), None
@@ -321,11 +325,6 @@ class BitsTask(base.Task):
   def describe(self, state):
     return (f'{super().describe(state)}; {self.cfg.seq_len} tokens of {self.bae_cfg.codebook_size} bits per '
             f'image')
-
-  def step_metrics(self, step, stage):
-    o = self.config.optim
-    return {'lr': optim.current_lr(o, self.config.global_batch_size, self.schedule.total_steps,
-                                   float(o.warmup_steps), step)}
 
   def log_line(self, m):
     accs = ' '.join(f'{k} {m[k]:.2f}%' for k in ('acc', 'bit_acc') if k in m)

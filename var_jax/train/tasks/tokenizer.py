@@ -130,17 +130,10 @@ class VQVAETokenizer:
 
   def __init__(self, model: VQVAE, config, margins=None):
     self.model, self.config = model, model.config
+    self.image_size, self.in_channels = model.config.image_size, model.config.in_channels
     self.margins = usage_margins(model.config, config.global_batch_size) if margins is None else margins
     self.restart_every = int(config.codebook.restart_every)
     self.aux_weight = float(config.loss.vq)
-
-  @property
-  def image_size(self) -> int:
-    return self.config.image_size
-
-  @property
-  def in_channels(self) -> int:
-    return self.config.in_channels
 
   def init(self, rng, x):
     return self.model.init(rng, x, method=VQVAE.init_all)
@@ -213,19 +206,12 @@ class BAETokenizer:
 
   def __init__(self, model: BinaryAutoEncoder, config):
     self.model, self.config = model, model.config
+    self.image_size, self.in_channels = model.config.resolution, model.config.in_channels
     self.aux_weight = float(config.loss.code)
     self.signed_lpips = bool(config.loss.lpips_signed_input)
     self.train_bits = config.train_bits
     if self.train_bits not in ('bernoulli', 'threshold'):
       raise ValueError(f"config.train_bits must be 'bernoulli' or 'threshold', got {self.train_bits!r}")
-
-  @property
-  def image_size(self) -> int:
-    return self.config.resolution
-
-  @property
-  def in_channels(self) -> int:
-    return self.config.in_channels
 
   def init(self, rng, x):
     return self.model.init(rng, self.to_model(x), train=False)
@@ -551,14 +537,17 @@ class TokenizerTask(base.Task):
     self.tx_g, self.tx_d = make_optimizers(config, self.schedule.total_steps)
     self._init, self.abstract, self.shardings = init_fn(self.gen, self.disc, self.tx_g, self.tx_d, config, mesh,
                                                         self.rules)
-    extras = {}
+    self._recon = jax.jit(self.gen.reconstruct_signed)
+
+  def load_frozen(self):
+    """The frozen LPIPS weights ({} when LPIPS is off), replicated."""
+    config, extras = self.config, {}
     if self.gen.kind == 'bae' and config.init_from and config.loss.lpips > 0 and not config.loss.lpips_path:
       extras = self.gen.load_init(config.init_from)[1]
     lpips = load_lpips(config, extras)
     if extras and lpips is not None:
       logging.info('LPIPS from the perceptual.* tensors of %s', config.init_from)
-    self.frozen = {} if lpips is None else jax.device_put(lpips, shd.replicated(mesh))
-    self._recon = jax.jit(self.gen.reconstruct_signed)
+    return {} if lpips is None else jax.device_put(lpips, shd.replicated(self.mesh))
 
   def init_state(self):
     return state_lib.born_sharded(self._init, self.shardings, self.config.seed)
@@ -567,7 +556,7 @@ class TokenizerTask(base.Task):
     return init_from(self.gen, state, self.shardings, self.disc_cfg, self.config, path)
 
   def train_step(self, stage):
-    return make_step(self.gen, self.disc, self.tx_g, self.tx_d, self.config, bool(self.frozen))
+    return make_step(self.gen, self.disc, self.tx_g, self.tx_d, self.config, self.config.loss.lpips > 0)
 
   def describe(self, state):
     return (f'{self.gen.kind.upper()} params {state_lib.num_params(state.g_params) / 1e6:.2f}M, discriminator '

@@ -135,7 +135,7 @@ def _scale_stats(per_tok, correct, var_cfg: VARConfig, ed: int):
 
 
 class VARTask(base.Task):
-  name = 'var'
+  name = 'VAR'
   vector_metrics = {'loss_per_scale': 'loss_scale{}', 'acc_per_scale': 'acc_scale{}'}
   has_eval = True
   has_periodic_output = True
@@ -146,13 +146,17 @@ class VARTask(base.Task):
     self.schedule = make_schedule(config, num_train_examples)
     self.var = VAR(self.var_cfg, dtype=parse_dtype(config.dtype, 'config.dtype'))
     self.vae = VQVAE(self.vae_cfg, dtype=parse_dtype(config.vae_dtype, 'config.vae_dtype'))
-    self.frozen = load_tokenizer(config, self.vae_cfg, mesh)
     self.tx = optim.make_optimizer(config.optim, config.global_batch_size, self.schedule.total_steps,
                                    self.schedule.warmup_steps)
+    self.lr_schedule = optim.lr_schedule(config.optim, config.global_batch_size, self.schedule.total_steps,
+                                         self.schedule.warmup_steps)
     self.train_flops_per_example = metrics_lib.var_train_flops_per_image(self.var_cfg)
     self.tokens_per_example = self.var_cfg.seq_len
     self._set_state_shapes(jax.eval_shape(self._init_boxed, jax.random.key(0))['params'])
     self._sampler = None
+
+  def load_frozen(self):
+    return load_tokenizer(self.config, self.vae_cfg, self.mesh)
 
   def _init_boxed(self, rng):
     c = self.var_cfg
@@ -230,13 +234,10 @@ class VARTask(base.Task):
 
   # ---- reporting and outputs
   def describe(self, state):
-    return (f'VAR params: {sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params)) / 1e6:.2f}M, '
-            f'warmup {self.schedule.warmup_steps:.0f} steps')
+    return f'{super().describe(state)}, warmup {self.schedule.warmup_steps:.0f} steps'
 
   def step_metrics(self, step, stage):
-    s = self.schedule
-    return {'lr': optim.current_lr(self.config.optim, self.config.global_batch_size, s.total_steps,
-                                   s.warmup_steps, step), 'prog_si': stage}
+    return dict(super().step_metrics(step, stage), prog_si=stage)
 
   def log_line(self, m):
     return (f'loss {m["loss"]:.4f} (last {m["loss_last"]:.4f}) acc {m["acc"]:.2f}% (last {m["acc_last"]:.2f}%) '
