@@ -7,8 +7,9 @@ conv and a sigmoid give the probability of each of K bits; bits are drawn by the
 Bernoulli sampling ``u < p``; the bits select a sum of K learned ``emb_dim`` vectors (``quant = sum_k bit_k e_k``,
 0/1 bits, no +-1) that the generator decodes back to an image in [0, 1] (not clamped).
 
-Differences from the VQVAE's taming blocks (``var_jax.models.vqvae``) that matter for parity: the encoder and the
-generator end with GroupNorm then a conv, *without* an activation; attention uses separate q/k/v 1x1 convs;
+Differences from the VQVAE (both are built from the taming blocks of ``var_jax.models.layers``) that matter for
+parity: the encoder and the generator end with GroupNorm then a conv, *without* an activation; attention uses
+separate q/k/v 1x1 convs; the res blocks' shortcut conv is ``conv_out``;
 attention follows every res block of each level whose resolution is in ``attn_resolutions`` (the encoder counts
 resolutions down from ``resolution``, the generator up from ``resolution // 2**(levels-1)``); ``norm_first`` adds a
 GroupNorm on the embedding before the generator's first conv; the generator has ``int(res_blocks * gen_mul)`` blocks
@@ -38,12 +39,11 @@ import jax
 import jax.numpy as jnp
 
 from var_jax.losses.bae import codebook_loss_from_probs
-from var_jax.models.layers import Conv, GroupNorm, logical, torch_default_bias_init, torch_default_kernel_init
+from var_jax.models import layers
+from var_jax.models.layers import UNUSED, Conv, ConvLevel, ConvMid, GroupNorm, ResnetBlock, UnusedConv, logical
 from var_jax.models.quantizer import codebook_init
-from var_jax.models.vqvae import Downsample2x, Upsample2x
 
 Dtype = Any
-UNUSED = 'unused'   # the collection of tensors the reference stores but never reads
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,87 +115,18 @@ class BAEConfig:
     return tuple((self.resolution // 2 ** (n - 1)) * 2 ** (n - 1 - i) in self.attn_resolutions for i in range(n))
 
 
-class _UnusedConv(nn.Module):
-  """Declares (at init only) a conv's kernel and bias in the ``'unused'`` collection; computes nothing."""
-  features: int
-  kernel_size: int
-
-  @nn.compact
-  def __call__(self, in_features: int):
-    if not self.is_initializing():
-      return
-    k = self.kernel_size
-    for name, shape, init, axes in (
-        ('kernel', (k, k, in_features, self.features), torch_default_kernel_init, (None, None, 'conv_in', 'conv_out')),
-        ('bias', (self.features,), torch_default_bias_init(k * k * in_features), ('conv_out',))):
-      boxed = logical(init, axes)
-      key = self.make_rng('params')
-      self.variable(UNUSED, name, lambda b=boxed, kk=key, s=shape: b(kk, s, jnp.float32))
+class ResBlock(ResnetBlock):
+  """The BAE's res block: the shortcut conv is ``conv_out``, declared (in ``'unused'``) even at equal widths."""
+  shortcut: str = 'conv_out'
+  unused_shortcut: bool = True
 
 
-class ResBlock(nn.Module):
-  """GN-SiLU-conv3x3-GN-SiLU-conv3x3 plus the input; a 1x1 ``conv_out`` on the shortcut when widths differ."""
-  out_channels: int
-  dtype: Dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, x):
-    cin = x.shape[-1]
-    h = nn.silu(GroupNorm(name='norm1', dtype=self.dtype)(x))
-    h = Conv(self.out_channels, 3, name='conv1', dtype=self.dtype)(h)
-    h = nn.silu(GroupNorm(name='norm2', dtype=self.dtype)(h))
-    h = Conv(self.out_channels, 3, name='conv2', dtype=self.dtype)(h)
-    if cin != self.out_channels:
-      x = Conv(self.out_channels, 1, padding=0, name='conv_out', dtype=self.dtype)(x)
-    else:
-      _UnusedConv(self.out_channels, 1, name='conv_out')(cin)
-    return h + x
+class AttnBlock(layers.AttnBlock):
+  """The BAE's attention: separate 1x1 q/k/v convs, float32 softmax."""
+  separate_qkv: bool = True
 
 
-class AttnBlock(nn.Module):
-  """Single-head spatial self-attention: GN, separate 1x1 q/k/v convs, scale c^-0.5, 1x1 ``proj_out``, residual."""
-  dtype: Dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, x):
-    b, hh, ww, c = x.shape
-    hn = GroupNorm(name='norm', dtype=self.dtype)(x)
-    q, k, v = (Conv(c, 1, padding=0, name=n, dtype=self.dtype)(hn).reshape(b, hh * ww, c) for n in ('q', 'k', 'v'))
-    w = jnp.einsum('bic,bjc->bij', q, k).astype(jnp.float32) * (c ** -0.5)
-    w = jax.nn.softmax(w, axis=-1).astype(self.dtype)
-    o = jnp.einsum('bij,bjc->bic', w, v).reshape(b, hh, ww, c)
-    return x + Conv(c, 1, padding=0, name='proj_out', dtype=self.dtype)(o)
-
-
-class _Level(nn.Module):
-  out_channels: int
-  num_blocks: int
-  with_attn: bool
-  resample: str           # 'down', 'up' or ''
-  dtype: Dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, h):
-    for j in range(self.num_blocks):
-      h = ResBlock(self.out_channels, name=f'block_{j}', dtype=self.dtype)(h)
-      if self.with_attn:
-        h = AttnBlock(name=f'attn_{j}', dtype=self.dtype)(h)
-    if self.resample == 'down':
-      h = Downsample2x(name='downsample', dtype=self.dtype)(h)
-    elif self.resample == 'up':
-      h = Upsample2x(name='upsample', dtype=self.dtype)(h)
-    return h
-
-
-class _Mid(nn.Module):
-  dtype: Dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, h):
-    c = h.shape[-1]
-    h = ResBlock(c, name='block_1', dtype=self.dtype)(h)
-    h = AttnBlock(name='attn_1', dtype=self.dtype)(h)
-    return ResBlock(c, name='block_2', dtype=self.dtype)(h)
+_BLOCKS = dict(block=ResBlock, attn=AttnBlock)
 
 
 class BAEEncoder(nn.Module):
@@ -210,9 +141,9 @@ class BAEEncoder(nn.Module):
     h = Conv(c.nf, 3, name='conv_in', dtype=self.dtype)(x.astype(self.dtype))
     attn = c.encoder_attn_levels
     for i in range(n):
-      h = _Level(c.nf * c.ch_mult[i], c.res_blocks, attn[i], 'down' if i != n - 1 else '',
-                 name=f'down_{i}', dtype=self.dtype)(h)
-    h = _Mid(name='mid', dtype=self.dtype)(h)
+      h = ConvLevel(c.nf * c.ch_mult[i], c.res_blocks, 0.0, attn[i], 'down' if i != n - 1 else '', **_BLOCKS,
+                    name=f'down_{i}', dtype=self.dtype)(h)
+    h = ConvMid(0.0, True, **_BLOCKS, name='mid', dtype=self.dtype)(h)
     h = GroupNorm(name='norm_out', dtype=self.dtype)(h)          # no activation before the last conv
     return Conv(c.emb_dim, 3, name='conv_out', dtype=self.dtype)(h)
 
@@ -230,17 +161,17 @@ class BAEGenerator(nn.Module):
     if c.norm_first:
       h = GroupNorm(name='norm_in', dtype=self.dtype)(h)
     h = Conv(c.nf * c.ch_mult[-1], 3, name='conv_in', dtype=self.dtype)(h)
-    h = _Mid(name='mid', dtype=self.dtype)(h)
+    h = ConvMid(0.0, True, **_BLOCKS, name='mid', dtype=self.dtype)(h)
     attn = c.generator_attn_levels
     for i in reversed(range(n)):
-      h = _Level(c.nf * c.ch_mult[i], c.decoder_res_blocks, attn[i], 'up' if i != 0 else '',
-                 name=f'up_{i}', dtype=self.dtype)(h)
+      h = ConvLevel(c.nf * c.ch_mult[i], c.decoder_res_blocks, 0.0, attn[i], 'up' if i != 0 else '', **_BLOCKS,
+                    name=f'up_{i}', dtype=self.dtype)(h)
     width = h.shape[-1]
     h = GroupNorm(name='norm_out', dtype=self.dtype)(h)          # no activation before the last conv
     out = Conv(c.in_channels, 3, name='conv_out', dtype=self.dtype)(h)
     # the reference's ELBO head (conv3x3 - ReLU - conv1x1), built but never used by encode/decode/forward
-    _UnusedConv(width, 3, name='logsigma_0')(width)
-    _UnusedConv(c.in_channels, 1, name='logsigma_2')(width)
+    UnusedConv(width, 3, name='logsigma_0')(width)
+    UnusedConv(c.in_channels, 1, name='logsigma_2')(width)
     return out.astype(jnp.float32)
 
 

@@ -12,94 +12,10 @@ import jax
 import jax.numpy as jnp
 
 from var_jax.models.var_config import VQVAEConfig
-from var_jax.models.layers import Conv, GroupNorm
+from var_jax.models.layers import Conv, ConvLevel, ConvMid, GroupNorm
 from var_jax.models.quantizer import MultiScaleQuantizer
-from var_jax.ops.resize import nearest_upsample_2x
 
 Dtype = Any
-
-
-class ResnetBlock(nn.Module):
-  out_channels: int
-  dropout: float = 0.0
-  dtype: Dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, x, train: bool = False):
-    h = Conv(self.out_channels, 3, name='conv1', dtype=self.dtype)(nn.silu(GroupNorm(name='norm1', dtype=self.dtype)(x)))
-    h = nn.silu(GroupNorm(name='norm2', dtype=self.dtype)(h))
-    if self.dropout > 1e-6:
-      h = nn.Dropout(self.dropout, deterministic=not train)(h)
-    h = Conv(self.out_channels, 3, name='conv2', dtype=self.dtype)(h)
-    if x.shape[-1] != self.out_channels:
-      x = Conv(self.out_channels, 1, padding=0, name='nin_shortcut', dtype=self.dtype)(x)
-    return x + h
-
-
-class AttnBlock(nn.Module):
-  """Single-head spatial self-attention with a residual (reference ``AttnBlock``: fused 1x1 qkv conv)."""
-  dtype: Dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, x):
-    b, h, w, c = x.shape
-    qkv = Conv(3 * c, 1, padding=0, name='qkv', dtype=self.dtype)(GroupNorm(name='norm', dtype=self.dtype)(x))
-    q, k, v = jnp.split(qkv.reshape(b, h * w, 1, 3 * c), 3, axis=-1)
-    o = jax.nn.dot_product_attention(q, k, v, scale=c ** -0.5)
-    o = Conv(c, 1, padding=0, name='proj_out', dtype=self.dtype)(o.reshape(b, h, w, c))
-    return x + o
-
-
-class Downsample2x(nn.Module):
-  dtype: Dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, x):  # pad (right, bottom) by one then a stride-2 VALID conv, as the reference
-    return Conv(x.shape[-1], 3, stride=2, padding=((0, 1), (0, 1)), name='conv', dtype=self.dtype)(x)
-
-
-class Upsample2x(nn.Module):
-  dtype: Dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, x):
-    return Conv(x.shape[-1], 3, name='conv', dtype=self.dtype)(nearest_upsample_2x(x))
-
-
-class _Mid(nn.Module):
-  channels: int
-  dropout: float
-  using_mid_sa: bool
-  dtype: Dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, h, train: bool = False):
-    h = ResnetBlock(self.channels, self.dropout, name='block_1', dtype=self.dtype)(h, train)
-    if self.using_mid_sa:
-      h = AttnBlock(name='attn_1', dtype=self.dtype)(h)
-    return ResnetBlock(self.channels, self.dropout, name='block_2', dtype=self.dtype)(h, train)
-
-
-class _Level(nn.Module):
-  """One resolution level: ``n`` res blocks (each optionally followed by attention) and an optional resampler."""
-  out_channels: int
-  num_blocks: int
-  dropout: float
-  with_attn: bool
-  resample: str  # 'down', 'up' or ''
-  dtype: Dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, h, train: bool = False):
-    for j in range(self.num_blocks):
-      h = ResnetBlock(self.out_channels, self.dropout, name=f'block_{j}', dtype=self.dtype)(h, train)
-      if self.with_attn:
-        h = AttnBlock(name=f'attn_{j}', dtype=self.dtype)(h)
-    if self.resample == 'down':
-      h = Downsample2x(name='downsample', dtype=self.dtype)(h)
-    elif self.resample == 'up':
-      h = Upsample2x(name='upsample', dtype=self.dtype)(h)
-    return h
 
 
 class Encoder(nn.Module):
@@ -117,10 +33,10 @@ class Encoder(nn.Module):
     n = len(self.ch_mult)
     h = Conv(self.ch, 3, name='conv_in', dtype=self.dtype)(x)
     for i in range(n):
-      h = _Level(self.ch * self.ch_mult[i], self.num_res_blocks, self.dropout,
+      h = ConvLevel(self.ch * self.ch_mult[i], self.num_res_blocks, self.dropout,
                  with_attn=(i == n - 1 and self.using_sa), resample='down' if i != n - 1 else '',
                  name=f'down_{i}', dtype=self.dtype)(h, train)
-    h = _Mid(h.shape[-1], self.dropout, self.using_mid_sa, name='mid', dtype=self.dtype)(h, train)
+    h = ConvMid(self.dropout, self.using_mid_sa, name='mid', dtype=self.dtype)(h, train)
     h = nn.silu(GroupNorm(name='norm_out', dtype=self.dtype)(h))
     return Conv(self.z_channels, 3, name='conv_out', dtype=self.dtype)(h)
 
@@ -140,9 +56,9 @@ class Decoder(nn.Module):
     """z -> image; with ``return_pre_out`` also the input of the last conv (for VQGAN's adaptive GAN weight)."""
     n = len(self.ch_mult)
     h = Conv(self.ch * self.ch_mult[-1], 3, name='conv_in', dtype=self.dtype)(z)
-    h = _Mid(h.shape[-1], self.dropout, self.using_mid_sa, name='mid', dtype=self.dtype)(h, train)
+    h = ConvMid(self.dropout, self.using_mid_sa, name='mid', dtype=self.dtype)(h, train)
     for i in reversed(range(n)):
-      h = _Level(self.ch * self.ch_mult[i], self.num_res_blocks + 1, self.dropout,
+      h = ConvLevel(self.ch * self.ch_mult[i], self.num_res_blocks + 1, self.dropout,
                  with_attn=(i == n - 1 and self.using_sa), resample='up' if i != 0 else '',
                  name=f'up_{i}', dtype=self.dtype)(h, train)
     h = nn.silu(GroupNorm(name='norm_out', dtype=self.dtype)(h))
