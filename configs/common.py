@@ -110,7 +110,7 @@ def tokenizer_base() -> ml_collections.ConfigDict:
   c.dtype = 'float32'
   c.loss = ml_collections.ConfigDict(dict(
       l1=1.0, l2=0.0, vq=1.0,
-      lpips=1.0, lpips_path='',  # converted LPIPS-VGG weights (python -m var_jax.models.lpips ...); 0 disables
+      lpips=1.0, lpips_path='',  # converted LPIPS-VGG weights (python -m var_jax.interop.lpips ...); 0 disables
       gan=0.5, disc_start=20000, disc_loss='hinge', adaptive=True,
       disc_weight_max=1e4,       # clip of VQGAN's adaptive weight
   ))

@@ -15,10 +15,11 @@ from conftest import REPO
 
 TINY_BAE = ['--config.data.image_size=8', "--config.bae.ch_mult=(1,1)", '--config.bae.res_blocks=1',
             '--config.bae.resolution=8', "--config.bae.attn_resolutions=()"]
-TINY_GEN = ['--config.model.dim=32', '--config.model.n_head=2', '--config.model.n_layer=1']
+TINY_GEN = ['--config.model.dim=32', '--config.model.n_head=2', '--config.model.n_layer=1', '--config.eval_every=4']
 RUNS = {
     'var': ['--config=configs/quickstart.py', '--config.model.depth=2', '--config.model.embed_dim=64',
-            '--config.model.num_heads=1', '--config.sample_every=4', "--config.sample_classes=(0,1)"],
+            '--config.model.num_heads=1', '--config.sample_every=4', "--config.sample_classes=(0,1)",
+            '--config.eval_every=4'],
     'vqvae': ['--config=configs/vqvae_quickstart.py', '--config.data.image_size=8', '--config.data.mid_reso=1.0',
               '--config.vae.ch=16', "--config.vae.ch_mult=(1,2)", "--config.vae.patch_nums=(1,2,4)",
               '--config.loss.disc_start=2', '--config.disc.n_layers=1', '--config.sample_every=4'],
@@ -31,7 +32,7 @@ RUNS = {
              '--config.model.n_sample_steps=16'] + TINY_BAE + TINY_GEN,
 }
 COMMON = ['--config.global_batch_size=16', '--config.total_steps=4', '--config.log_every=1', '--config.ckpt_every=2',
-          '--config.eval_every=4', '--config.mesh.data=-1']
+          '--config.mesh.data=-1']
 KINDS = ['var', 'vqvae', 'bae', 'elm_ar', 'elm_mlm', 'bigr']
 
 
