@@ -6,8 +6,8 @@ model and tokenizer shapes from the same model flags as ``sample_speed.py`` (``-
 --vocab_size --z_channels --num_classes``; the tokenizer is always the reference's encoder/decoder layout so the
 reference can load it) and a random tokenizer (``config.vae_ckpt=''``), then overrides the global batch
 (``--batch_size``), ``--dtype``, ``--grad_accum``, the mesh (``--mesh_data/--mesh_fsdp/--mesh_tensor``) and
-``--remat``. Ours is the real trainer: ``init_state`` (the sharded train state), ``load_tokenizer``,
-``build_optimizer`` and ``make_train_step`` jitted with the trainer's shardings (and, as in its loop, the state
+``--remat``. Ours is the real trainer: the VAR task (``var_jax.train.tasks.build``: the sharded train state, the
+tokenizer, the optimizer) and its train step jitted with the task's shardings (and, as in its loop, the state
 donated; ``--nodonate`` to keep it), run under ``mesh_context`` on global batches from ``host_local_to_global``
 (random images in [-1, 1] and labels, put on the devices before timing: the host->device copy is not timed). The
 first step (compilation + one run) is timed separately, then ``--num_steps`` steps, each waited for with
@@ -123,40 +123,30 @@ def _host_batches(config, var_cfg, n, per_process):
 
 
 def setup_ours(config):
-  """The trainer's pieces: mesh, models, optimizer, the sharded state, the tokenizer and the jitted step."""
+  """The trainer's pieces: the VAR task (mesh, models, optimizer, shardings), its sharded state, the tokenizer
+  and its jitted step."""
   import jax
-  import jax.numpy as jnp
   from var_jax import sharding as shd
-  from var_jax.models.var import VAR
-  from var_jax.models.vqvae import VQVAE
-  from var_jax.train import trainer
+  from var_jax.train import tasks
 
-  rules = shd.rules_from_config(config.logical_axis_rules)
   mesh = shd.make_mesh(config.mesh.to_dict())
   shd.global_batch_size_ok(config.global_batch_size, mesh)
-  vae_cfg, var_cfg = trainer.model_configs(config)
-  dtype = jnp.bfloat16 if config.dtype == 'bfloat16' else jnp.float32
-  var = VAR(var_cfg, dtype=dtype)
-  vae = VQVAE(vae_cfg, dtype=jnp.bfloat16 if config.vae_dtype == 'bfloat16' else jnp.float32)
-  schedule = trainer.make_schedule(config, NUM_TRAIN_EXAMPLES)
-  tx = trainer.build_optimizer(config, schedule)
-
+  task = tasks.build(config, mesh, NUM_TRAIN_EXAMPLES)
   t0 = time.perf_counter()
-  state, _, shardings = trainer.init_state(var, tx, mesh, rules, config.seed)
+  state = task.init_state()
   log = std_logging.getLogger('var_jax.train')
   level = log.level
   log.setLevel(std_logging.ERROR)   # the 'vae_ckpt is empty: random tokenizer' warning: intended here
   try:
-    vae_vars = trainer.load_tokenizer(config, vae_cfg, mesh)
+    vae_vars = task.frozen
   finally:
     log.setLevel(level)
   jax.block_until_ready((state, vae_vars))
   init_s = time.perf_counter() - t0
-
-  step = jax.jit(trainer.make_train_step(var, vae, tx, config, -1),
-                 in_shardings=(shardings, shd.batch_sharding(mesh), shd.replicated(mesh), None),
-                 out_shardings=(shardings, shd.replicated(mesh)), donate_argnums=(0,) if FLAGS.donate else ())
-  return dict(state=state, vae_vars=vae_vars, step=step, mesh=mesh, rules=rules, init_s=init_s)
+  step = task.jit_step(-1) if FLAGS.donate else jax.jit(
+      task.train_step(-1), in_shardings=(task.shardings, shd.batch_sharding(mesh), shd.replicated(mesh), None),
+      out_shardings=(task.shardings, shd.replicated(mesh)))
+  return dict(state=state, vae_vars=vae_vars, step=step, mesh=mesh, rules=task.rules, init_s=init_s)
 
 
 def time_ours(ours, config, host_batches):
@@ -282,10 +272,10 @@ def main(argv):
   bc.prepare_reference()
   import jax
   from var_jax.train import metrics as metrics_lib
-  from var_jax.train import trainer
+  from var_jax.train.tasks import var as var_task
 
   config = build_train_config()
-  vae_cfg, var_cfg = trainer.model_configs(config)
+  vae_cfg, var_cfg = var_task.model_configs(config)
   if FLAGS.reference_path and bc.reference_compatible(vae_cfg):
     raise app.UsageError(f'the reference VQVAE cannot hold this tokenizer: {bc.reference_compatible(vae_cfg)}')
   if FLAGS.reference_path and jax.process_count() > 1:
