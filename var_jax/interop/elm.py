@@ -37,8 +37,8 @@ def _unused(key: str, shape: Tuple[int, ...]) -> Entry:
 
 
 def _layers(cfg: ELMConfig) -> List[Entry]:
-  d, f = cfg.dim, cfg.ffn_hidden
-  hkv = cfg.n_kv_head or cfg.n_head
+  d, f = cfg.dim, cfg.ffn_hidden_dim
+  hkv = cfg.num_kv_heads
   qkv = (cfg.n_head + 2 * hkv) * cfg.head_dim
   e: List[Entry] = []
   for i in range(cfg.n_layer):
@@ -52,7 +52,7 @@ def _layers(cfg: ELMConfig) -> List[Entry]:
 def ar_table(cfg: ELMConfig) -> List[Entry]:
   """Every tensor of the reference ``ar_model.Transformer.state_dict()``, in its order."""
   d, t, v = cfg.dim, cfg.token_each, cfg.token_table_rows
-  e = [param_entry('cls_embedding.embedding_table.weight', (cfg.class_table_rows, d), ('cls_embedding',))]
+  e = [param_entry('cls_embedding.embedding_table.weight', (cfg.num_class_rows, d), ('cls_embedding',))]
   if t > 1:
     e += [param_entry(f'tok_embedder.{i}.weight', (v, d), (f'tok_embedder_{i}',)) for i in range(t)]
     e += dense_entries('proj', ('proj',), t * d, d, bias=False)
@@ -74,7 +74,7 @@ def mlm_table(cfg: ELMConfig) -> List[Entry]:
   """Every tensor of the reference ``mlm_model.Transformer.state_dict()``, in its order (unused ones included, in
   the collection ``'unused'``)."""
   d, t, v = cfg.dim, cfg.token_each, cfg.token_table_rows
-  e = [param_entry('cls_embedding.embedding_table.weight', (cfg.class_table_rows, d), ('cls_embedding',)),
+  e = [param_entry('cls_embedding.embedding_table.weight', (cfg.num_class_rows, d), ('cls_embedding',)),
        param_entry('tok_embedder.weight', (v, d), ('tok_embedder',)),
        _unused('pos_embed.weight', (cfg.block_size, d))]
   e += _layers(cfg)

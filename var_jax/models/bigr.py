@@ -33,52 +33,22 @@ import numpy as np
 
 from var_jax.models import bernoulli_diffusion as bd
 from var_jax.models.layers import Dense, drop_labels, layer_norm_no_affine, logical
-from var_jax.models.llama import (RMSNorm, TransformerBlock, ffn_hidden_dim, modulate, normal_init,
-                                  precompute_rope_2d, zeros_init)
+from var_jax.models.llama import LlamaArgs, RMSNorm, TransformerBlock, modulate, normal_init, precompute_rope_2d, zeros_init
 
 Dtype = Any
 
 
 # ----------------------------------------------------------------------------- config
 @dataclasses.dataclass(frozen=True)
-class BiGRConfig:
-  """The reference ``ModelArgs`` (same field names and defaults) plus ``beta_type``.
+class BiGRConfig(LlamaArgs):
+  """The reference ``ModelArgs`` (same field names and defaults; the ones ELM shares in ``llama.LlamaArgs``) plus
+  ``beta_type``.
 
   Only some fields shape the network; the others (mask ratios, smoothing, caption_dim, quant_size, max_* ...) are
   kept so a reference ``ModelArgs`` round-trips. ``beta_type`` is ours: the reference hard-codes 'linear'.
   """
-  # mlm (unused by the BiGR model itself)
-  mask_ratio_min: float = 0.5
-  mask_ratio_max: float = 1.0
-  mask_ratio_mu: float = 0.55
-  mask_ratio_std: float = 0.25
-  smoothing: float = 0.1
-  gen_iter: int = 10
-  # model
-  dim: int = 4096
-  n_layer: int = 32
-  n_head: int = 32
-  n_kv_head: Optional[int] = None
-  multiple_of: int = 256
-  ffn_dim_multiplier: Optional[float] = None
-  rope_base: float = 10000
-  norm_eps: float = 1e-5
-  initializer_range: float = 0.02
-  # train setting
-  token_dropout_p: float = 0.1
-  attn_dropout_p: float = 0.0
-  resid_dropout_p: float = 0.1
-  ffn_dropout_p: float = 0.1
-  drop_path_rate: float = 0.0
-  num_classes: int = 1000
-  caption_dim: int = 2048
-  class_dropout_prob: float = 0.1
   quant_size: int = 256
   binary_size: int = 16
-  cls_token_num: int = 1
-  block_size: int = 256
-  max_batch_size: int = 32
-  max_seq_len: int = 2048
   denoise_hidden_dim: int = 1024
   p_flip: bool = False
   n_repeat: int = 1
@@ -90,20 +60,11 @@ class BiGRConfig:
   infer_steps: int = 100
   num_block_mlp: int = 3
   seq_len: int = 256
-  use_adaLN: bool = False
   # ours
   beta_type: str = 'linear'
 
   def __post_init__(self):
-    if self.dim % self.n_head:
-      raise ValueError(f'dim {self.dim} is not divisible by n_head {self.n_head}')
-    if self.n_head % self.num_kv_heads:
-      raise ValueError(f'n_head {self.n_head} is not divisible by n_kv_head {self.n_kv_head}')
-    if self.head_dim % 4:
-      raise ValueError(f'2D RoPE needs a head dim divisible by 4, got {self.head_dim}')
-    g = int(round(math.sqrt(self.block_size)))
-    if g * g != self.block_size:
-      raise ValueError(f'block_size {self.block_size} is not a square (2D RoPE grid)')
+    super().__post_init__()
     if self.seq_len > self.block_size:
       raise ValueError(f'seq_len {self.seq_len} exceeds block_size {self.block_size} (RoPE table)')
     if self.use_adaLN and self.cls_token_num != 1:
@@ -126,31 +87,6 @@ class BiGRConfig:
     d = dataclasses.asdict(self)
     d.pop('beta_type')
     return d
-
-  @property
-  def head_dim(self) -> int:
-    return self.dim // self.n_head
-
-  @property
-  def num_kv_heads(self) -> int:
-    return self.n_kv_head if self.n_kv_head is not None else self.n_head
-
-  @property
-  def ffn_hidden_dim(self) -> int:
-    return ffn_hidden_dim(self.dim, self.multiple_of, self.ffn_dim_multiplier)
-
-  @property
-  def grid_size(self) -> int:
-    return int(round(math.sqrt(self.block_size)))
-
-  @property
-  def num_class_rows(self) -> int:
-    """Rows of the class table: num_classes, plus the null class when label dropout is on."""
-    return self.num_classes + int(self.class_dropout_prob > 0)
-
-  @property
-  def null_class(self) -> int:
-    return self.num_classes
 
 
 # The reference ``BIGR_models`` (the sizes; the rest comes from the training/sampling arguments).
@@ -361,7 +297,7 @@ class BiGR(nn.Module):
       cond_adaln_4 = cond_adaln.reshape(b, c_num, 6, cfg.dim)
     else:
       cond_adaln, cond_adaln_4 = None, None
-    rope = jnp.asarray(precompute_rope_2d(cfg.head_dim, cfg.grid_size, cfg.rope_base, c_num)[: c_num + n])
+    rope = jnp.asarray(precompute_rope_2d(cfg.head_dim, cfg.grid, cfg.rope_base, c_num)[: c_num + n])
     hidden = []
     for i, layer in enumerate(self.layers):
       h = layer(h, cond_adaln_4, rope, deterministic)

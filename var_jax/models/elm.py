@@ -28,8 +28,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from var_jax.models.layers import Dense, drop_labels, layer_norm_no_affine, logical
-from var_jax.models.llama import (KVCache, RMSNorm, TransformerBlock, ffn_hidden_dim, init_kv_cache, modulate,
-                                  normal_init, ones_init, precompute_rope_2d, zeros_init)
+from var_jax.models.llama import (KVCache, LlamaArgs, RMSNorm, TransformerBlock, init_kv_cache, modulate, normal_init,
+                                  ones_init, precompute_rope_2d, zeros_init)
 
 Dtype = Any
 
@@ -62,8 +62,9 @@ def check_model_args(modeling: str, names):
 
 
 @dataclasses.dataclass(frozen=True)
-class ELMConfig:
-  """ELM transformer hyperparameters: the reference ``ModelArgs`` field names and defaults, plus ``modeling``.
+class ELMConfig(LlamaArgs):
+  """ELM transformer hyperparameters: the reference ``ModelArgs`` field names and defaults (the shared ones in
+  ``llama.LlamaArgs``), plus ``modeling``.
 
   ``modeling`` ('ar' or 'mlm', ours) picks the model. Build from the reference's own keyword arguments with
   ``ELMConfig.from_model_args(modeling, **model_args)`` (unknown names are rejected).
@@ -79,47 +80,19 @@ class ELMConfig:
   reference (the vocabulary is 2^code_dim).
   """
   modeling: str = 'ar'
-  # shared ModelArgs
-  use_adaLN: bool = False
+  # shared ModelArgs (beyond LlamaArgs)
   pause: bool = False
   pause_num: int = 0                  # MLM ModelArgs default: 10 (from_model_args applies it)
   token_each: int = 4
   cls_row: bool = False
   pos_type: str = 'rope2d'
   code_dim: int = 16
-  dim: int = 4096
-  n_layer: int = 32
-  n_head: int = 32
-  n_kv_head: Optional[int] = None
-  multiple_of: int = 256
-  ffn_dim_multiplier: Optional[float] = None
-  rope_base: float = 10000
-  norm_eps: float = 1e-5
-  initializer_range: float = 0.02
-  token_dropout_p: float = 0.1
-  attn_dropout_p: float = 0.0
-  resid_dropout_p: float = 0.1
-  ffn_dropout_p: float = 0.1
-  drop_path_rate: float = 0.0
-  num_classes: int = 1000
-  caption_dim: int = 2048
-  class_dropout_prob: float = 0.1
   vocab_size: int = 256
-  cls_token_num: int = 1
-  block_size: int = 256
-  max_batch_size: int = 32
-  max_seq_len: int = 2048
   # AR only
   attn_type: str = 'sdp'
   split_embder: bool = False
   model_type: str = 'c2i'
-  # MLM only
-  mask_ratio_min: float = 0.5
-  mask_ratio_max: float = 1.0
-  mask_ratio_mu: float = 0.55
-  mask_ratio_std: float = 0.25
-  smoothing: float = 0.1
-  gen_iter: int = 10
+  # MLM only (and the mask_ratio_* / smoothing / gen_iter of LlamaArgs)
   maskpersample: bool = False
   mask_schstep: int = 10000
   mask_schtype: str = 'cos'
@@ -131,15 +104,7 @@ class ELMConfig:
     if self.pos_type != 'rope2d':
       raise NotImplementedError(f"pos_type={self.pos_type!r}: only 'rope2d' is supported (the reference's rope1d "
                                 f'calls precompute_freqs_cis with too many arguments; no release uses another)')
-    if self.dim % self.n_head:
-      raise ValueError(f'dim={self.dim} is not divisible by n_head={self.n_head}')
-    if self.head_dim % 4:
-      raise ValueError(f'head_dim={self.head_dim} (dim / n_head) must be divisible by 4 for the 2D RoPE table')
-    if self.n_kv_head is not None and self.n_head % self.n_kv_head:
-      raise ValueError(f'n_head={self.n_head} is not a multiple of n_kv_head={self.n_kv_head}')
-    g = math.isqrt(self.block_size)
-    if g * g != self.block_size:
-      raise ValueError(f'block_size={self.block_size} must be a square (the latent grid)')
+    super().__post_init__()
     if self.token_each < 1 or self.code_dim < 1:
       raise ValueError(f'token_each and code_dim must be >= 1, got {self.token_each}, {self.code_dim}')
     if self.attn_type not in ('sdp', 'cs'):
@@ -169,10 +134,6 @@ class ELMConfig:
 
   # ------------------------------------------------------------------ derived
   @property
-  def head_dim(self) -> int:
-    return self.dim // self.n_head
-
-  @property
   def codebook_size(self) -> int:
     """2^code_dim: the number of sub-token values (the reference's ``vocab_size`` argument is ignored)."""
     return 2 ** self.code_dim
@@ -190,15 +151,6 @@ class ELMConfig:
     return self.codebook_size + 1 + int(self.pause)
 
   @property
-  def class_table_rows(self) -> int:
-    """num_classes + 1 (the null class ``num_classes``) when class_dropout_prob > 0."""
-    return self.num_classes + int(self.class_dropout_prob > 0)
-
-  @property
-  def grid(self) -> int:
-    return math.isqrt(self.block_size)
-
-  @property
   def seq_len(self) -> int:
     """N: latent cells per image."""
     return self.block_size
@@ -207,10 +159,6 @@ class ELMConfig:
   def bits_per_cell(self) -> int:
     """K = token_each * code_dim: the BAE's code width."""
     return self.token_each * self.code_dim
-
-  @property
-  def ffn_hidden(self) -> int:
-    return ffn_hidden_dim(self.dim, self.multiple_of, self.ffn_dim_multiplier)
 
   @property
   def rope_cls_slots(self) -> int:
@@ -229,30 +177,54 @@ class ELMConfig:
     return [float(x) for x in np.linspace(0, self.drop_path_rate, self.n_layer, dtype=np.float32)]
 
 
-def _block(cfg: ELMConfig, i: int, rate: float, dtype) -> TransformerBlock:
-  return TransformerBlock(
-      cfg.dim, cfg.n_head, cfg.n_kv_head, multiple_of=cfg.multiple_of, ffn_dim_multiplier=cfg.ffn_dim_multiplier,
-      norm_eps=cfg.norm_eps, attn_type=cfg.attn_type, attn_dropout_p=cfg.attn_dropout_p,
-      resid_dropout_p=cfg.resid_dropout_p, ffn_dropout_p=cfg.ffn_dropout_p, drop_path=rate,
-      use_adaln=cfg.use_adaLN and cfg.modeling == 'ar', init_std=cfg.initializer_range, dtype=dtype,
-      name=f'layers_{i}')
+class _ELMTransformer(nn.Module):
+  """What ELMAR and ELMMLM share: the class table (``cls_embedding``, created first), the blocks ``layers_{i}``, the
+  final ``norm``, token dropout and the RoPE table; label dropout + class lookup; the run through the blocks."""
+  config: ELMConfig
+  dtype: Dtype = jnp.float32
+  MODELING = ''
 
+  def setup(self):
+    cfg = self.config
+    if cfg.modeling != self.MODELING:
+      raise ValueError(f'{type(self).__name__} needs an ELMConfig with modeling="{self.MODELING}"')
+    self.cls_embedding = self.param('cls_embedding', logical(normal_init(cfg.initializer_range), ('classes', 'embed')),
+                                    (cfg.num_class_rows, cfg.dim), jnp.float32)
+    self.layers = [TransformerBlock(
+        cfg.dim, cfg.n_head, cfg.n_kv_head, multiple_of=cfg.multiple_of, ffn_dim_multiplier=cfg.ffn_dim_multiplier,
+        norm_eps=cfg.norm_eps, attn_type=cfg.attn_type, attn_dropout_p=cfg.attn_dropout_p,
+        resid_dropout_p=cfg.resid_dropout_p, ffn_dropout_p=cfg.ffn_dropout_p, drop_path=rate,
+        use_adaln=cfg.use_adaLN and cfg.modeling == 'ar', init_std=cfg.initializer_range, dtype=self.dtype,
+        name=f'layers_{i}') for i, rate in enumerate(cfg.drop_path_rates())]
+    self.norm = RMSNorm(cfg.norm_eps, dtype=self.dtype)
+    self.token_dropout = nn.Dropout(cfg.token_dropout_p)
+    self._rope = cfg.rope_table()
 
-def _class_embed(module: nn.Module, table, labels, train: bool, force_drop_ids):
-  """Reference ``LabelEmbedder``: ``token_drop`` (forced ids (== 1), or Bernoulli(class_dropout_prob) in training
-  from ``module``'s rng stream 'dropout', -> null class ``num_classes``) then the lookup: (B, 1, D)."""
-  cfg = module.config
-  if force_drop_ids is not None and cfg.class_dropout_prob <= 0:
-    raise ValueError('force_drop_ids needs the null class: class_dropout_prob is 0, so the class table has no row '
-                     f'{cfg.num_classes}')
-  draw = force_drop_ids is None and train and cfg.class_dropout_prob > 0
-  labels = drop_labels(labels, cfg.class_dropout_prob, cfg.num_classes, module.make_rng('dropout') if draw else None,
-                       force_drop_ids)
-  return jnp.take(table, labels, axis=0)[:, None, :].astype(module.dtype)
+  def class_embed(self, labels, train: bool = False, force_drop_ids=None):
+    """(B,) labels -> (B, 1, D): the reference ``LabelEmbedder``'s ``token_drop`` (forced ids (== 1), or
+    Bernoulli(class_dropout_prob) in training from the rng stream 'dropout', -> the null class ``num_classes``)
+    then the lookup."""
+    cfg = self.config
+    if force_drop_ids is not None and cfg.class_dropout_prob <= 0:
+      raise ValueError('force_drop_ids needs the null class: class_dropout_prob is 0, so the class table has no row '
+                       f'{cfg.num_classes}')
+    draw = force_drop_ids is None and train and cfg.class_dropout_prob > 0
+    labels = drop_labels(labels, cfg.class_dropout_prob, cfg.null_class, self.make_rng('dropout') if draw else None,
+                         force_drop_ids)
+    return jnp.take(self.cls_embedding, labels, axis=0)[:, None, :].astype(self.dtype)
+
+  def _blocks(self, h, freqs, causal: bool, cond, train: bool):
+    """Token dropout, then every block (no cache) -> (h, the list of block outputs)."""
+    h = self.token_dropout(h, deterministic=not train)
+    hidden = []
+    for layer in self.layers:
+      h, _ = layer(h, freqs, causal=causal, cond=cond, train=train)
+      hidden.append(h)
+    return h, hidden
 
 
 # ----------------------------------------------------------------------------- AR
-class ELMAR(nn.Module):
+class ELMAR(_ELMTransformer):
   """ELM autoregressive transformer (reference ``llama/ar_model.py`` ``Transformer``).
 
   Methods (``ELMAR(cfg).apply(variables, ..., method=ELMAR.name)``):
@@ -269,36 +241,24 @@ class ELMAR(nn.Module):
   zeros, and the sequence still holds one class slot); the reference's training forward then slices
   ``logits[:, C-1:]``, which breaks its loss, so no release uses it.
   """
-  config: ELMConfig
-  dtype: Dtype = jnp.float32
+  MODELING = 'ar'
 
   def setup(self):
+    super().setup()
     cfg = self.config
-    if cfg.modeling != 'ar':
-      raise ValueError('ELMAR needs an ELMConfig with modeling="ar"')
     init = normal_init(cfg.initializer_range)
     d, t = cfg.dim, cfg.token_each
-    self.cls_embedding = self.param('cls_embedding', logical(init, ('classes', 'embed')), (cfg.class_table_rows, d),
-                                    jnp.float32)
     self.tok_embedder = [self.param(f'tok_embedder_{i}', logical(init, ('vocab', 'embed')),
                                     (cfg.token_table_rows, d), jnp.float32) for i in range(t)]
     if t > 1:
       self.proj = Dense(d, use_bias=False, kernel_axes=('mlp', 'embed'), kernel_init=init, dtype=self.dtype)
-    self.layers = [_block(cfg, i, r, self.dtype) for i, r in enumerate(cfg.drop_path_rates())]
     if cfg.use_adaLN:
       self.final_adaLN = Dense(2 * d, kernel_axes=('embed', 'adaln'), kernel_init=zeros_init, bias_init=zeros_init,
                                dtype=self.dtype)
-    self.norm = RMSNorm(cfg.norm_eps, dtype=self.dtype)
     self.output = [Dense(cfg.codebook_size, use_bias=False, kernel_axes=('embed', 'vocab'), kernel_init=zeros_init,
                          dtype=self.dtype, name=f'output_{i}') for i in range(t)]
-    self.token_dropout = nn.Dropout(cfg.token_dropout_p)
-    self._rope = cfg.rope_table()
 
   # ------------------------------------------------------------------ pieces
-  def class_embed(self, labels, train: bool = False, force_drop_ids=None):
-    """(B,) labels -> (B, 1, D) class embeddings after label dropout (null class = num_classes)."""
-    return _class_embed(self, self.cls_embedding, labels, train, force_drop_ids)
-
   def embed_tokens(self, idx):
     """(B, S, T) sub-tokens -> (B, S, D): T tables, concatenated and projected when T > 1."""
     idx = jnp.asarray(idx, jnp.int32)
@@ -324,13 +284,7 @@ class ELMAR(nn.Module):
     h = cond
     if idx is not None and idx.shape[1] > 0:
       h = jnp.concatenate([cond, self.embed_tokens(idx)], axis=1)
-    h = self.token_dropout(h, deterministic=not train)
-    s = h.shape[1]
-    freqs = jnp.asarray(self._rope[:s])
-    hidden = []
-    for layer in self.layers:
-      h, _ = layer(h, freqs, causal=True, cond=cond, train=train)
-      hidden.append(h)
+    h, hidden = self._blocks(h, jnp.asarray(self._rope[:h.shape[1]]), True, cond, train)
     logits = self.head(h, cond)
     return (logits, hidden) if return_hidden else logits
 
@@ -357,7 +311,7 @@ class ELMAR(nn.Module):
 
 def init_cache(cfg: ELMConfig, batch: int, max_len: Optional[int] = None, dtype=jnp.float32) -> List[KVCache]:
   """Zeroed KV caches for ``ELMAR.decode``; max_len defaults to N (class + N-1 tokens)."""
-  return init_kv_cache(batch, max_len or cfg.seq_len, cfg.n_kv_head or cfg.n_head, cfg.head_dim, cfg.n_layer, dtype)
+  return init_kv_cache(batch, max_len or cfg.seq_len, cfg.num_kv_heads, cfg.head_dim, cfg.n_layer, dtype)
 
 
 # ----------------------------------------------------------------------------- MLM
@@ -382,7 +336,7 @@ class MlmLayer(nn.Module):
     return logits + bias
 
 
-class ELMMLM(nn.Module):
+class ELMMLM(_ELMTransformer):
   """ELM masked transformer (reference ``llama/mlm_model.py`` ``Transformer``).
 
   ``__call__(masked_tokens, labels, token_all_mask=None, train=False, force_drop_ids=None, return_hidden=False)``:
@@ -391,26 +345,14 @@ class ELMMLM(nn.Module):
   ``return_hidden`` also the block outputs (B, (N+1)*T, D) (first T slots: the class).
   The head's tied token table is read through ``stop_gradient`` (the reference uses ``weight.data.detach()``).
   """
-  config: ELMConfig
-  dtype: Dtype = jnp.float32
+  MODELING = 'mlm'
 
   def setup(self):
+    super().setup()
     cfg = self.config
-    if cfg.modeling != 'mlm':
-      raise ValueError('ELMMLM needs an ELMConfig with modeling="mlm"')
-    init = normal_init(cfg.initializer_range)
-    self.cls_embedding = self.param('cls_embedding', logical(init, ('classes', 'embed')),
-                                    (cfg.class_table_rows, cfg.dim), jnp.float32)
-    self.tok_embedder = self.param('tok_embedder', logical(init, ('vocab', 'embed')), (cfg.token_table_rows, cfg.dim),
-                                   jnp.float32)
-    self.layers = [_block(cfg, i, r, self.dtype) for i, r in enumerate(cfg.drop_path_rates())]
-    self.norm = RMSNorm(cfg.norm_eps, dtype=self.dtype)
+    self.tok_embedder = self.param('tok_embedder', logical(normal_init(cfg.initializer_range), ('vocab', 'embed')),
+                                   (cfg.token_table_rows, cfg.dim), jnp.float32)
     self.mlm_layer = MlmLayer(cfg.token_table_rows, cfg.initializer_range, dtype=self.dtype)
-    self.token_dropout = nn.Dropout(cfg.token_dropout_p)
-    self._rope = cfg.rope_table()
-
-  def class_embed(self, labels, train: bool = False, force_drop_ids=None):
-    return _class_embed(self, self.cls_embedding, labels, train, force_drop_ids)
 
   def __call__(self, masked_tokens, labels, token_all_mask=None, train: bool = False, force_drop_ids=None,
                return_hidden: bool = False):
@@ -425,12 +367,7 @@ class ELMMLM(nn.Module):
     cond = self.class_embed(labels, train, force_drop_ids)                              # (B, 1, D)
     cls = jnp.broadcast_to(cond[:, :, None, :], (b, 1, t, cfg.dim))
     h = jnp.concatenate([cls, tok], axis=1).reshape(b, (n + 1) * t, cfg.dim)
-    h = self.token_dropout(h, deterministic=not train)
-    freqs = jnp.asarray(self._rope)
-    hidden = []
-    for layer in self.layers:
-      h, _ = layer(h, freqs, causal=False, train=train)
-      hidden.append(h)
+    h, hidden = self._blocks(h, jnp.asarray(self._rope), False, None, train)
     h = self.norm(h)
     logits = self.mlm_layer(h, jax.lax.stop_gradient(self.tok_embedder))
     logits = logits[:, t:, :cfg.codebook_size]

@@ -25,6 +25,7 @@ axis names for ``var_jax.sharding``.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any, Dict, List, Optional, Sequence
 
@@ -67,6 +68,79 @@ def zeros_init(key, shape, dtype=jnp.float32):
 def ones_init(key, shape, dtype=jnp.float32):
   del key
   return jnp.ones(shape, dtype)
+
+
+@dataclasses.dataclass(frozen=True)
+class LlamaArgs:
+  """The reference ``ModelArgs`` fields (names and defaults) that ELM and BiGR share: the Llama backbone, its
+  dropouts, the class conditioning, the sequence sizes and the MLM masking options (stored, unused by the models).
+  Both families' configs extend it; ``block_size`` is the square latent grid of the 2D RoPE table."""
+  # mlm
+  mask_ratio_min: float = 0.5
+  mask_ratio_max: float = 1.0
+  mask_ratio_mu: float = 0.55
+  mask_ratio_std: float = 0.25
+  smoothing: float = 0.1
+  gen_iter: int = 10
+  # model
+  dim: int = 4096
+  n_layer: int = 32
+  n_head: int = 32
+  n_kv_head: Optional[int] = None
+  multiple_of: int = 256
+  ffn_dim_multiplier: Optional[float] = None
+  rope_base: float = 10000
+  norm_eps: float = 1e-5
+  initializer_range: float = 0.02
+  use_adaLN: bool = False
+  # train setting
+  token_dropout_p: float = 0.1
+  attn_dropout_p: float = 0.0
+  resid_dropout_p: float = 0.1
+  ffn_dropout_p: float = 0.1
+  drop_path_rate: float = 0.0
+  num_classes: int = 1000
+  caption_dim: int = 2048
+  class_dropout_prob: float = 0.1
+  cls_token_num: int = 1
+  block_size: int = 256
+  max_batch_size: int = 32
+  max_seq_len: int = 2048
+
+  def __post_init__(self):
+    if self.dim % self.n_head:
+      raise ValueError(f'dim={self.dim} is not divisible by n_head={self.n_head}')
+    if self.head_dim % 4:
+      raise ValueError(f'head_dim={self.head_dim} (dim / n_head) must be divisible by 4 for the 2D RoPE table')
+    if self.n_head % self.num_kv_heads:
+      raise ValueError(f'n_head={self.n_head} is not a multiple of n_kv_head={self.n_kv_head}')
+    if self.grid * self.grid != self.block_size:
+      raise ValueError(f'block_size={self.block_size} must be a square (the latent grid)')
+
+  @property
+  def head_dim(self) -> int:
+    return self.dim // self.n_head
+
+  @property
+  def num_kv_heads(self) -> int:
+    return self.n_kv_head if self.n_kv_head is not None else self.n_head
+
+  @property
+  def ffn_hidden_dim(self) -> int:
+    return ffn_hidden_dim(self.dim, self.multiple_of, self.ffn_dim_multiplier)
+
+  @property
+  def grid(self) -> int:
+    return math.isqrt(self.block_size)
+
+  @property
+  def num_class_rows(self) -> int:
+    """Rows of the class table: num_classes, plus the null class (``num_classes``) when label dropout is on."""
+    return self.num_classes + int(self.class_dropout_prob > 0)
+
+  @property
+  def null_class(self) -> int:
+    return self.num_classes
 
 
 # ----------------------------------------------------------------------------- rotary embedding
