@@ -55,6 +55,7 @@ import optax
 from var_jax import sharding as shd
 from var_jax.interop import gan as gan_io
 from var_jax.dtypes import parse_dtype
+from var_jax.eval.codebook import bit_statistics, psnr, update_code_ema, usage_margins
 from var_jax.losses import gan as gan_losses
 from var_jax.models.bae import UNUSED, BAEConfig, BAEGenerator, BinaryAutoEncoder
 from var_jax.models.discriminator import DiscriminatorConfig, NLayerDiscriminator
@@ -82,42 +83,6 @@ class TokenizerState:
   d_stats: Any           # discriminator batch_stats ({} without BatchNorm)
   d_opt: Any
   g_ema: Any = flax.struct.field(default_factory=dict)   # EMA of g_params ({} when config.ema is off)
-
-
-def psnr(x, y):
-  """PSNR in dB of images in [-1, 1] (measured on [0, 1])."""
-  mse = jnp.mean(jnp.square((jnp.clip(x, -1, 1) - jnp.clip(y, -1, 1)) / 2), axis=(1, 2, 3))
-  return jnp.mean(10 * jnp.log10(1.0 / jnp.maximum(mse, 1e-10)))
-
-
-def update_code_ema(ema, hits, step):
-  """The reference's ema_vocab_hit_SV update: copy at the first step, 0.9/0.1 below 100 steps, then 0.99/0.01."""
-  decay = jnp.where(step == 0, 0.0, jnp.where(step < 100, 0.9, 0.99))
-  return ema * decay + hits * (1 - decay)
-
-
-def usage_margins(vae_cfg: VQVAEConfig, global_batch: int) -> np.ndarray:
-  """Per-scale hit threshold: 8% of a uniform share of that scale's tokens per step (the reference's margin)."""
-  return np.array([global_batch * p * p / vae_cfg.vocab_size * 0.08 for p in vae_cfg.patch_nums], np.float32)
-
-
-def bit_statistics(bits, probs, near: float = 0.1) -> Dict[str, jax.Array]:
-  """Bit-usage statistics of a batch of BAE codes: bits (..., K) 0/1 and their probabilities (..., K).
-
-  ``bit_mean_per_channel`` (K,): mean activation of each bit; ``bits_used``: channels that are not constant over
-  the batch (the reference's "unique codes used"); ``bit_entropy``: mean binary entropy (in bits) of the channel
-  means (1 = every channel balanced); ``probs_near_half``: fraction of probabilities with |p - 0.5| < ``near``;
-  ``prob_confidence``: mean |2p - 1| (1 = every bit certain).
-  """
-  k = bits.shape[-1]
-  mean = jnp.mean(bits.reshape(-1, k).astype(jnp.float32), axis=0)
-  m = jnp.clip(mean, 1e-7, 1 - 1e-7)
-  ent = -(m * jnp.log2(m) + (1 - m) * jnp.log2(1 - m))
-  ent = jnp.where((mean > 0) & (mean < 1), ent, 0.0)
-  p = probs.astype(jnp.float32)
-  return {'bit_mean_per_channel': mean, 'bits_used': jnp.sum((mean > 0) & (mean < 1)).astype(jnp.float32),
-          'bit_entropy': jnp.mean(ent), 'probs_near_half': jnp.mean((jnp.abs(p - 0.5) < near).astype(jnp.float32)),
-          'prob_confidence': jnp.mean(jnp.abs(2 * p - 1))}
 
 
 # ----------------------------------------------------------------------------- the generator being trained
@@ -169,10 +134,10 @@ class VQVAETokenizer:
   def reconstruct_signed(self, params, x):
     return self.model.apply({'params': params}, x, method=VQVAE.img_to_reconstructed_img)
 
-  def log_line(self, step, total, last, m) -> str:
-    return (f'step {step}/{total} l1 {last["l1"]:.4f} psnr {last["psnr"]:.2f} vq {last["vq_loss"]:.4f} '
-            f'g {last["g_loss"]:.3f} d {last["d_loss"]:.3f} (w {last["d_weight"]:.3g}) usage/scale '
-            + ' '.join(f'{u:.0f}' for u in m['usage_per_scale']))
+  def log_line(self, m) -> str:
+    usage = ' '.join(f'{m[f"usage_scale{i}"]:.0f}' for i in range(len(self.config.patch_nums)))
+    return (f'l1 {m["l1"]:.4f} psnr {m["psnr"]:.2f} vq {m["vq_loss"]:.4f} g {m["g_loss"]:.3f} d {m["d_loss"]:.3f} '
+            f'(w {m["d_weight"]:.3g}) usage/scale {usage}')
 
   def load_init(self, path) -> Tuple[Dict[str, Any], Dict[str, Any]]:
     from var_jax.interop import state_dict as sd_io
@@ -243,12 +208,11 @@ class BAETokenizer:
     rec, _ = self.model.apply({'params': params}, self.to_model(x), train=False)
     return self.to_signed(rec)
 
-  def log_line(self, step, total, last, m) -> str:
-    bm = np.asarray(m['bit_mean_per_channel'])
-    return (f'step {step}/{total} l1 {last["l1"]:.4f} psnr {last["psnr"]:.2f} cb {last["codebook_loss"]:.4f} '
-            f'g {last["g_loss"]:.3f} d {last["d_loss"]:.3f} (w {last["d_weight"]:.3g}) bits used '
-            f'{last["bits_used"]:.0f}/{bm.size} mean {bm.min():.2f}..{bm.max():.2f} H {last["bit_entropy"]:.3f} '
-            f'near-0.5 {100 * last["probs_near_half"]:.1f}%')
+  def log_line(self, m) -> str:
+    bm = np.asarray([m[f'bit_mean_{i}'] for i in range(self.config.codebook_size)])
+    return (f'l1 {m["l1"]:.4f} psnr {m["psnr"]:.2f} cb {m["codebook_loss"]:.4f} g {m["g_loss"]:.3f} '
+            f'd {m["d_loss"]:.3f} (w {m["d_weight"]:.3g}) bits used {m["bits_used"]:.0f}/{bm.size} '
+            f'mean {bm.min():.2f}..{bm.max():.2f} H {m["bit_entropy"]:.3f} near-0.5 {100 * m["probs_near_half"]:.1f}%')
 
   def load_init(self, path) -> Tuple[Dict[str, Any], Dict[str, Any]]:
     from var_jax.interop import bae as ibae
