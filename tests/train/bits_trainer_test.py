@@ -1,4 +1,4 @@
-"""ELM AR / ELM MLM / BiGR training (var_jax.train.bits_trainer) on 8 fake CPU devices, mesh data=4 x fsdp=2.
+"""ELM AR / ELM MLM / BiGR training (var_jax.train.tasks.bits) on 8 fake CPU devices, mesh data=4 x fsdp=2.
 
 Fast: a few sharded steps of each kind lower the loss; the first step's loss is the model's own loss function called
 directly on the same images, Bernoulli bits and keys; params and the optimizer state (Adam moments, EMA) are sharded
@@ -330,12 +330,12 @@ def _losses(workdir, split='train'):
 @pytest.mark.slow
 @pytest.mark.parametrize('kind', KINDS)
 def test_loop_resumes_exactly(kind, tmp_path):
-  loop = dict(total_steps=6, log_every=1, ckpt_every=3, eval_every=3, eval_batches=1, keep_ckpts=2)
+  run = dict(total_steps=6, log_every=1, ckpt_every=3, eval_every=3, eval_batches=1, keep_ckpts=2)
   straight, s_state = str(tmp_path / 'straight'), None
-  s_state, _ = loop.train(_config(kind, **loop), straight)
+  s_state, _ = loop.train(_config(kind, **run), straight)
   resumed = str(tmp_path / 'resumed')
-  loop.train(_config(kind, **dict(loop, total_steps=3)), resumed)          # stops (and checkpoints) at step 3
-  r_state, _ = loop.train(_config(kind, **loop), resumed)                  # resumes at 3, runs to 6
+  loop.train(_config(kind, **dict(run, total_steps=3)), resumed)          # stops (and checkpoints) at step 3
+  r_state, _ = loop.train(_config(kind, **run), resumed)                  # resumes at 3, runs to 6
   for a, b in zip(jax.tree.leaves(jax.device_get(s_state)), jax.tree.leaves(jax.device_get(r_state))):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   ls, lr = _losses(straight), _losses(resumed)

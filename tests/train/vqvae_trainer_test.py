@@ -11,7 +11,6 @@ import pytest
 from tests_helpers import load_config
 from var_jax.models.var_config import VQVAEConfig
 from var_jax.train import loop
-from var_jax.train import rng as rng_lib
 from var_jax.train.tasks import tokenizer as vt
 
 

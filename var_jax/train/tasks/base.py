@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging as std_logging
-from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -146,15 +146,20 @@ class Task:
     """-> ``fn(params, batch (with 'mask'), frozen, key) -> {name: (sum, count)}`` with an 'examples' entry."""
     raise NotImplementedError
 
-  def jit_step(self, stage=None):
-    if stage not in self._steps:
+  def jit_step(self, stage=None, nonfinite: Optional[str] = None):
+    """The compiled train step of ``stage``; ``nonfinite`` ('stop' / 'skip'): wrapped by
+    ``var_jax.train.nonfinite.guard`` (the loop's)."""
+    if (stage, nonfinite) not in self._steps:
       n_extra = len(self.stage(0)[1])
       rep = shd.replicated(self.mesh)
-      self._steps[stage] = jax.jit(self.train_step(stage),
-                                   in_shardings=(self.shardings, shd.batch_sharding(self.mesh), rep)
-                                   + (None,) * n_extra,
-                                   out_shardings=(self.shardings, rep), donate_argnums=(0,))
-    return self._steps[stage]
+      fn = self.train_step(stage)
+      if nonfinite is not None:
+        from var_jax.train import nonfinite as nonfinite_lib
+        fn = nonfinite_lib.guard(fn, nonfinite)
+      self._steps[stage, nonfinite] = jax.jit(fn, in_shardings=(self.shardings, shd.batch_sharding(self.mesh), rep)
+                                              + (None,) * n_extra,
+                                              out_shardings=(self.shardings, rep), donate_argnums=(0,))
+    return self._steps[stage, nonfinite]
 
   def jit_eval(self):
     if self._eval is None:

@@ -44,7 +44,7 @@ BAE the ``disc.*`` tensors go into the discriminator where they fit and ``percep
 from __future__ import annotations
 
 import importlib.util
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import flax
 import jax

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Any, Dict, Tuple
+from typing import Tuple
 
 import jax
 import jax.numpy as jnp
@@ -47,47 +47,90 @@ def model_configs(config) -> Tuple[VQVAEConfig, VARConfig]:
 
 @dataclasses.dataclass(frozen=True)
 class Schedule(base.Schedule):
+  """``total_steps`` optimizer steps; the lr / wd / progressive schedules count *iterations*: optimizer steps
+  (``optim.schedule_unit='step'``, ``iters_per_step == 1``) or micro-batches ('micro_batch': the reference's
+  counting, ``iters_per_step == grad_accum``). ``warmup_steps`` / ``prog_warmup_steps`` / ``total_iters`` are in
+  iterations; optimizer step ``s`` is at iteration ``(s + 1) x iters_per_step - 1`` (its last micro-batch)."""
   warmup_steps: float
   prog_fraction: float
   prog_start: int
   prog_warmup_steps: float
   num_scales: int
+  iters_per_step: int = 1
+  total_iters: int = -1         # -1: total_steps
+
+  @property
+  def schedule_total(self) -> int:
+    return self.total_steps if self.total_iters < 0 else self.total_iters
 
   def stage(self, step: int) -> Tuple[int, float]:
     """Progressive training (the reference's pg/pg0/pgwp): (scale index to train up to or -1 for all, the
-    loss weight ramp of the newest scale)."""
+    loss weight ramp of the newest scale), at the step's (last) iteration."""
     if self.prog_fraction <= 0:
       return -1, 1.0
+    total = self.schedule_total
 
     def si_at(it):
       if it <= self.warmup_steps:
         return self.prog_start
-      if it >= self.total_steps * self.prog_fraction:
+      if it >= total * self.prog_fraction:
         return self.num_scales - 1
       delta = self.num_scales - 1 - self.prog_start
-      progress = min(max((it - self.warmup_steps) / (self.total_steps * self.prog_fraction - self.warmup_steps),
-                         0), 1)
+      progress = min(max((it - self.warmup_steps) / (total * self.prog_fraction - self.warmup_steps), 0), 1)
       return self.prog_start + round(progress * delta)
 
-    si = si_at(step)
-    start = step
+    it = int(optim.schedule_iteration(step, self.iters_per_step))
+    si = si_at(it)
+    start = it
     while start > 0 and si_at(start - 1) == si:
       start -= 1
-      if step - start > self.prog_warmup_steps + 1:
+      if it - start > self.prog_warmup_steps + 1:
         break
-    ramp = 1.0 if si == self.prog_start else max(min((step - start + 1) / max(self.prog_warmup_steps, 1e-9), 1),
+    ramp = 1.0 if si == self.prog_start else max(min((it - start + 1) / max(self.prog_warmup_steps, 1e-9), 1),
                                                  0.01)
     return (-1 if si == self.num_scales - 1 else si), ramp
 
 
 def make_schedule(config, num_train_examples: int) -> Schedule:
+  """'step' unit: ``ceil(n / global_batch)`` steps per epoch, warmups in those steps. 'micro_batch' unit (the
+  reference under ``--ac``): an epoch is ``ceil(n / (global_batch / accum))`` micro-batch iterations, the run
+  ``round(epochs x that)`` iterations (or ``total_steps x accum``) and ``iterations // accum`` optimizer steps,
+  the warmups ``wp x iterations per epoch``."""
   s = base.total_steps(config, num_train_examples)
-  epochs = s.total_steps / s.steps_per_epoch
-  wp_ep = config.optim.warmup_epochs if config.optim.warmup_epochs >= 0 else epochs / 50
+  unit = optim.schedule_unit(config.optim)
+  accum = int(config.grad_accum) if unit == 'micro_batch' else 1
   pg = config.progressive
+  if accum == 1:
+    spe_it, total_it, total = s.steps_per_epoch, s.total_steps, s.total_steps
+  else:
+    from var_jax.data.pipeline import epoch_steps
+    spe_it = epoch_steps(num_train_examples, config.global_batch_size // accum)
+    total_it = (int(config.total_steps) * accum if config.total_steps > 0
+                else max(int(round(config.epochs * spe_it)), accum))
+    total = total_it // accum
+  epochs = total_it / spe_it
+  wp_ep = config.optim.warmup_epochs if config.optim.warmup_epochs >= 0 else epochs / 50
   pgwp_ep = pg.warmup_epochs if pg.warmup_epochs >= 0 else epochs / 300
-  return Schedule(s.steps_per_epoch, s.total_steps, wp_ep * s.steps_per_epoch, float(pg.fraction),
-                  int(pg.start_stage), pgwp_ep * s.steps_per_epoch, len(config.model.patch_nums))
+  return Schedule(s.steps_per_epoch, total, wp_ep * spe_it, float(pg.fraction), int(pg.start_stage),
+                  pgwp_ep * spe_it, len(config.model.patch_nums), accum, total_it)
+
+
+DEFAULT_SCHEDULE = 'lin0'   # the reference's --sche default (and configs.common.base()'s)
+
+
+def lr_schedule_name(config) -> str:
+  """The lr schedule the run uses. With progressive training (``progressive.fraction = pg > 0``) the reference
+  replaces ``--sche`` by ``lin<pg>`` (``utils/arg_util.py``): so do we when ``optim.schedule`` is the default
+  'lin0' (or already ``lin<pg>``); any other schedule with ``pg > 0`` is an error rather than silently dropped."""
+  sche, pg = str(config.optim.schedule), float(config.progressive.fraction)
+  if pg <= 0:
+    return sche
+  derived = f'lin{pg:g}'
+  if sche in (DEFAULT_SCHEDULE, derived):
+    return derived
+  raise ValueError(f'config.progressive.fraction={pg:g} makes the reference use schedule {derived!r} '
+                   f'(arg_util.py: sche = lin<pg>), but config.optim.schedule={sche!r}: set it to '
+                   f'{DEFAULT_SCHEDULE!r} or {derived!r}')
 
 
 def tokens(vae: VQVAE, vae_vars, images):
@@ -141,15 +184,21 @@ class VARTask(base.Task):
   has_periodic_output = True
 
   def __init__(self, config, mesh, num_train_examples: int, rules=None):
+    from var_jax.train import reference_args
+    config = reference_args.resolve(config)     # idempotent (loop.train resolves first)
     super().__init__(config, mesh, rules)
     self.vae_cfg, self.var_cfg = model_configs(config)
-    self.schedule = make_schedule(config, num_train_examples)
-    self.var = VAR(self.var_cfg, dtype=parse_dtype(config.dtype, 'config.dtype'))
+    self.schedule = sch = make_schedule(config, num_train_examples)
+    dtype = parse_dtype(config.dtype, 'config.dtype')
+    self.var = VAR(self.var_cfg, dtype=dtype)
     self.vae = VQVAE(self.vae_cfg, dtype=parse_dtype(config.vae_dtype, 'config.vae_dtype'))
-    self.tx = optim.make_optimizer(config.optim, config.global_batch_size, self.schedule.total_steps,
-                                   self.schedule.warmup_steps)
-    self.lr_schedule = optim.lr_schedule(config.optim, config.global_batch_size, self.schedule.total_steps,
-                                         self.schedule.warmup_steps)
+    kw = dict(schedule=lr_schedule_name(config), accum=sch.iters_per_step)
+    # float16 compute: dynamic loss scaling (bfloat16 / float32 need none)
+    loss_scale = config.optim.get('loss_scale', {}) if dtype == jnp.float16 else None
+    self.tx = optim.make_optimizer(config.optim, config.global_batch_size, sch.schedule_total, sch.warmup_steps,
+                                   loss_scale=loss_scale, **kw)
+    self.lr_schedule = optim.lr_schedule(config.optim, config.global_batch_size, sch.schedule_total,
+                                         sch.warmup_steps, **kw)
     self.train_flops_per_example = metrics_lib.var_train_flops_per_image(self.var_cfg)
     self.tokens_per_example = self.var_cfg.seq_len
     self._set_state_shapes(jax.eval_shape(self._init_boxed, jax.random.key(0))['params'])
@@ -190,6 +239,7 @@ class VARTask(base.Task):
       lw = jnp.full((ed,), 1.0 / cfg.seq_len, jnp.float32)
       if prog_si >= 0:
         lw = lw.at[bg:ed].multiply(jnp.clip(prog_wp, 0.0, 1.0))
+      scale = optim.loss_scale_of(state.opt_state)     # float16: differentiate loss x scale
 
       def micro(params, mb, key):
         gt, x_in = tokens(self.vae, vae_vars, mb['image'])
@@ -198,9 +248,10 @@ class VARTask(base.Task):
         def loss_fn(p):
           logits = self.var.apply({'params': p}, mb['label'], x_in, deterministic=False, rngs={'dropout': key})
           per_tok = label_smoothed_cross_entropy(logits, gt, ls)
-          return jnp.mean(jnp.sum(per_tok * lw, axis=-1)), logits
+          loss = jnp.mean(jnp.sum(per_tok * lw, axis=-1))
+          return (loss if scale is None else loss * scale), (loss, logits)
 
-        (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        (_, (loss, logits)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
         ce = label_smoothed_cross_entropy(logits, gt, 0.0)
         correct = (jnp.argmax(logits, -1) == gt).astype(jnp.float32)
         sl, sa = _scale_stats(ce, correct, cfg, ed)
@@ -210,6 +261,9 @@ class VARTask(base.Task):
 
       grads, m = base.accumulate(micro, state.params, batch, rng_lib.step_key(seed, state.step), accum)
       m['grad_norm'] = optax.tree.norm(grads)
+      if scale is not None:                            # grads are of loss x scale; the optimizer unscales
+        m['grad_norm'] = m['grad_norm'] / scale
+        m['loss_scale'] = scale
       return self.apply_gradients(state, grads), m
 
     return step_fn
@@ -234,7 +288,8 @@ class VARTask(base.Task):
 
   # ---- reporting and outputs
   def describe(self, state):
-    return f'{super().describe(state)}, warmup {self.schedule.warmup_steps:.0f} steps'
+    unit = 'steps' if self.schedule.iters_per_step == 1 else 'micro-batch iterations'
+    return f'{super().describe(state)}, warmup {self.schedule.warmup_steps:.0f} {unit}'
 
   def step_metrics(self, step, stage):
     return dict(super().step_metrics(step, stage), prog_si=stage)
