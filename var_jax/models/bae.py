@@ -39,9 +39,10 @@ import jax
 import jax.numpy as jnp
 
 from var_jax.losses.bae import codebook_loss_from_probs
-from var_jax.models import layers
-from var_jax.models.layers import UNUSED, Conv, ConvLevel, ConvMid, GroupNorm, ResnetBlock, UnusedConv, logical
+from var_jax.models import taming
+from var_jax.models.layers import Conv, logical
 from var_jax.models.quantizer import codebook_init
+from var_jax.models.taming import UNUSED, UnusedConv  # UNUSED: re-exported (the collection name)
 
 Dtype = Any
 
@@ -115,63 +116,31 @@ class BAEConfig:
     return tuple((self.resolution // 2 ** (n - 1)) * 2 ** (n - 1 - i) in self.attn_resolutions for i in range(n))
 
 
-class ResBlock(ResnetBlock):
+class ResBlock(taming.ResnetBlock):
   """The BAE's res block: the shortcut conv is ``conv_out``, declared (in ``'unused'``) even at equal widths."""
   shortcut: str = 'conv_out'
   unused_shortcut: bool = True
 
 
-class AttnBlock(layers.AttnBlock):
+class AttnBlock(taming.AttnBlock):
   """The BAE's attention: separate 1x1 q/k/v convs, float32 softmax."""
   separate_qkv: bool = True
 
 
-_BLOCKS = dict(block=ResBlock, attn=AttnBlock)
+_LAYOUT = dict(out_silu=False, block=ResBlock, attn=AttnBlock)   # no activation before the last conv
 
 
-class BAEEncoder(nn.Module):
-  """Image (B, H, W, C) -> features (B, H/f, W/f, emb_dim); f = 2**(levels-1)."""
-  config: BAEConfig
-  dtype: Dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, x):
-    c = self.config
-    n = c.num_levels
-    h = Conv(c.nf, 3, name='conv_in', dtype=self.dtype)(x.astype(self.dtype))
-    attn = c.encoder_attn_levels
-    for i in range(n):
-      h = ConvLevel(c.nf * c.ch_mult[i], c.res_blocks, 0.0, attn[i], 'down' if i != n - 1 else '', **_BLOCKS,
-                    name=f'down_{i}', dtype=self.dtype)(h)
-    h = ConvMid(0.0, True, **_BLOCKS, name='mid', dtype=self.dtype)(h)
-    h = GroupNorm(name='norm_out', dtype=self.dtype)(h)          # no activation before the last conv
-    return Conv(c.emb_dim, 3, name='conv_out', dtype=self.dtype)(h)
-
-
-class BAEGenerator(nn.Module):
-  """Embedded bits (B, h, w, emb_dim) -> image (B, h*f, w*f, C)."""
-  config: BAEConfig
-  dtype: Dtype = jnp.float32
+class BAEGenerator(taming.ConvDecoder):
+  """Embedded bits (B, h, w, emb_dim) -> image (B, h*f, w*f, C) float32 (``norm_in``: the reference's
+  ``norm_first``), plus the reference's unused ELBO head."""
 
   @nn.compact
   def __call__(self, z):
-    c = self.config
-    n = c.num_levels
-    h = z.astype(self.dtype)
-    if c.norm_first:
-      h = GroupNorm(name='norm_in', dtype=self.dtype)(h)
-    h = Conv(c.nf * c.ch_mult[-1], 3, name='conv_in', dtype=self.dtype)(h)
-    h = ConvMid(0.0, True, **_BLOCKS, name='mid', dtype=self.dtype)(h)
-    attn = c.generator_attn_levels
-    for i in reversed(range(n)):
-      h = ConvLevel(c.nf * c.ch_mult[i], c.decoder_res_blocks, 0.0, attn[i], 'up' if i != 0 else '', **_BLOCKS,
-                    name=f'up_{i}', dtype=self.dtype)(h)
+    out, h = super().__call__(z, return_pre_out=True)
     width = h.shape[-1]
-    h = GroupNorm(name='norm_out', dtype=self.dtype)(h)          # no activation before the last conv
-    out = Conv(c.in_channels, 3, name='conv_out', dtype=self.dtype)(h)
     # the reference's ELBO head (conv3x3 - ReLU - conv1x1), built but never used by encode/decode/forward
     UnusedConv(width, 3, name='logsigma_0')(width)
-    UnusedConv(c.in_channels, 1, name='logsigma_2')(width)
+    UnusedConv(self.out_channels, 1, name='logsigma_2')(width)
     return out.astype(jnp.float32)
 
 
@@ -217,9 +186,13 @@ class BinaryAutoEncoder(nn.Module):
   dtype: Dtype = jnp.float32
 
   def setup(self):
-    self.encoder = BAEEncoder(self.config, dtype=self.dtype)
-    self.quantize = BinaryQuantizer(self.config, dtype=self.dtype)
-    self.generator = BAEGenerator(self.config, dtype=self.dtype)
+    c = self.config
+    # image (B, H, W, C) -> features (B, H/f, W/f, emb_dim), f = 2**(levels-1); and back
+    self.encoder = taming.ConvEncoder(c.nf, c.ch_mult, c.res_blocks, c.emb_dim, c.encoder_attn_levels, **_LAYOUT,
+                                      dtype=self.dtype)
+    self.quantize = BinaryQuantizer(c, dtype=self.dtype)
+    self.generator = BAEGenerator(c.nf, c.ch_mult, c.decoder_res_blocks, c.in_channels, c.generator_attn_levels,
+                                  norm_in=c.norm_first, **_LAYOUT, dtype=self.dtype)
 
   # ------------------------------------------------------------------ encoding
   def encode_logits(self, images) -> Tuple[jax.Array, jax.Array]:

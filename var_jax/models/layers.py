@@ -1,8 +1,5 @@
 """Small building blocks shared by the models (VQVAE, BAE, VAR, ELM, BiGR).
 
-The taming-style conv blocks of the two tokenizers (``ResnetBlock``, ``AttnBlock``, ``ConvLevel``, ``ConvMid``,
-``Downsample2x``, ``Upsample2x``) are here once; the VQVAE and the BAE differ only in the layout options they set.
-
 Initialisers reproduce PyTorch's defaults (so a model trained from scratch here starts where the reference does),
 and every parameter carries logical axis names for ``var_jax.sharding``.
 """
@@ -15,12 +12,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from var_jax.ops.resize import nearest_upsample_2x
-
 Dtype = Any
 Axes = Tuple[Optional[str], ...]
-ModuleDef = Any
-UNUSED = 'unused'   # the collection of tensors a reference stores but never reads (kept for exact round trips)
 
 
 def _fan_in(shape) -> int:
@@ -180,128 +173,3 @@ def drop_labels(labels, rate: float, null_class: int, rng=None, force_drop_ids=N
     return labels
   return jnp.where(drop, null_class, labels)
 
-
-# ----------------------------------------------------------------------------- taming conv blocks
-class UnusedConv(nn.Module):
-  """Declares (at init only) a conv's kernel and bias in the ``'unused'`` collection; computes nothing."""
-  features: int
-  kernel_size: int
-
-  @nn.compact
-  def __call__(self, in_features: int):
-    if not self.is_initializing():
-      return
-    k = self.kernel_size
-    for name, shape, init, axes in (
-        ('kernel', (k, k, in_features, self.features), torch_default_kernel_init, (None, None, 'conv_in', 'conv_out')),
-        ('bias', (self.features,), torch_default_bias_init(k * k * in_features), ('conv_out',))):
-      boxed = logical(init, axes)
-      key = self.make_rng('params')
-      self.variable(UNUSED, name, lambda b=boxed, kk=key, s=shape: b(kk, s, jnp.float32))
-
-
-class ResnetBlock(nn.Module):
-  """taming ``ResnetBlock``: GN-SiLU-conv3x3-GN-SiLU-[dropout]-conv3x3 plus the input, which goes through a 1x1 conv
-  (named ``shortcut``) when the widths differ. With ``unused_shortcut`` that 1x1 conv is also declared at equal widths,
-  in the ``'unused'`` collection (a reference that builds it and never uses it)."""
-  out_channels: int
-  dropout: float = 0.0
-  shortcut: str = 'nin_shortcut'
-  unused_shortcut: bool = False
-  dtype: Dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, x, train: bool = False):
-    h = Conv(self.out_channels, 3, name='conv1', dtype=self.dtype)(nn.silu(GroupNorm(name='norm1', dtype=self.dtype)(x)))
-    h = nn.silu(GroupNorm(name='norm2', dtype=self.dtype)(h))
-    if self.dropout > 1e-6:
-      h = nn.Dropout(self.dropout, deterministic=not train)(h)
-    h = Conv(self.out_channels, 3, name='conv2', dtype=self.dtype)(h)
-    if x.shape[-1] != self.out_channels:
-      x = Conv(self.out_channels, 1, padding=0, name=self.shortcut, dtype=self.dtype)(x)
-    elif self.unused_shortcut:
-      UnusedConv(self.out_channels, 1, name=self.shortcut)(x.shape[-1])
-    return x + h
-
-
-class AttnBlock(nn.Module):
-  """Single-head spatial self-attention with a residual: GN, q/k/v 1x1 convs, scale c^-0.5, 1x1 ``proj_out``.
-
-  ``separate_qkv=False`` (the VQVAE): one fused ``qkv`` conv and ``dot_product_attention``; ``True`` (the BAE): convs
-  ``q``, ``k``, ``v`` and the reference's explicit float32 softmax.
-  """
-  separate_qkv: bool = False
-  dtype: Dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, x):
-    b, hh, ww, c = x.shape
-    hn = GroupNorm(name='norm', dtype=self.dtype)(x)
-    if self.separate_qkv:
-      q, k, v = (Conv(c, 1, padding=0, name=n, dtype=self.dtype)(hn).reshape(b, hh * ww, c) for n in ('q', 'k', 'v'))
-      w = jax.nn.softmax(jnp.einsum('bic,bjc->bij', q, k).astype(jnp.float32) * (c ** -0.5), axis=-1)
-      o = jnp.einsum('bij,bjc->bic', w.astype(self.dtype), v)
-    else:
-      qkv = Conv(3 * c, 1, padding=0, name='qkv', dtype=self.dtype)(hn)
-      q, k, v = jnp.split(qkv.reshape(b, hh * ww, 1, 3 * c), 3, axis=-1)
-      o = jax.nn.dot_product_attention(q, k, v, scale=c ** -0.5)
-    return x + Conv(c, 1, padding=0, name='proj_out', dtype=self.dtype)(o.reshape(b, hh, ww, c))
-
-
-class Downsample2x(nn.Module):
-  dtype: Dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, x):  # pad (right, bottom) by one then a stride-2 VALID conv, as the reference
-    return Conv(x.shape[-1], 3, stride=2, padding=((0, 1), (0, 1)), name='conv', dtype=self.dtype)(x)
-
-
-class Upsample2x(nn.Module):
-  dtype: Dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, x):
-    return Conv(x.shape[-1], 3, name='conv', dtype=self.dtype)(nearest_upsample_2x(x))
-
-
-class ConvLevel(nn.Module):
-  """One resolution level: ``num_blocks`` res blocks ``block_{j}`` (each followed by ``attn_{j}`` when
-  ``with_attn``) and an optional resampler (``'down'``, ``'up'`` or ``''``). ``block`` / ``attn`` are the block
-  classes (a tokenizer's layout)."""
-  out_channels: int
-  num_blocks: int
-  dropout: float
-  with_attn: bool
-  resample: str
-  block: ModuleDef = ResnetBlock
-  attn: ModuleDef = AttnBlock
-  dtype: Dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, h, train: bool = False):
-    for j in range(self.num_blocks):
-      h = self.block(self.out_channels, self.dropout, name=f'block_{j}', dtype=self.dtype)(h, train)
-      if self.with_attn:
-        h = self.attn(name=f'attn_{j}', dtype=self.dtype)(h)
-    if self.resample == 'down':
-      h = Downsample2x(name='downsample', dtype=self.dtype)(h)
-    elif self.resample == 'up':
-      h = Upsample2x(name='upsample', dtype=self.dtype)(h)
-    return h
-
-
-class ConvMid(nn.Module):
-  """The middle of a taming encoder/decoder: ``block_1``, [``attn_1``], ``block_2`` at the input's width."""
-  dropout: float
-  with_attn: bool
-  block: ModuleDef = ResnetBlock
-  attn: ModuleDef = AttnBlock
-  dtype: Dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, h, train: bool = False):
-    c = h.shape[-1]
-    h = self.block(c, self.dropout, name='block_1', dtype=self.dtype)(h, train)
-    if self.with_attn:
-      h = self.attn(name='attn_1', dtype=self.dtype)(h)
-    return self.block(c, self.dropout, name='block_2', dtype=self.dtype)(h, train)

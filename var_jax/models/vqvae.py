@@ -5,65 +5,18 @@ module tree (``down_{i}/block_{j}`` for ``down.{i}.block.{j}``) so that ``var_ja
 """
 from __future__ import annotations
 
-from typing import Any, List, Sequence, Tuple
+from typing import Any, List, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from var_jax.models.var_config import VQVAEConfig
-from var_jax.models.layers import Conv, ConvLevel, ConvMid, GroupNorm
+from var_jax.models.layers import Conv
 from var_jax.models.quantizer import MultiScaleQuantizer
+from var_jax.models.taming import ConvDecoder, ConvEncoder
 
 Dtype = Any
-
-
-class Encoder(nn.Module):
-  ch: int
-  ch_mult: Tuple[int, ...]
-  num_res_blocks: int
-  z_channels: int
-  dropout: float = 0.0
-  using_sa: bool = True
-  using_mid_sa: bool = True
-  dtype: Dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, x, train: bool = False):
-    n = len(self.ch_mult)
-    h = Conv(self.ch, 3, name='conv_in', dtype=self.dtype)(x)
-    for i in range(n):
-      h = ConvLevel(self.ch * self.ch_mult[i], self.num_res_blocks, self.dropout,
-                 with_attn=(i == n - 1 and self.using_sa), resample='down' if i != n - 1 else '',
-                 name=f'down_{i}', dtype=self.dtype)(h, train)
-    h = ConvMid(self.dropout, self.using_mid_sa, name='mid', dtype=self.dtype)(h, train)
-    h = nn.silu(GroupNorm(name='norm_out', dtype=self.dtype)(h))
-    return Conv(self.z_channels, 3, name='conv_out', dtype=self.dtype)(h)
-
-
-class Decoder(nn.Module):
-  ch: int
-  ch_mult: Tuple[int, ...]
-  num_res_blocks: int
-  out_channels: int = 3
-  dropout: float = 0.0
-  using_sa: bool = True
-  using_mid_sa: bool = True
-  dtype: Dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, z, train: bool = False, return_pre_out: bool = False):
-    """z -> image; with ``return_pre_out`` also the input of the last conv (for VQGAN's adaptive GAN weight)."""
-    n = len(self.ch_mult)
-    h = Conv(self.ch * self.ch_mult[-1], 3, name='conv_in', dtype=self.dtype)(z)
-    h = ConvMid(self.dropout, self.using_mid_sa, name='mid', dtype=self.dtype)(h, train)
-    for i in reversed(range(n)):
-      h = ConvLevel(self.ch * self.ch_mult[i], self.num_res_blocks + 1, self.dropout,
-                 with_attn=(i == n - 1 and self.using_sa), resample='up' if i != 0 else '',
-                 name=f'up_{i}', dtype=self.dtype)(h, train)
-    h = nn.silu(GroupNorm(name='norm_out', dtype=self.dtype)(h))
-    out = Conv(self.out_channels, 3, name='conv_out', dtype=self.dtype)(h)
-    return (out, h) if return_pre_out else out
 
 
 class VQVAE(nn.Module):
@@ -77,10 +30,11 @@ class VQVAE(nn.Module):
 
   def setup(self):
     c = self.config
-    self.encoder = Encoder(c.ch, c.ch_mult, c.num_res_blocks, c.z_channels, c.dropout, c.using_sa, c.using_mid_sa,
-                           dtype=self.dtype)
-    self.decoder = Decoder(c.ch, c.ch_mult, c.num_res_blocks, c.in_channels, c.dropout, c.using_sa, c.using_mid_sa,
-                           dtype=self.dtype)
+    attn = tuple(i == len(c.ch_mult) - 1 and c.using_sa for i in range(len(c.ch_mult)))   # the last level only
+    self.encoder = ConvEncoder(c.ch, c.ch_mult, c.num_res_blocks, c.z_channels, attn, c.using_mid_sa, c.dropout,
+                               dtype=self.dtype)
+    self.decoder = ConvDecoder(c.ch, c.ch_mult, c.num_res_blocks + 1, c.in_channels, attn, c.using_mid_sa, c.dropout,
+                               dtype=self.dtype)
     self.quantize = MultiScaleQuantizer(c)
     self.quant_conv = Conv(c.z_channels, c.quant_conv_ks, dtype=self.dtype)
     self.post_quant_conv = Conv(c.z_channels, c.quant_conv_ks, dtype=self.dtype)
