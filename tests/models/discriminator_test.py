@@ -9,8 +9,9 @@ import torch
 from flax.core import meta
 from torch import nn as tnn
 
-from var_jax.models.discriminator import (DiscriminatorConfig, DiscriminatorMismatchError, NLayerDiscriminator,
-                                          import_taming_discriminator)
+from var_jax.interop.gan import import_taming_discriminator
+from var_jax.interop.state_dict import CheckpointMismatchError as DiscriminatorMismatchError
+from var_jax.models.discriminator import DiscriminatorConfig, NLayerDiscriminator
 
 
 class TorchNLayerDiscriminator(tnn.Module):

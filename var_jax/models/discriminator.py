@@ -26,20 +26,18 @@ Init is taming's ``weights_init``: conv kernels N(0, 0.02), BatchNorm scale N(1,
 torch's default U(+-1/sqrt(fan_in)) (``weights_init`` does not touch them). Every parameter carries logical axis
 names for ``var_jax.sharding``.
 
-``import_taming_discriminator(state_dict, cfg)`` maps a taming ``NLayerDiscriminator.state_dict()``
-(``main.{i}.weight`` ...) onto our variables.
+``var_jax.interop.gan`` maps a taming ``NLayerDiscriminator.state_dict()`` (``main.{i}.weight`` ...) to and from
+our variables.
 """
 from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Dict, List, Mapping, Optional, Tuple
+from typing import Any, List, Tuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
-from flax import traverse_util
 
 from var_jax.models.layers import GroupNorm, logical, torch_default_bias_init
 
@@ -181,77 +179,3 @@ class NLayerDiscriminator(nn.Module):
         h = nn.leaky_relu(h, 0.2)
     return h.astype(jnp.float32)
 
-
-# ----------------------------------------------------------------------------- taming checkpoint import
-class DiscriminatorMismatchError(ValueError):
-  """A taming discriminator state_dict does not fit the config (names the key, expected and found shape)."""
-
-
-def taming_layout(cfg: DiscriminatorConfig) -> List[Tuple[str, Tuple[int, ...], Optional[str], Tuple[str, ...]]]:
-  """Every tensor of taming's ``NLayerDiscriminator.state_dict()`` in order: (key, torch shape, our collection,
-  our path); collection None = ignored buffer (``num_batches_tracked``). The ``main.{i}`` indices follow taming's
-  ``nn.Sequential`` (conv, [norm], LeakyReLU per layer); for ``norm='group'`` / ``'none'`` the same Sequential with
-  ``nn.GroupNorm`` / no norm module in that slot."""
-  out = []
-  i, cin = 0, cfg.in_channels
-  for l, (cout, _, bias, has_norm) in enumerate(cfg.layers()):
-    out.append((f'main.{i}.weight', (cout, cin, 4, 4), 'params', (f'conv_{l}', 'kernel')))
-    if bias:
-      out.append((f'main.{i}.bias', (cout,), 'params', (f'conv_{l}', 'bias')))
-    i += 1
-    if has_norm and cfg.norm != 'none':
-      out.append((f'main.{i}.weight', (cout,), 'params', (f'norm_{l}', 'scale')))
-      out.append((f'main.{i}.bias', (cout,), 'params', (f'norm_{l}', 'bias')))
-      if cfg.norm == 'batch':
-        out.append((f'main.{i}.running_mean', (cout,), 'batch_stats', (f'norm_{l}', 'mean')))
-        out.append((f'main.{i}.running_var', (cout,), 'batch_stats', (f'norm_{l}', 'var')))
-        out.append((f'main.{i}.num_batches_tracked', (), None, ()))
-      i += 1
-    if l != cfg.n_layers + 1:
-      i += 1                                # LeakyReLU: no tensors
-    cin = cout
-  return out
-
-
-def _to_numpy(a) -> np.ndarray:
-  if hasattr(a, 'detach'):                  # a torch tensor
-    a = a.detach().cpu().numpy()
-  return np.asarray(a)
-
-
-def import_taming_discriminator(state_dict: Mapping[str, Any], cfg: DiscriminatorConfig,
-                                strip_prefix: str = '') -> Dict[str, Any]:
-  """taming ``NLayerDiscriminator`` state_dict (torch tensors or numpy) -> our variables ``{'params': ...,
-  'batch_stats': ...}`` (numpy float32; ``batch_stats`` only for ``norm='batch'``).
-
-  ``strip_prefix`` selects the discriminator inside a bigger state_dict, e.g. ``'loss.discriminator.'`` of a taming
-  VQGAN checkpoint (keys without the prefix are then ignored). ``num_batches_tracked`` may be absent and is ignored
-  (it only matters to torch with ``momentum=None``). A missing, unexpected or mis-shaped key raises
-  ``DiscriminatorMismatchError`` listing every problem.
-  """
-  if strip_prefix:
-    state_dict = {k[len(strip_prefix):]: v for k, v in state_dict.items() if k.startswith(strip_prefix)}
-  layout = taming_layout(cfg)
-  expected = {key: (shape, col) for key, shape, col, _ in layout}
-  problems = []
-  for key, (shape, col) in expected.items():
-    if key not in state_dict:
-      if col is not None:
-        problems.append(f'missing key {key!r} (expected shape {shape})')
-    elif tuple(np.shape(state_dict[key])) != shape:
-      problems.append(f'key {key!r}: expected shape {shape}, found {tuple(np.shape(state_dict[key]))}')
-  for key in state_dict:
-    if key not in expected:
-      problems.append(f'unexpected key {key!r} (found shape {tuple(np.shape(state_dict[key]))})')
-  if problems:
-    raise DiscriminatorMismatchError(f'taming discriminator state_dict does not match {cfg}:\n  '
-                                     + '\n  '.join(problems))
-  flat: Dict[str, Dict[Tuple[str, ...], np.ndarray]] = {}
-  for key, _, col, path in layout:
-    if col is None:
-      continue
-    a = _to_numpy(state_dict[key]).astype(np.float32)
-    if path[-1] == 'kernel':
-      a = np.transpose(a, (2, 3, 1, 0))      # (out, in, kh, kw) -> (kh, kw, in, out)
-    flat.setdefault(col, {})[path] = np.ascontiguousarray(a)
-  return {col: traverse_util.unflatten_dict(d) for col, d in flat.items()}
