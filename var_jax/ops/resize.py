@@ -30,6 +30,9 @@ W then H, as two gathers per axis, so it is bit-identical to torch's generic
 CPU kernel (see :func:`bilinear_resize`). The sizes are static Python ints, so
 every function is ``jax.jit`` compatible.
 
+Every resizer takes ``x``, a (batch, height, width, channels) array whose
+dtype it keeps, and ``size``, an int (square) or an ``(height, width)`` tuple.
+
 ``tf1_legacy_bilinear_resize`` is the other bilinear: TF1's
 ``tf.image.resize_bilinear`` without half-pixel centres, the resize inside the
 TF Inception graph of OpenAI's evaluator and TF-FID.
@@ -51,11 +54,21 @@ __all__ = ['area_resize', 'bicubic_resize', 'bilinear_resize', 'nearest_upsample
 _CUBIC_A = -0.75  # torch's upsample_bicubic2d coefficient
 
 
-def _normalize_size(size: Size) -> Tuple[int, int]:
+def _out_size(x: jax.Array, size: Size) -> Tuple[int, int]:
+  """``(out_h, out_w)`` of ``size`` (an int is square), after checking that ``x`` is NHWC."""
+  if x.ndim != 4:
+    raise ValueError(f'expected NHWC array, got shape {x.shape}')
   if isinstance(size, (int, np.integer)):
     return int(size), int(size)
   h, w = size
   return int(h), int(w)
+
+
+def _readonly(*arrays: np.ndarray):
+  """Mark cached tables read-only (one array, or a tuple of them)."""
+  for a in arrays:
+    a.setflags(write=False)
+  return arrays[0] if len(arrays) == 1 else arrays
 
 
 @functools.lru_cache(maxsize=None)
@@ -66,8 +79,7 @@ def _area_matrix(in_size: int, out_size: int) -> np.ndarray:
     start = (i * in_size) // out_size  # floor(i * in / out)
     end = -((-(i + 1) * in_size) // out_size)  # ceil((i + 1) * in / out)
     m[i, start:end] = 1.0 / (end - start)
-  m.setflags(write=False)
-  return m
+  return _readonly(m)
 
 
 def _cubic_weights_f64(t: float) -> Tuple[float, float, float, float]:
@@ -130,8 +142,7 @@ def _bicubic_matrix(in_size: int, out_size: int) -> np.ndarray:
     i0 = int(np.floor(src))
     for k, w in enumerate(_cubic_weights_f64(src - i0)):
       m[o, min(max(i0 - 1 + k, 0), in_size - 1)] += w
-  m.setflags(write=False)
-  return m
+  return _readonly(m)
 
 
 @functools.lru_cache(maxsize=None)
@@ -154,15 +165,12 @@ def _bicubic_matrix_f32(in_size: int, out_size: int) -> np.ndarray:
     t = min(max(src - _F32(i0), _F32(0)), _F32(1))
     for k, w in enumerate(_cubic_weights_f32(t)):
       m[o, min(max(i0 - 1 + k, 0), in_size - 1)] += w
-  m.setflags(write=False)
-  return m
+  return _readonly(m)
 
 
 @functools.lru_cache(maxsize=None)
 def _area_matrix_f32(in_size: int, out_size: int) -> np.ndarray:
-  m = _area_matrix(in_size, out_size).astype(np.float32)
-  m.setflags(write=False)
-  return m
+  return _readonly(_area_matrix(in_size, out_size).astype(np.float32))
 
 
 @functools.lru_cache(maxsize=None)
@@ -179,8 +187,7 @@ def _bilinear_matrix(in_size: int, out_size: int) -> np.ndarray:
     lam = src - i0
     m[o, i0] += 1.0 - lam
     m[o, i1] += lam
-  m.setflags(write=False)
-  return m
+  return _readonly(m)
 
 
 @functools.lru_cache(maxsize=None)
@@ -204,11 +211,8 @@ def _bilinear_taps_f32(in_size: int, out_size: int) -> Tuple[np.ndarray, np.ndar
     i1s.append(i0 + (1 if i0 < in_size - 1 else 0))
     l0s.append(_F32(1) - lam1)
     l1s.append(lam1)
-  out = (np.asarray(i0s, np.int32), np.asarray(i1s, np.int32), np.asarray(l0s, np.float32),
-         np.asarray(l1s, np.float32))
-  for a in out:
-    a.setflags(write=False)
-  return out
+  return _readonly(np.asarray(i0s, np.int32), np.asarray(i1s, np.int32), np.asarray(l0s, np.float32),
+                   np.asarray(l1s, np.float32))
 
 
 @functools.lru_cache(maxsize=None)
@@ -221,8 +225,7 @@ def _bilinear_matrix_f32(in_size: int, out_size: int) -> np.ndarray:
     i0, i1, l0, l1 = _bilinear_taps_f32(in_size, out_size)
     np.add.at(m, (np.arange(out_size), i0), l0)
     np.add.at(m, (np.arange(out_size), i1), l1)
-  m.setflags(write=False)
-  return m
+  return _readonly(m)
 
 
 def _bilinear_axis(x: jax.Array, axis: int, out_size: int) -> jax.Array:
@@ -267,9 +270,7 @@ def _matrix(kind: str, in_size: int, out_size: int, dtype) -> jax.Array:
 
 
 def _separable_resize(x: jax.Array, size: Size, kind: str) -> jax.Array:
-  if x.ndim != 4:
-    raise ValueError(f'expected NHWC array, got shape {x.shape}')
-  out_h, out_w = _normalize_size(size)
+  out_h, out_w = _out_size(x, size)
   _, in_h, in_w, _ = x.shape
   dtype = x.dtype
   if kind == 'bilinear' and jnp.dtype(dtype) != jnp.float64:
@@ -295,10 +296,6 @@ def area_resize(x: jax.Array, size: Size) -> jax.Array:
   weights pixels by fractional overlap; the two disagree whenever the ratio
   is not an integer. Works for down- and upsampling. Equal sizes are an
   identity (as in torch) and return ``x`` unchanged.
-
-  Args:
-    x: (batch, height, width, channels) array; its dtype is kept.
-    size: output size, an int (square) or an ``(height, width)`` tuple.
   """
   return _separable_resize(x, size, 'area')
 
@@ -311,10 +308,6 @@ def bicubic_resize(x: jax.Array, size: Size) -> jax.Array:
   ``upsample_bicubic2d``; no antialiasing, also when downsampling. Not
   ``jax.image.resize(..., 'cubic')``, which uses ``A = -0.5`` and antialiases
   on downsampling. Equal sizes are an identity and return ``x`` unchanged.
-
-  Args:
-    x: (batch, height, width, channels) array; its dtype is kept.
-    size: output size, an int (square) or an ``(height, width)`` tuple.
   """
   return _separable_resize(x, size, 'bicubic')
 
@@ -345,11 +338,8 @@ def _tf1_legacy_taps(in_size: int, out_size: int) -> Tuple[np.ndarray, np.ndarra
   scale = _F32(in_size) / _F32(out_size)
   src = np.arange(out_size, dtype=np.float32) * scale
   lower = np.floor(src)
-  out = (lower.astype(np.int32), np.minimum(np.ceil(src), in_size - 1).astype(np.int32),
-         (src - lower).astype(np.float32))
-  for a in out:
-    a.setflags(write=False)
-  return out
+  return _readonly(lower.astype(np.int32), np.minimum(np.ceil(src), in_size - 1).astype(np.int32),
+                   (src - lower).astype(np.float32))
 
 
 @functools.partial(jax.jit, static_argnums=1)
@@ -364,9 +354,7 @@ def tf1_legacy_bilinear_resize(x: jax.Array, size: Size) -> jax.Array:
   TF's own rounding depends on its build (its GPU kernel contracts to FMA, its CPU wheels usually do not), so
   expect agreement to ~1 ulp, not bit for bit.
   """
-  if x.ndim != 4:
-    raise ValueError(f'expected NHWC array, got shape {x.shape}')
-  out_h, out_w = _normalize_size(size)
+  out_h, out_w = _out_size(x, size)
   x = jnp.asarray(x).astype(jnp.float32)
   lo, hi, lerp = (jnp.asarray(a) for a in _tf1_legacy_taps(x.shape[2], out_w))
   left, right = jnp.take(x, lo, axis=2), jnp.take(x, hi, axis=2)
