@@ -41,7 +41,8 @@ def base() -> ml_collections.ConfigDict:
   c.total_steps = -1            # > 0 overrides epochs
   c.grad_accum = 1              # micro-batches per optimizer step (global_batch_size is per step)
   c.label_smoothing = 0.0       # the reference's default (--ls)
-  c.dtype = 'bfloat16'          # transformer compute dtype; params and optimizer state stay float32
+  c.dtype = 'bfloat16'          # transformer compute dtype ('float16': with dynamic loss scaling, optim.loss_scale);
+                                # params and optimizer state stay float32
   c.optim = ml_collections.ConfigDict(dict(
       base_lr=1e-4, lr_batch_ref=256,        # lr = base_lr * global_batch_size / 256
       b1=0.9, b2=0.95, eps=1e-8,
@@ -50,11 +51,19 @@ def base() -> ml_collections.ConfigDict:
       warmup_start=0.005, end_ratio=0.01,    # wp0, wpe
       grad_clip=2.0,
       nowd_keys=REFERENCE_NOWD_KEYS,         # no weight decay on params whose path contains one of these
+      # what the schedules count with grad_accum > 1: 'step' (optimizer steps) or 'micro_batch' (the reference:
+      # lr/wd of the step's last micro-batch, warmup/total in micro-batch iterations); equal when grad_accum == 1
+      schedule_unit='step',
+      # dtype='float16' only: torch GradScaler as the reference's AmpOptimizer (a scale > max is reset to max)
+      loss_scale=dict(init=2.0 ** 11, growth_interval=1000, growth_factor=2.0, backoff_factor=0.5, max=2.0 ** 15),
   ))
   # EMA of the params (0: off): ema <- decay * ema + (1 - decay) * params at steps s >= start, s % every == 0
   c.ema = ml_collections.ConfigDict(dict(decay=0.0, every=1, start=0))
   # progressive training (the reference's --pg/--pg0/--pgwp): grow the number of scales over [0, fraction]
   c.progressive = ml_collections.ConfigDict(dict(fraction=0.0, start_stage=4, warmup_epochs=-1.0))
+  # a reference train.py command line ('--depth=16 --bs=768 --ep=200 --fp16=1 ...'), applied with the reference's
+  # defaults and meanings when training starts (var_jax.train.reference_args; README "Training" has the table)
+  c.reference_args = ''
 
   # ---- sharding (var_jax.sharding) ----
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
@@ -103,7 +112,7 @@ def tokenizer_base() -> ml_collections.ConfigDict:
   c.task = 'tokenizer'
   c.tokenizer = 'vqvae'         # the generator: 'vqvae' (config.vae) or 'bae' (config.bae)
   for k in ('model', 'init_from', 'vae_ckpt', 'vae_dtype', 'optim', 'progressive', 'label_smoothing',
-            'sample_classes', 'sample', 'eval_every', 'eval_batches'):
+            'sample_classes', 'sample', 'eval_every', 'eval_batches', 'reference_args'):
     del c[k]
   c.grad_accum = 1              # the tokenizer step takes the whole batch (no micro-batching)
   c.init_from = ''              # a reference VQVAE .pth/.safetensors to fine-tune (e.g. vae_ch160v4096z32.pth)

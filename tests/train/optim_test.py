@@ -76,3 +76,12 @@ def test_adamw_step_matches_decoupled_formula():
   # first Adam step: m_hat/sqrt(v_hat) = sign(g) = 1; decoupled decay on the kernel only
   np.testing.assert_allclose(new['w'], 2.0 - 1e-3 * (1.0 + 0.05 * 2.0), rtol=1e-5)
   np.testing.assert_allclose(new['b'], 2.0 - 1e-3 * 1.0, rtol=1e-5)
+
+
+def test_schedule_unit_and_iteration():
+  assert optim.schedule_iteration(0, 1) == 0 and optim.schedule_iteration(5, 1) == 5
+  assert [optim.schedule_iteration(s, 2) for s in range(3)] == [1, 3, 5]   # the step's last micro-batch
+  assert optim.schedule_unit(ml_collections.ConfigDict(dict(schedule='lin0'))) == 'step'   # absent: 'step'
+  import pytest
+  with pytest.raises(ValueError, match='schedule_unit'):
+    optim.schedule_unit(ml_collections.ConfigDict(dict(schedule_unit='epoch')))

@@ -185,7 +185,11 @@ class VARTask(base.Task):
 
   def __init__(self, config, mesh, num_train_examples: int, rules=None):
     from var_jax.train import reference_args
-    config = reference_args.resolve(config)     # idempotent (loop.train resolves first)
+    if config.get('reference_args', '') and reference_args.resolve(config).to_dict() != config.to_dict():
+      # the loop reads global_batch_size, grad_accum and data before building the task: resolve first
+      raise ValueError('config.reference_args is not applied to this config: pass '
+                       'var_jax.train.reference_args.resolve(config) (the loop must resolve before it reads '
+                       'the batch size and data settings)')
     super().__init__(config, mesh, rules)
     self.vae_cfg, self.var_cfg = model_configs(config)
     self.schedule = sch = make_schedule(config, num_train_examples)
