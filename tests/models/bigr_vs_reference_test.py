@@ -18,6 +18,7 @@ from flax.core import meta
 from conftest import SHARED
 from var_jax.interop import bigr as ib
 from var_jax.losses.bigr import sample_training_inputs, training_loss, training_mask_count
+from var_jax.losses.diffusion import loss_terms
 from var_jax.models import bernoulli_diffusion as bd
 from var_jax.models.bigr import BiGR, BiGRConfig, bigr_config
 
@@ -199,7 +200,7 @@ def test_loss_variants(p_flip, focal, alpha, aux):
   t[:3] = 1
   x_t = np.asarray(bd.q_sample(x0, t, rng.random((m, k)).astype(np.float32), sched))
   logits = (rng.standard_normal((m, k)) * 3).astype(np.float32)
-  got = bd.loss_terms(logits, x0, x_t, t, sched, p_flip=p_flip, focal=focal, alpha=alpha, aux=aux)
+  got = loss_terms(logits, x0, x_t, t, sched, p_flip=p_flip, focal=focal, alpha=alpha, aux=aux)
   want_all, want_bce, want_acc = _torch_loss_terms(logits, x0, x_t, t, sched, p_flip, focal, alpha, aux)
   np.testing.assert_allclose(got['loss_all'], want_all, rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(got['bce_loss_all'], want_bce, rtol=1e-5, atol=1e-6)

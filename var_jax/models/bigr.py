@@ -31,9 +31,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from var_jax.losses.diffusion import loss_terms
 from var_jax.models import bernoulli_diffusion as bd
 from var_jax.models.layers import Dense, drop_labels, layer_norm_no_affine, logical
-from var_jax.models.llama import LlamaArgs, RMSNorm, TransformerBlock, modulate, normal_init, precompute_rope_2d, zeros_init
+from var_jax.models.llama import (LlamaArgs, RMSNorm, TransformerBlock, modulate, normal_init, precompute_rope_2d,
+                                  zeros_init)
 
 Dtype = Any
 
@@ -125,11 +127,7 @@ class BiGRBlock(nn.Module):
     if cfg.use_adaLN:
       self.ada_gss = self.param('ada_gss', logical(normal_init(1.0 / math.sqrt(cfg.dim)), (None, 'embed')),
                                 (6, cfg.dim), jnp.float32)
-    self.block = TransformerBlock(
-        dim=cfg.dim, n_head=cfg.n_head, n_kv_head=cfg.n_kv_head, multiple_of=cfg.multiple_of,
-        ffn_dim_multiplier=cfg.ffn_dim_multiplier, norm_eps=cfg.norm_eps, attn_dropout_p=cfg.attn_dropout_p,
-        resid_dropout_p=cfg.resid_dropout_p, ffn_dropout_p=cfg.ffn_dropout_p, drop_path=self.drop_path,
-        init_std=cfg.initializer_range, dtype=self.dtype)
+    self.block = TransformerBlock(cfg, self.drop_path, dtype=self.dtype)
     nn.share_scope(self, self.block)
 
   def __call__(self, x, cond_adaln, rope, deterministic: bool = True):
@@ -380,8 +378,7 @@ class BiGR(nn.Module):
     t = jnp.asarray(t, jnp.int32).reshape(b * n)
     x_t = bd.q_sample(x0, t, jnp.asarray(u).reshape(b * n, k), schedule)
     logits = self.transcoder(x_t, t, z.reshape(b * n, cfg.dim))
-    terms = bd.loss_terms(logits, x0, x_t, t, schedule, p_flip=cfg.p_flip, focal=cfg.focal, alpha=cfg.alpha,
-                          aux=cfg.aux)
+    terms = loss_terms(logits, x0, x_t, t, schedule, p_flip=cfg.p_flip, focal=cfg.focal, alpha=cfg.alpha, aux=cfg.aux)
     m = jnp.broadcast_to(jnp.asarray(token_all_mask, jnp.float32)[..., None], (b, n, k))
     loss_all = terms['loss_all'].reshape(b, n, k)
     bce_all = terms['bce_loss_all'].reshape(b, n, k)

@@ -190,12 +190,9 @@ class _ELMTransformer(nn.Module):
       raise ValueError(f'{type(self).__name__} needs an ELMConfig with modeling="{self.MODELING}"')
     self.cls_embedding = self.param('cls_embedding', logical(normal_init(cfg.initializer_range), ('classes', 'embed')),
                                     (cfg.num_class_rows, cfg.dim), jnp.float32)
-    self.layers = [TransformerBlock(
-        cfg.dim, cfg.n_head, cfg.n_kv_head, multiple_of=cfg.multiple_of, ffn_dim_multiplier=cfg.ffn_dim_multiplier,
-        norm_eps=cfg.norm_eps, attn_type=cfg.attn_type, attn_dropout_p=cfg.attn_dropout_p,
-        resid_dropout_p=cfg.resid_dropout_p, ffn_dropout_p=cfg.ffn_dropout_p, drop_path=rate,
-        use_adaln=cfg.use_adaLN and cfg.modeling == 'ar', init_std=cfg.initializer_range, dtype=self.dtype,
-        name=f'layers_{i}') for i, rate in enumerate(cfg.drop_path_rates())]
+    adaln = cfg.use_adaLN and cfg.modeling == 'ar'
+    self.layers = [TransformerBlock(cfg, rate, adaln, cfg.attn_type, dtype=self.dtype, name=f'layers_{i}')
+                   for i, rate in enumerate(cfg.drop_path_rates())]
     self.norm = RMSNorm(cfg.norm_eps, dtype=self.dtype)
     self.token_dropout = nn.Dropout(cfg.token_dropout_p)
     self._rope = cfg.rope_table()

@@ -14,6 +14,9 @@ and ``llama/gpt*.py`` (haoosz/BiGR):
   ``adaLN_modulation`` Linear on SiLU(cond) as ELM AR's ``use_adaLN``, or modulation computed outside, as BiGR's
   shared adaLN), optional drop path.
 
+The modules are configured by a ``LlamaArgs`` (the reference ``ModelArgs`` fields ELM and BiGR share; their configs
+extend it), plus what differs per model: the attention type, adaLN, the drop-path rate.
+
 Attention masking is explicit: ``causal=True`` for autoregressive models, ``causal=False`` (full attention) for the
 masked models, plus an optional boolean ``mask`` (True = may attend). A preallocated KV cache (``init_kv_cache``) with a
 write index makes step-by-step decoding possible: the new keys/values are written at ``[cache_index, cache_index+S)``
@@ -215,27 +218,17 @@ class Attention(nn.Module):
     written at ``cache_index`` (int, may be traced) and the queries attend the cache slots ``< cache_index + S``.
     ``new_cache`` is None without a cache.
   """
-  dim: int
-  n_head: int
-  n_kv_head: Optional[int] = None
+  config: LlamaArgs
   attn_type: str = 'sdp'            # 'sdp' scaled dot product; 'cs' cosine similarity (reference option, no scale)
-  attn_dropout_p: float = 0.0
-  resid_dropout_p: float = 0.0
-  init_std: float = 0.02
   dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x, freqs=None, mask=None, *, causal: bool = False, cache: Optional[KVCache] = None,
                cache_index=None, train: bool = False):
-    if self.dim % self.n_head:
-      raise ValueError(f'dim={self.dim} is not divisible by n_head={self.n_head}')
-    h = self.n_head
-    hkv = self.n_kv_head or h
-    if h % hkv:
-      raise ValueError(f'n_head={h} is not a multiple of n_kv_head={hkv}')
-    hd = self.dim // h
+    cfg = self.config
+    h, hkv, hd = cfg.n_head, cfg.num_kv_heads, cfg.head_dim
     b, s, _ = x.shape
-    init = normal_init(self.init_std)
+    init = normal_init(cfg.initializer_range)
     qkv = Dense((h + 2 * hkv) * hd, use_bias=False, kernel_axes=('embed', 'qkv'), kernel_init=init, name='wqkv',
                 dtype=self.dtype)(x)
     q = qkv[..., :h * hd].reshape(b, s, h, hd)
@@ -281,35 +274,32 @@ class Attention(nn.Module):
     if valid is not None:
       scores = jnp.where(valid, scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1)
-    if train and self.attn_dropout_p > 0:
-      probs = nn.Dropout(self.attn_dropout_p, deterministic=False)(probs)
+    if train and cfg.attn_dropout_p > 0:
+      probs = nn.Dropout(cfg.attn_dropout_p, deterministic=False)(probs)
     out = jnp.einsum('bhqk,bkhd->bqhd', probs.astype(self.dtype), values).reshape(b, s, h * hd)
-    out = Dense(self.dim, use_bias=False, kernel_axes=('qkv', 'embed'), kernel_init=init, name='wo',
+    out = Dense(cfg.dim, use_bias=False, kernel_axes=('qkv', 'embed'), kernel_init=init, name='wo',
                 dtype=self.dtype)(out)
-    if self.resid_dropout_p > 0:
-      out = nn.Dropout(self.resid_dropout_p, deterministic=not train)(out)
+    if cfg.resid_dropout_p > 0:
+      out = nn.Dropout(cfg.resid_dropout_p, deterministic=not train)(out)
     return out, new_cache
 
 
 class FeedForward(nn.Module):
   """SwiGLU ``w2(silu(w1 x) * w3 x)`` (no biases) and ffn dropout; hidden width ``ffn_hidden_dim``."""
-  dim: int
-  multiple_of: int = 256
-  ffn_dim_multiplier: Optional[float] = None
-  ffn_dropout_p: float = 0.0
-  init_std: float = 0.02
+  config: LlamaArgs
   dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x, train: bool = False):
-    hidden = ffn_hidden_dim(self.dim, self.multiple_of, self.ffn_dim_multiplier)
-    init = normal_init(self.init_std)
+    cfg = self.config
+    hidden = cfg.ffn_hidden_dim
+    init = normal_init(cfg.initializer_range)
     a = Dense(hidden, use_bias=False, kernel_axes=('embed', 'mlp'), kernel_init=init, name='w1', dtype=self.dtype)(x)
     g = Dense(hidden, use_bias=False, kernel_axes=('embed', 'mlp'), kernel_init=init, name='w3', dtype=self.dtype)(x)
-    y = Dense(self.dim, use_bias=False, kernel_axes=('mlp', 'embed'), kernel_init=init, name='w2',
+    y = Dense(cfg.dim, use_bias=False, kernel_axes=('mlp', 'embed'), kernel_init=init, name='w2',
               dtype=self.dtype)(nn.silu(a) * g)
-    if self.ffn_dropout_p > 0:
-      y = nn.Dropout(self.ffn_dropout_p, deterministic=not train)(y)
+    if cfg.ffn_dropout_p > 0:
+      y = nn.Dropout(cfg.ffn_dropout_p, deterministic=not train)(y)
     return y
 
 
@@ -328,37 +318,26 @@ class TransformerBlock(nn.Module):
   adaLN). Either way the six parts (shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp), each
   broadcastable to x, act as ``x + gate * attn(norm(x) * (1 + scale) + shift)`` (and the same for the FFN).
   """
-  dim: int
-  n_head: int
-  n_kv_head: Optional[int] = None
-  multiple_of: int = 256
-  ffn_dim_multiplier: Optional[float] = None
-  norm_eps: float = 1e-5
-  attn_type: str = 'sdp'
-  attn_dropout_p: float = 0.0
-  resid_dropout_p: float = 0.0
-  ffn_dropout_p: float = 0.0
+  config: LlamaArgs
   drop_path: float = 0.0
   use_adaln: bool = False
-  init_std: float = 0.02
+  attn_type: str = 'sdp'
   dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x, freqs=None, mask=None, *, causal: bool = False, cache: Optional[KVCache] = None,
                cache_index=None, cond=None, modulation: Optional[Sequence[Any]] = None, train: bool = False):
+    cfg = self.config
     if self.use_adaln:
       if cond is None:
         raise ValueError('TransformerBlock(use_adaln=True) needs cond')
-      mods = Dense(6 * self.dim, kernel_axes=('embed', 'adaln'), kernel_init=zeros_init, bias_init=zeros_init,
+      mods = Dense(6 * cfg.dim, kernel_axes=('embed', 'adaln'), kernel_init=zeros_init, bias_init=zeros_init,
                    name='adaLN_modulation', dtype=self.dtype)(nn.silu(cond.astype(self.dtype)))
       modulation = jnp.split(mods, 6, axis=-1)
-    attn = Attention(self.dim, self.n_head, self.n_kv_head, attn_type=self.attn_type,
-                     attn_dropout_p=self.attn_dropout_p, resid_dropout_p=self.resid_dropout_p,
-                     init_std=self.init_std, dtype=self.dtype, name='attention')
-    ffn = FeedForward(self.dim, self.multiple_of, self.ffn_dim_multiplier, self.ffn_dropout_p, self.init_std,
-                      dtype=self.dtype, name='feed_forward')
-    attention_norm = RMSNorm(self.norm_eps, dtype=self.dtype, name='attention_norm')
-    ffn_norm = RMSNorm(self.norm_eps, dtype=self.dtype, name='ffn_norm')
+    attn = Attention(cfg, self.attn_type, dtype=self.dtype, name='attention')
+    ffn = FeedForward(cfg, dtype=self.dtype, name='feed_forward')
+    attention_norm = RMSNorm(cfg.norm_eps, dtype=self.dtype, name='attention_norm')
+    ffn_norm = RMSNorm(cfg.norm_eps, dtype=self.dtype, name='ffn_norm')
 
     a_in = attention_norm(x)
     if modulation is not None:
