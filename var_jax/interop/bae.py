@@ -61,6 +61,26 @@ class _Blocks:
     return key
 
 
+def _level(e: List[Entry], blk: _Blocks, path: Tuple[str, ...], num_blocks: int, block_in: int, block_out: int,
+           attn: bool, resample: str) -> int:
+  """Append one level (res [attn] ... [resample conv]) to ``e``; -> its output width."""
+  for j in range(num_blocks):
+    e += _res(blk.next(), path + (f'block_{j}',), block_in, block_out)
+    block_in = block_out
+    if attn:
+      e += _attn(blk.next(), path + (f'attn_{j}',), block_in)
+  if resample:
+    e += conv_entries(f'{blk.next()}.conv', path + (resample, 'conv'), block_in, block_in, 3)
+  return block_in
+
+
+def _mid(e: List[Entry], blk: _Blocks, path: Tuple[str, ...], c: int):
+  """Append the middle (res attn res) to ``e``."""
+  e += _res(blk.next(), path + ('mid', 'block_1'), c, c)
+  e += _attn(blk.next(), path + ('mid', 'attn_1'), c)
+  e += _res(blk.next(), path + ('mid', 'block_2'), c, c)
+
+
 def bae_table(cfg: BAEConfig) -> List[Entry]:
   """Every tensor of the reference ``BinaryAutoEncoder.state_dict()`` (no prefix), in its order."""
   n, nf, mult = cfg.num_levels, cfg.nf, cfg.ch_mult
@@ -70,17 +90,9 @@ def bae_table(cfg: BAEConfig) -> List[Entry]:
   e += conv_entries(blk.next(), p + ('conv_in',), cfg.in_channels, nf, 3)
   block_in, attn = nf, cfg.encoder_attn_levels
   for i in range(n):
-    lp = p + (f'down_{i}',)
-    for j in range(cfg.res_blocks):
-      e += _res(blk.next(), lp + (f'block_{j}',), block_in, nf * mult[i])
-      block_in = nf * mult[i]
-      if attn[i]:
-        e += _attn(blk.next(), lp + (f'attn_{j}',), block_in)
-    if i != n - 1:
-      e += conv_entries(f'{blk.next()}.conv', lp + ('downsample', 'conv'), block_in, block_in, 3)
-  e += _res(blk.next(), p + ('mid', 'block_1'), block_in, block_in)
-  e += _attn(blk.next(), p + ('mid', 'attn_1'), block_in)
-  e += _res(blk.next(), p + ('mid', 'block_2'), block_in, block_in)
+    block_in = _level(e, blk, p + (f'down_{i}',), cfg.res_blocks, block_in, nf * mult[i], attn[i],
+                      'downsample' if i != n - 1 else '')
+  _mid(e, blk, p, block_in)
   e += norm_entries(blk.next(), p + ('norm_out',), block_in)
   e += conv_entries(blk.next(), p + ('conv_out',), block_in, cfg.emb_dim, 3)
   # quantizer
@@ -92,18 +104,10 @@ def bae_table(cfg: BAEConfig) -> List[Entry]:
   if cfg.norm_first:
     e += norm_entries(blk.next(), p + ('norm_in',), cfg.emb_dim)
   e += conv_entries(blk.next(), p + ('conv_in',), cfg.emb_dim, block_in, 3)
-  e += _res(blk.next(), p + ('mid', 'block_1'), block_in, block_in)
-  e += _attn(blk.next(), p + ('mid', 'attn_1'), block_in)
-  e += _res(blk.next(), p + ('mid', 'block_2'), block_in, block_in)
+  _mid(e, blk, p, block_in)
   for i in reversed(range(n)):
-    lp = p + (f'up_{i}',)
-    for j in range(cfg.decoder_res_blocks):
-      e += _res(blk.next(), lp + (f'block_{j}',), block_in, nf * mult[i])
-      block_in = nf * mult[i]
-      if attn[i]:
-        e += _attn(blk.next(), lp + (f'attn_{j}',), block_in)
-    if i != 0:
-      e += conv_entries(f'{blk.next()}.conv', lp + ('upsample', 'conv'), block_in, block_in, 3)
+    block_in = _level(e, blk, p + (f'up_{i}',), cfg.decoder_res_blocks, block_in, nf * mult[i], attn[i],
+                      'upsample' if i != 0 else '')
   e += norm_entries(blk.next(), p + ('norm_out',), block_in)
   e += conv_entries(blk.next(), p + ('conv_out',), block_in, cfg.in_channels, 3)
   e += _unused(conv_entries('generator.logsigma.0', p + ('logsigma_0',), block_in, block_in, 3))
