@@ -17,6 +17,10 @@ for how the numbers relate to OpenAI's evaluator (whose input, ``samples.npz``, 
 
 The Inception weights are never downloaded: pass pytorch-fid's ``pt_inception-2015-12-05-6726825d.pth`` (or the
 ``.safetensors`` that ``python -m var_jax.eval.inception`` converts it to). Results go to ``<out_dir>/metrics.json``.
+
+Multi-host (``var_jax.distributed``): run the same command on every process; the samples are split over the
+processes (image i on process i % count, into an --out_dir all share), process 0 computes the features and the
+metrics and writes samples.npz and metrics.json.
 """
 from __future__ import annotations
 
@@ -52,6 +56,8 @@ def define_flags():
 
 
 def main():
+  from var_jax import distributed
+  distributed.initialize_from_env()
   from var_jax.eval import evaluator
   f = cli.FLAGS
   pipe = cli.load_pipeline_from_flags() if not f.samples or f.rfid or f.test_loss else None
@@ -62,6 +68,7 @@ def main():
       max_batches=f.max_batches, classes=f.classes, num_per_class=f.num_per_class, cfg=f.cfg, top_k=f.top_k,
       top_p=f.top_p, seed=f.seed, batch_size=f.batch_size, dtype=f.dtype, is_split=f.is_split,
       pr_distance_dtype=f.pr_distance_dtype, log=lambda msg: print(msg, flush=True))
+  distributed.barrier('var_jax.evaluate: done')
 
 
 if __name__ == '__main__':

@@ -10,7 +10,8 @@ Examples::
       --data=folder --data_path=/data/imagenet --layers=8,12,16 --max_train_examples=100000 --json_out=probe.json
 
 ``--random_init_config=quickstart``'s accuracies are the random-feature baseline; the protocol, the baseline and
-how to run the paper's ImageNet probe at scale: ``var_jax.eval.probe``.
+how to run the paper's ImageNet probe at scale: ``var_jax.eval.probe``. Multi-host (``var_jax.distributed``): every
+process computes the whole probe on its local devices (the same numbers); process 0 prints and writes --json_out.
 """
 from __future__ import annotations
 
@@ -53,15 +54,20 @@ def define_flags():
 
 
 def main():
+  from var_jax import distributed
+  distributed.initialize_from_env()
   import jax
   from var_jax.data import default_data_config
   fl = cli.FLAGS
+  main_process = jax.process_index() == 0
+  log = (lambda msg: print(msg, flush=True)) if main_process else (lambda msg: None)
   try:
     pipe = probe.build_pipeline(fl.bae_ckpt, fl.bigr_ckpt, fl.model_args, fl.random_init_config, fl.seed)
   except ValueError as e:
     raise app.UsageError(str(e)) from None
-  print(f'BiGR: {pipe.num_layers} layers, dim {pipe.feature_dim}, K={pipe.binary_size}, grid {pipe.latent_size}, '
-        f'{pipe.image_size}px | devices: {jax.local_device_count()} x {jax.devices()[0].device_kind}', flush=True)
+  log(f'BiGR: {pipe.num_layers} layers, dim {pipe.feature_dim}, K={pipe.binary_size}, grid {pipe.latent_size}, '
+      f'{pipe.image_size}px | devices: {jax.local_device_count()} x {jax.devices()[0].device_kind}'
+      + (f' | process 0 of {jax.process_count()}' if jax.process_count() > 1 else ''))
   data_cfg = default_data_config()
   data_cfg.name = fl.data
   data_cfg.path = fl.data_path
@@ -75,11 +81,12 @@ def main():
       batch_size=fl.batch_size, max_train_examples=fl.max_train_examples, max_val_examples=fl.max_val_examples,
       seed=fl.seed, probe_steps=fl.probe_steps, probe_lr=fl.probe_lr, probe_weight_decay=fl.probe_weight_decay,
       probe_batch_size=None if fl.probe_batch_size < 0 else fl.probe_batch_size,
-      random_init=bool(fl.random_init_config), log=lambda msg: print(msg, flush=True))
-  if fl.json_out:
+      random_init=bool(fl.random_init_config), log=log)
+  if fl.json_out and main_process:
     with open(fl.json_out, 'w') as f:
       json.dump(res, f, indent=2)
-    print(f'wrote {fl.json_out}')
+    log(f'wrote {fl.json_out}')
+  distributed.barrier('var_jax.probe: done')
 
 
 if __name__ == '__main__':

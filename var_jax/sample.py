@@ -16,7 +16,9 @@ Sampling settings left unset take each model's release defaults (VAR: cfg 1.5, t
 cfg 4.0, top-k 1000; BiGR: cfg 3.0, 20 iterations, Gumbel 0.01).
 
 Every image i draws from fold_in(PRNGKey(seed), i), so a resumed run (existing PNGs are skipped) produces exactly
-the images an uninterrupted one would, whatever the batch size or device count.
+the images an uninterrupted one would, whatever the batch size or device count. Run the same command on every
+process of a multi-host job (``var_jax.distributed``): image i is sampled on process i % count, --out_dir must be
+a folder all processes share, and process 0 writes the grid and samples.npz once all are done.
 """
 from __future__ import annotations
 
@@ -41,14 +43,18 @@ def define_flags():
 
 
 def main():
+  from var_jax import distributed
+  distributed.initialize_from_env()
   from var_jax.eval import protocol
   f = cli.FLAGS
   pipe = cli.load_pipeline_from_flags()
   labels = protocol.sample_plan(pipe.num_classes, f.classes, f.num_per_class)
   extra = {k: getattr(f, k) for k in ('cfg_schedule', 'temperature', 'num_iter', 'infer_steps', 'gumbel_temp',
                                       'gumbel_schedule')}
-  protocol.write_samples(pipe, labels, f.seed, f.cfg, f.top_k, f.top_p, f.more_smooth, f.batch_size, f.dtype, f.out,
-                         f.out_dir, f.grid_cols, options=extra)
+  protocol.generate_samples(pipe, f.out_dir, labels, seed=f.seed, cfg=f.cfg, top_k=f.top_k, top_p=f.top_p,
+                            more_smooth=f.more_smooth, options=extra, batch_size=f.batch_size, dtype=f.dtype,
+                            out=f.out, grid_cols=f.grid_cols, log=lambda msg: print(msg, flush=True))
+  distributed.barrier('var_jax.sample: done')
 
 
 if __name__ == '__main__':

@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 import sys
 import time
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -77,11 +77,66 @@ def _progress(done: int, total: int, t0: float):
   sys.stderr.flush()
 
 
+def _sample_share(pipe, labels: List[int], seed: int, opts: Dict[str, Any], batch_size: int, dtype: str,
+                  out_dir: Optional[str], keep: bool, shard_index: int, shard_count: int, log=print
+                  ) -> Tuple[int, Dict[int, np.ndarray]]:
+  """Sample images ``i % shard_count == shard_index`` not yet in ``out_dir`` (PNGs written as they come). Returns
+  (number of new images, {i: uint8 image} of the new ones if ``keep``)."""
+  jdtype = parse_dtype(dtype, '--dtype')
+  todo = list(range(shard_index, len(labels), shard_count))
+  if out_dir:
+    os.makedirs(out_dir, exist_ok=True)
+    n_mine = len(todo)
+    todo = [i for i in todo if not os.path.exists(os.path.join(out_dir, image_name(i, labels[i])))]
+    if len(todo) < n_mine:
+      log(f'{out_dir}: {n_mine - len(todo)} of {n_mine} images exist already; sampling the other {len(todo)}')
+  kept = {}
+  t0 = time.time()
+  for start in range(0, len(todo), batch_size):
+    ids = todo[start:start + batch_size]
+    imgs, _ = pipe.sample([labels[i] for i in ids], seed, batch_size=batch_size, dtype=jdtype, sample_ids=ids,
+                          **opts)
+    for i, im in zip(ids, to_uint8(imgs)):
+      if out_dir:
+        write_png(os.path.join(out_dir, image_name(i, labels[i])), im)
+      if keep:
+        kept[i] = im
+    _progress(min(start + batch_size, len(todo)), len(todo), t0)
+  if todo:
+    sys.stderr.write('\n')
+  return len(todo), kept
+
+
+def _write_grid(out: str, labels: List[int], imgs: Dict[int, np.ndarray], out_dir: Optional[str], grid_cols: int):
+  """The labelled grid of all ``labels``: ``imgs``, the others read back from ``out_dir``."""
+  for i in range(len(labels)):
+    if i not in imgs:
+      imgs[i] = read_rgb(os.path.join(out_dir, image_name(i, labels[i])))
+  os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+  labelled_grid(np.stack([imgs[i] for i in range(len(labels))]), labels, grid_cols).save(out)
+
+
+def _gather_shares(imgs: Dict[int, np.ndarray], total: int) -> Dict[int, np.ndarray]:
+  """Every process's share (image i on process i % count) on every process: an all-gather (all must call it)."""
+  import jax
+  from jax.experimental import multihost_utils
+  count, p = jax.process_count(), jax.process_index()
+  per = -(-total // count)
+  shape = next(iter(imgs.values())).shape if imgs else (0, 0, 0)
+  shape = tuple(int(x) for x in np.max(multihost_utils.process_allgather(np.asarray(shape, np.int32)), axis=0))
+  mine = np.zeros((per,) + shape, np.uint8)
+  for i, im in imgs.items():
+    mine[(i - p) // count] = im
+  every = np.asarray(multihost_utils.process_allgather(mine))             # (count, per, H, W, 3)
+  return {i: every[i % count, i // count] for i in range(total)}
+
+
 def write_samples(pipe, labels: List[int], seed: int, cfg: Optional[float], top_k: Optional[int],
                   top_p: Optional[float], more_smooth: bool, batch_size: int, dtype: str, out: Optional[str] = None,
                   out_dir: Optional[str] = None, grid_cols: int = 8, shard_index: int = 0, shard_count: int = 1,
                   write_outputs: bool = True, options: Optional[Dict[str, Any]] = None) -> int:
-  """Sample ``labels`` and write the grid and/or the per-image PNGs + npz. Returns the number of new images.
+  """Sample ``labels`` and write the grid and/or the per-image PNGs + npz (one process; ``generate_samples``
+  splits the work over processes). Returns the number of new images.
 
   ``cfg``/``top_k``/``top_p``/``more_smooth`` (None: the family's default) and ``options`` (ELM/BiGR settings, see
   ``sampling_options``) go to ``pipe.sample``; image i draws from fold_in(key(seed), i), so a resumed run (existing
@@ -92,58 +147,51 @@ def write_samples(pipe, labels: List[int], seed: int, cfg: Optional[float], top_
   process, after all shares are done)."""
   if not out and not out_dir:
     raise ValueError('give --out (a grid PNG) and/or --out_dir (one PNG per image + npz)')
-  jdtype = parse_dtype(dtype, '--dtype')
   opts = sampling_options(pipe.family, cfg=cfg, top_k=top_k, top_p=top_p, more_smooth=more_smooth,
                           **(options or {}))
-  total = len(labels)
-  todo = list(range(shard_index, total, shard_count))
-  if out_dir:
-    os.makedirs(out_dir, exist_ok=True)
-    n_mine = len(todo)
-    todo = [i for i in todo if not os.path.exists(os.path.join(out_dir, image_name(i, labels[i])))]
-    if len(todo) < n_mine:
-      print(f'{out_dir}: {n_mine - len(todo)} of {n_mine} images exist already; sampling the other {len(todo)}')
-  grid_imgs = {}
-  t0 = time.time()
-  for start in range(0, len(todo), batch_size):
-    ids = todo[start:start + batch_size]
-    imgs, _ = pipe.sample([labels[i] for i in ids], seed, batch_size=batch_size, dtype=jdtype, sample_ids=ids,
-                          **opts)
-    for i, im in zip(ids, to_uint8(imgs)):
-      if out_dir:
-        write_png(os.path.join(out_dir, image_name(i, labels[i])), im)
-      if out:
-        grid_imgs[i] = im
-    _progress(min(start + batch_size, len(todo)), len(todo), t0)
-  if todo:
-    sys.stderr.write('\n')
+  n_new, imgs = _sample_share(pipe, labels, seed, opts, batch_size, dtype, out_dir, bool(out), shard_index,
+                              shard_count)
   if not write_outputs:
-    return len(todo)
+    return n_new
   if out:
-    for i in range(total):       # grid of a resumed run: read the existing PNGs back
-      if i not in grid_imgs:
-        grid_imgs[i] = read_rgb(os.path.join(out_dir, image_name(i, labels[i])))
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    labelled_grid(np.stack([grid_imgs[i] for i in range(total)]), labels, grid_cols).save(out)
-    print(f'wrote {out} ({total} images)')
+    _write_grid(out, labels, imgs, out_dir, grid_cols)
+    print(f'wrote {out} ({len(labels)} images)')
   if out_dir:
     write_npz(out_dir, labels)
-    print(f'wrote {total} PNGs and samples.npz to {out_dir}')
-  return len(todo)
+    print(f'wrote {len(labels)} PNGs and samples.npz to {out_dir}')
+  return n_new
 
 
-def generate_samples(pipe, out_dir: str, labels: List[int], *, seed: int = 0, cfg=None, top_k=None, top_p=None,
-                     batch_size: int = 64, dtype: str = 'float32', log=print) -> str:
-  """The protocol's samples in ``out_dir``, split over processes (image i on process i % count) and local devices;
-  resumable. Returns the path of ``samples.npz`` on process 0 (written once all processes are done), else ''."""
+def generate_samples(pipe, out_dir: Optional[str], labels: List[int], *, seed: int = 0, cfg=None, top_k=None,
+                     top_p=None, more_smooth: bool = False, options: Optional[Dict[str, Any]] = None,
+                     batch_size: int = 64, dtype: str = 'float32', out: Optional[str] = None, grid_cols: int = 8,
+                     log=print) -> str:
+  """The samples of ``labels`` split over processes (image i on process i % count, each on its local devices;
+  keys per image, so the images are those of one process), resumable: PNGs in ``out_dir`` (shared by all
+  processes), and, on process 0 once all processes are done, ``samples.npz`` and the ``out`` grid (from the PNGs,
+  or all-gathered without ``out_dir``). Every process must call it. Returns the npz path on process 0, else ''."""
   import jax
+  from var_jax import distributed
+  if not out and not out_dir:
+    raise ValueError('give --out (a grid PNG) and/or --out_dir (one PNG per image + npz)')
+  opts = sampling_options(pipe.family, cfg=cfg, top_k=top_k, top_p=top_p, more_smooth=more_smooth,
+                          **(options or {}))
+  p, count = jax.process_index(), jax.process_count()
   t0 = time.time()
-  n_new = write_samples(pipe, labels, seed, cfg, top_k, top_p, False, batch_size, dtype, out_dir=out_dir,
-                        shard_index=jax.process_index(), shard_count=jax.process_count(), write_outputs=False)
+  n_new, imgs = _sample_share(pipe, labels, seed, opts, batch_size, dtype, out_dir, bool(out), p, count, log)
   dt = time.time() - t0
   if n_new:
-    log(f'generated {n_new} images in {dt:.1f}s ({n_new / dt:.2f} images/s on process {jax.process_index()})')
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils
-    multihost_utils.sync_global_devices('var_jax.eval.protocol: samples written')
-  return write_npz(out_dir, labels) if jax.process_index() == 0 else ''
+    log(f'generated {n_new} images in {dt:.1f}s ({n_new / dt:.2f} images/s on process {p})')
+  distributed.barrier('var_jax.eval.protocol: samples written')
+  if out and not out_dir and count > 1:
+    imgs = _gather_shares(imgs, len(labels))
+  if p != 0:
+    return ''
+  path = ''
+  if out:
+    _write_grid(out, labels, imgs, out_dir, grid_cols)
+    log(f'wrote {out} ({len(labels)} images)')
+  if out_dir:
+    path = write_npz(out_dir, labels)
+    log(f'wrote {len(labels)} PNGs and samples.npz to {out_dir}')
+  return path

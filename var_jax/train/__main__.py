@@ -6,25 +6,12 @@ on every host of a TPU VM slice (or every GPU node): JAX's distributed runtime i
 when there is more than one process (or with ``--distributed``). Re-running a command resumes from the workdir.
 """
 import logging as std_logging
-import os
 import sys
 
 from absl import flags, logging
 from ml_collections import config_flags
 
-_MULTIHOST_ENV = ('JAX_COORDINATOR_ADDRESS', 'TPU_WORKER_HOSTNAMES', 'MEGASCALE_COORDINATOR_ADDRESS',
-                  'SLURM_NTASKS', 'OMPI_MCA_orte_hnp_uri')
-
-
-def initialize_distributed():
-  """jax.distributed.initialize(); jax auto-detects Slurm, Cloud TPU, GKE and Open MPI. For a manual launch set
-  JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID (jax itself reads only the first)."""
-  import jax
-  n, i = os.environ.get('JAX_NUM_PROCESSES'), os.environ.get('JAX_PROCESS_ID')
-  if n is not None and i is not None:
-    jax.distributed.initialize(os.environ['JAX_COORDINATOR_ADDRESS'], num_processes=int(n), process_id=int(i))
-  else:
-    jax.distributed.initialize()
+from var_jax.distributed import initialize_from_env
 
 
 def setup_logging(verbose: bool):
@@ -43,11 +30,7 @@ def main():
   FLAGS = flags.FLAGS
   setup_logging(FLAGS['verbosity'].present)
   import jax
-  distributed = FLAGS.distributed
-  if distributed is None:
-    distributed = any(os.environ.get(k) for k in _MULTIHOST_ENV) and os.environ.get('SLURM_NTASKS', '2') != '1'
-  if distributed:
-    initialize_distributed()
+  initialize_from_env(FLAGS.distributed)
   std_logging.getLogger('var_jax').info('process %d/%d, %d local / %d global devices', jax.process_index(),
                                         jax.process_count(), jax.local_device_count(), jax.device_count())
   from var_jax.train import loop
