@@ -38,7 +38,7 @@ def base() -> ml_collections.ConfigDict:
   # ---- optimisation (the reference recipe) ----
   c.global_batch_size = 768
   c.epochs = 200.0
-  c.total_steps = -1            # > 0 overrides epochs
+  c.total_steps = -1            # -1: train `epochs` epochs; > 0 overrides epochs; 0 is an error (not 'no training')
   c.grad_accum = 1              # micro-batches per optimizer step (global_batch_size is per step)
   c.label_smoothing = 0.0       # the reference's default (--ls)
   c.dtype = 'bfloat16'          # transformer compute dtype ('float16': with dynamic loss scaling, optim.loss_scale);
@@ -73,6 +73,9 @@ def base() -> ml_collections.ConfigDict:
   c.log_every = 50
   c.ckpt_every = 1000
   c.keep_ckpts = 3
+  # a non-finite loss / grad norm: 'stop' (exit with an error naming the step; nothing non-finite is saved) or
+  # 'skip' (the update is dropped and counted); var_jax.train.nonfinite
+  c.nonfinite = 'stop'
   c.eval_every = 5000
   c.eval_batches = -1           # -1: the whole eval split
   c.sample_every = 5000

@@ -76,12 +76,46 @@ def save_model(path: str, vae_config: VQVAEConfig, var_config: VARConfig, vae_va
     os.rename(tmp, path)
 
 
-def load_model(path: str) -> Tuple[VQVAEConfig, VARConfig, Dict[str, Any], Dict[str, Any]]:
-  """Read a model checkpoint directory -> (vae_config, var_config, vae_variables, var_variables), on the host."""
-  path = os.path.abspath(os.fspath(path))
+def _is_model_dir(path: str) -> bool:
   cfg_file = os.path.join(path, CONFIG_FILE)
-  if not os.path.isfile(cfg_file):
-    raise FileNotFoundError(f'{path} is not a var_jax model checkpoint (no {CONFIG_FILE})')
+  if not (os.path.isfile(cfg_file) and os.path.isdir(os.path.join(path, PARAMS_DIR))):
+    return False
+  try:
+    with open(cfg_file) as f:
+      d = json.load(f)
+  except ValueError:
+    return False
+  return isinstance(d, dict) and {'vae', 'var'} <= set(d)
+
+
+def resolve_model_dir(path: str) -> str:
+  """``path`` when it is a model checkpoint directory; a training workdir (``checkpoints/``, a training
+  ``config.json``) gives its exported ``model/``; else an error saying what ``path`` is."""
+  path = os.path.abspath(os.fspath(path))
+  if _is_model_dir(path):
+    return path
+  model = os.path.join(path, 'model')
+  if _is_model_dir(model):
+    from absl import logging
+    logging.info('%s is a training workdir: loading its exported model %s', path, model)
+    return model
+  if os.path.isdir(os.path.join(path, PARAMS_DIR)) and os.path.isfile(os.path.join(path, CONFIG_FILE)):
+    return path          # a damaged model directory: configs_from_json names what is wrong
+  if os.path.isdir(os.path.join(path, 'checkpoints')):
+    raise FileNotFoundError(f'{path} is a training workdir without an exported model ({model} is missing: the run '
+                            f'has not finished, or it trains a tokenizer); a VAR model is exported to '
+                            f'<workdir>/model when training completes')
+  if not os.path.exists(path):
+    raise FileNotFoundError(f'{path}: no such model checkpoint directory')
+  raise FileNotFoundError(f'{path} is not a var_jax model checkpoint (expected {CONFIG_FILE} with \'vae\' and '
+                          f'\'var\' sections and {PARAMS_DIR}/, or a training workdir holding model/)')
+
+
+def load_model(path: str) -> Tuple[VQVAEConfig, VARConfig, Dict[str, Any], Dict[str, Any]]:
+  """Read a model checkpoint directory (or a training workdir's ``model/``, ``resolve_model_dir``) ->
+  (vae_config, var_config, vae_variables, var_variables), on the host."""
+  path = resolve_model_dir(path)
+  cfg_file = os.path.join(path, CONFIG_FILE)
   with open(cfg_file) as f:
     vae_cfg, var_cfg = configs_from_json(f.read(), cfg_file)
   tree = _process_local_checkpointer().restore(os.path.join(path, PARAMS_DIR))
@@ -116,13 +150,20 @@ class TrainCheckpointer:
     tree = md['state'] if isinstance(md, dict) or hasattr(md, '__getitem__') else md.state
     return getattr(tree, 'tree', tree)
 
+  def saved_config(self, step: int) -> Dict[str, Any]:
+    """The config saved with checkpoint ``step`` (a plain dict)."""
+    ocp = self._ocp
+    return dict(self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))['config'])
+
+  def due(self, step: int, force: bool = False) -> bool:
+    """Whether ``maybe_save(step, ..., force)`` writes a checkpoint."""
+    return (force or step % self.every == 0) and self.manager.latest_step() != step
+
   def maybe_save(self, step: int, state, data_iter, config, force: bool = False):
-    if not force and step % self.every:
+    if not self.due(step, force):
       return False
     import grain
     ocp = self._ocp
-    if self.manager.latest_step() == step:
-      return False
     args = ocp.args.Composite(state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(data_iter),
                               config=ocp.args.JsonSave(json.loads(config.to_json_best_effort())))
     return self.manager.save(step, args=args, force=True)
@@ -131,8 +172,13 @@ class TrainCheckpointer:
     import grain
     ocp = self._ocp
     target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state, shardings)
-    out = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target),
-                                                             data=grain.checkpoint.CheckpointRestore(data_iter)))
+    try:
+      out = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target),
+                                                               data=grain.checkpoint.CheckpointRestore(data_iter)))
+    except KeyError as e:   # grain: the iterator state of another pipeline layout (e.g. 'exhausted')
+      raise ValueError(f'checkpoint {step}: the data iterator state does not fit this data pipeline (KeyError {e}); '
+                       f'it was saved with other data settings, most often another data.num_workers (the saved '
+                       f'config is in the checkpoint\'s config item)') from e
     return out['state']
 
   def wait(self):

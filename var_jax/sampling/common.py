@@ -13,6 +13,8 @@ def as_key(rng, what: str = 'rng'):
   if rng is None:
     raise ValueError(f'{what} must be a PRNG key or an int seed, got None')
   if isinstance(rng, (int, np.integer)):
+    if not 0 <= int(rng) < 2 ** 32:     # jax.random.key keeps the low 32 bits: 2^32 + s would repeat seed s
+      raise ValueError(f'{what}: int seed {int(rng)} is outside [0, 2^32) (PRNG seeds are 32 bits)')
     return jax.random.key(int(rng))
   return rng
 

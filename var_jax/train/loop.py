@@ -21,6 +21,7 @@ import jax
 import numpy as np
 
 from var_jax import sharding as shd
+from var_jax.train import errors
 from var_jax.train import metrics as metrics_lib
 from var_jax.train import rng as rng_lib
 
@@ -146,25 +147,136 @@ def _write_json(workdir: str, name: str, obj):
   d.mkdir(parents=True, exist_ok=True)
   tmp = d / (name + '.tmp')
   tmp.write_text(json.dumps(obj, indent=1))
-  tmp.rename(d / name)
+  tmp.replace(d / name)   # overwrites (a resumed run rewrites its files)
+
+
+# ----------------------------------------------------------------------------- checks
+def check_schedule_config(config):
+  """``total_steps``: -1 (train ``epochs`` epochs) or > 0; 0 is an error (not 'no training'), as is ``epochs <= 0``
+  when the epochs decide; the seed must fit the 32 bits of a PRNG seed."""
+  if config.total_steps == 0 or config.total_steps < -1:
+    raise errors.ConfigError(f'config.total_steps={config.total_steps}: give -1 (train config.epochs epochs) or a '
+                             f'positive step count')
+  if config.total_steps == -1 and not config.epochs > 0:
+    raise errors.ConfigError(f'config.epochs={config.epochs} with config.total_steps=-1: give epochs > 0 or '
+                             f'total_steps > 0')
+  if not 0 <= int(config.seed) < 2 ** 32:
+    raise errors.ConfigError(f'config.seed={config.seed} is outside [0, 2^32): PRNG seeds are 32 bits (larger seeds '
+                             f'would repeat smaller ones)')
+
+
+def model_num_classes(config):
+  """The class count of a class-conditional model (``config.model.num_classes``), None for a tokenizer."""
+  if 'model' in config and 'num_classes' in config.model:
+    return int(config.model.num_classes)
+  return None
+
+
+def check_data_classes(source, num_classes, data_cfg):
+  """The source's class count must not exceed the model's (labels index the class embedding)."""
+  if num_classes is None:
+    return
+  have = int(source.num_classes)
+  if have > num_classes:
+    raise errors.DataMismatchError(
+        f'the data has {have} classes ({source!r}, data.name={data_cfg.name!r}) but the model has '
+        f'model.num_classes={num_classes}: set --config.model.num_classes={have} (or select fewer classes)')
+
+
+def check_labels(labels, num_classes, step: int):
+  """Host-side check of one batch's labels (cheap: min / max of a (b,) array)."""
+  labels = np.asarray(labels)
+  if num_classes is None or not labels.size:
+    return
+  lo, hi = int(labels.min()), int(labels.max())
+  if lo < 0 or hi >= num_classes:
+    raise errors.DataMismatchError(f'step {step}: the batch has label {lo if lo < 0 else hi} outside [0, '
+                                   f'{num_classes}) (model.num_classes={num_classes})')
+
+
+def check_resume_config(ckpt, step: int, config, where: str):
+  """What the saved config of checkpoint ``step`` says about resuming with ``config``: another
+  ``data.num_workers`` is an error (the data iterator state is per worker), another ``global_batch_size`` a
+  warning (the schedule changes)."""
+  from etils import epath
+  if not (epath.Path(ckpt.manager.directory) / str(step) / 'config').exists():
+    return
+  saved = ckpt.saved_config(step)
+  old_w, new_w = int(saved['data']['num_workers']), int(config.data.num_workers)
+  if old_w != new_w:
+    raise errors.ResumeError(f'{where}/{step} was saved with data.num_workers={old_w}, this run has '
+                             f'data.num_workers={new_w}: the data iterator state is per worker and cannot be resumed '
+                             f'with another count; resume with --config.data.num_workers={old_w}')
+  old_b, new_b = int(saved['global_batch_size']), int(config.global_batch_size)
+  if old_b != new_b:
+    logging.warning('global_batch_size was %d when %s/%d was saved, now %d: the schedule changes (steps per epoch, '
+                    'total steps when set by epochs, the learning rate when scaled by the batch, warmup)', old_b,
+                    where, step, new_b)
+
+
+def _nonfinite_error(bad, step: int, ckpt, where: str):
+  s, names = bad[0]
+  latest = ckpt.latest_step()
+  last = f'the last checkpoint is {where}/{latest}' if latest is not None else 'no checkpoint was saved'
+  return errors.NonFiniteError(
+      f'non-finite {", ".join(names)} at step {s} (config.nonfinite=\'stop\'); the run stopped at step {step} and '
+      f'saved nothing after it; {last}. Resume with a lower learning rate, or --config.nonfinite=skip to skip such '
+      f'steps')
+
+
+def _check_finite(watch, step: int, ckpt, where: str):
+  """Read the pending step flags (one host sync); 'stop': raise at the first flagged step, 'skip': log them."""
+  bad = watch.check()
+  if not bad:
+    return
+  if watch.mode == 'stop':
+    raise _nonfinite_error(bad, step, ckpt, where)
+  logging.warning('skipped %d step(s) with non-finite metrics (first: step %d, %s); %d skipped in all', len(bad),
+                  bad[0][0], ', '.join(bad[0][1]), watch.skipped)
 
 
 # ----------------------------------------------------------------------------- the loop
 def train(config, workdir: str) -> Tuple[Any, Dict[str, float]]:
-  """Train the task ``config.task`` names in ``workdir`` (resumes automatically). -> (final state, last train
-  metrics + ``wall_time_s``)."""
+  """Train the task ``config.task`` names in ``workdir`` (resumes automatically), holding the workdir's lock
+  (``var_jax.train.workdir``) for the whole run. -> (final state, last train metrics + ``wall_time_s``).
+
+  Non-finite steps (``config.nonfinite``, ``var_jax.train.nonfinite``): 'stop' raises ``NonFiniteError`` naming
+  the first step whose loss / grad norm was not finite (the step count after it, as logged) — found at the next log
+  step, eval / output step, checkpoint save or export, whichever comes first — and saves nothing from then on; 'skip'
+  drops those updates and counts them. A state is checked leaf by leaf before every save and the export."""
+  from var_jax.train import reference_args
+  from var_jax.train import workdir as workdir_lib
+  config = reference_args.resolve(config)      # a reference train.py command line, if given, before anything reads it
+  check_schedule_config(config)
+  preempt = Preemption()           # from the start: a SIGTERM during set-up still releases the lock
+  lock = workdir_lib.WorkdirLock(workdir)
+  try:
+    workdir_lib.acquire_on_process_0(lock)
+    return _train(config, workdir, preempt)
+  finally:
+    lock.release()
+    preempt.restore()
+
+
+def _train(config, workdir: str, preempt: Preemption) -> Tuple[Any, Dict[str, float]]:
   from var_jax import checkpoint
   from var_jax.data import pipeline as data_lib
+  from var_jax.train import nonfinite as nonfinite_lib
   from var_jax.train import tasks
 
+  watch = nonfinite_lib.Watch(config.nonfinite)
   mesh, rules = setup_mesh(config)
   per_process = config.global_batch_size // jax.process_count()
-  n_train = len(data_lib.make_source(config.data, config.data.train_split))
-  task = tasks.build(config, mesh, n_train, rules)
+  source = data_lib.make_source(config.data, config.data.train_split)
+  num_classes = model_num_classes(config)
+  check_data_classes(source, num_classes, config.data)
+  task = tasks.build(config, mesh, len(source), rules)
   total = task.schedule.total_steps
   train_iter = iter(data_lib.make_train_dataset(config.data, per_process, config.seed, jax.process_index(),
                                                 jax.process_count()))
-  ckpt = checkpoint.TrainCheckpointer(f'{workdir}/checkpoints', config.ckpt_every, config.keep_ckpts)
+  where = f'{workdir}/checkpoints'
+  ckpt = checkpoint.TrainCheckpointer(where, config.ckpt_every, config.keep_ckpts)
+  rep = shd.replicated(mesh)
 
   def fresh():
     state = task.init_state()
@@ -176,63 +288,91 @@ def train(config, workdir: str) -> Tuple[Any, Dict[str, float]]:
       (epath.Path(workdir) / 'config.json').write_text(config.to_json_best_effort(indent=1))
     return state
 
-  state, _ = restore_or_init(ckpt, task.abstract, task.shardings, train_iter, fresh, f'{workdir}/checkpoints')
-  logging.info('%s; %d steps (%d per epoch)', task.describe(state), total, task.schedule.steps_per_epoch)
-  info = task.run_info(state)
-  if info and jax.process_index() == 0:
-    _write_json(workdir, 'run_info.json', info)   # what scaling-law fits read (var_jax.scaling)
+  def save(step, state, force=False):
+    """Checkpoint ``step`` when due, after the pending flags and the state itself were found finite."""
+    if not ckpt.due(step, force):
+      return
+    _check_finite(watch, step, ckpt, where)
+    bad = nonfinite_lib.nonfinite_leaves(state, rep)
+    if bad:
+      raise errors.NonFiniteError(f'step {step}: the train state has non-finite values in {", ".join(bad[:5])}; '
+                                  f'not saved (the last checkpoint is {where}/{ckpt.latest_step()})')
+    ckpt.maybe_save(step, state, train_iter, config, force=force)
 
-  writer = metrics_lib.MetricWriter(metrics_lib.local_logdir(workdir))
-  preempt = Preemption()
-  periodic = task.has_periodic_output and config.sample_every > 0
-  step = int(jax.device_get(state.step))
-  t_last, since, last, t_start = time.time(), 0, {}, time.time()
   try:
-    with shd.mesh_context(mesh, rules):
-      while step < total:
-        stage, extra = task.stage(step)
-        batch = shd.host_local_to_global(next(train_iter), mesh)
-        state, m = task.jit_step(stage)(state, batch, task.frozen, *extra)
-        step += 1
-        since += 1
-        if step % config.log_every == 0 or step == total or step == 1:
-          dt = (time.time() - t_last) / since
-          last = scalar_metrics(jax.device_get(m), task.vector_metrics)
-          last.update(task.step_metrics(step - 1, stage))
-          ips = config.global_batch_size / dt
-          last.update(step_time=dt, images_per_s=ips)
-          if task.tokens_per_example:
-            last['tokens_per_s'] = ips * task.tokens_per_example
-          flops, peak = task.train_flops_per_example, metrics_lib.peak_flops_per_device()
-          if flops and peak:
-            last['mfu'] = flops * ips / (peak * jax.device_count())
-          writer.write(step, last)
-          logging.info('step %d/%d %s %.1f img/s ETA %s', step, total, task.log_line(last), ips,
-                       fmt_eta((total - step) * dt))
-          t_last, since = time.time(), 0
-        if task.has_eval and config.eval_every > 0 and (step % config.eval_every == 0 or step == total):
-          ev = evaluate(task, state)
-          writer.write(step, ev, prefix='eval')
-          logging.info('eval step %d: %s', step, ' '.join(f'{k} {v:.4f}' for k, v in ev.items()))
-        if periodic and (step % config.sample_every == 0 or step == total):
-          path = task.periodic_output(state, batch, step, workdir)
-          if path:
-            logging.info('wrote %s', path)
-        stop = preempt.should_stop(ckpt, step)
-        ckpt.maybe_save(step, state, train_iter, config, force=step == total or stop)
-        if stop:
-          ckpt.wait()
-          logging.warning('preempted at step %d: checkpoint saved, exiting', step)
-          break
+    latest = ckpt.latest_step()
+    if latest is not None:
+      check_resume_config(ckpt, latest, config, where)
+    state, _ = restore_or_init(ckpt, task.abstract, task.shardings, train_iter, fresh, where)
+    logging.info('%s; %d steps (%d per epoch)', task.describe(state), total, task.schedule.steps_per_epoch)
+    info = task.run_info(state)
+    if info and jax.process_index() == 0:
+      _write_json(workdir, 'run_info.json', info)   # what scaling-law fits read (var_jax.scaling)
+
+    writer = metrics_lib.MetricWriter(metrics_lib.local_logdir(workdir))
+    periodic = task.has_periodic_output and config.sample_every > 0
+    step = int(jax.device_get(state.step))
+    t_last, since, last, t_start = time.time(), 0, {}, time.time()
+    try:
+      with shd.mesh_context(mesh, rules):
+        while step < total:
+          stage, extra = task.stage(step)
+          host_batch = next(train_iter)
+          if num_classes is not None:
+            check_labels(host_batch['label'], num_classes, step + 1)
+          batch = shd.host_local_to_global(host_batch, mesh)
+          state, m = task.jit_step(stage, watch.mode)(state, batch, task.frozen, *extra)
+          m = watch.add(step + 1, m)
+          step += 1
+          since += 1
+          if step % config.log_every == 0 or step == total or step == 1:
+            _check_finite(watch, step, ckpt, where)
+            dt = (time.time() - t_last) / since
+            last = scalar_metrics(jax.device_get(m), task.vector_metrics)
+            last.update(task.step_metrics(step - 1, stage))
+            ips = config.global_batch_size / dt
+            last.update(step_time=dt, images_per_s=ips)
+            if watch.mode == 'skip':
+              last['skipped_steps'] = watch.skipped
+            if task.tokens_per_example:
+              last['tokens_per_s'] = ips * task.tokens_per_example
+            flops, peak = task.train_flops_per_example, metrics_lib.peak_flops_per_device()
+            if flops and peak:
+              last['mfu'] = flops * ips / (peak * jax.device_count())
+            writer.write(step, last)
+            logging.info('step %d/%d %s %.1f img/s ETA %s', step, total, task.log_line(last), ips,
+                         fmt_eta((total - step) * dt))
+            t_last, since = time.time(), 0
+          if task.has_eval and config.eval_every > 0 and (step % config.eval_every == 0 or step == total):
+            _check_finite(watch, step, ckpt, where)
+            ev = evaluate(task, state)
+            writer.write(step, ev, prefix='eval')
+            logging.info('eval step %d: %s', step, ' '.join(f'{k} {v:.4f}' for k, v in ev.items()))
+          if periodic and (step % config.sample_every == 0 or step == total):
+            _check_finite(watch, step, ckpt, where)
+            path = task.periodic_output(state, batch, step, workdir)
+            if path:
+              logging.info('wrote %s', path)
+          stop = preempt.should_stop(ckpt, step)
+          save(step, state, force=step == total or stop)
+          if stop:
+            ckpt.wait()
+            logging.warning('preempted at step %d: checkpoint saved, exiting', step)
+            break
+    finally:
+      writer.close()
+    if step >= total:
+      _check_finite(watch, step, ckpt, where)
+      host = shd.to_host(task.export_tree(state))      # every process takes part; process 0 writes
+      bad = nonfinite_lib.nonfinite_leaves(host)
+      if bad:
+        raise errors.NonFiniteError(f'step {step}: the final state has non-finite values in {", ".join(bad[:5])}; '
+                                    f'the model is not exported')
+      if jax.process_index() == 0:
+        for path, what in task.export(host, workdir, step):
+          logging.info('wrote %s (%s)', path, what)
   finally:
     ckpt.wait()
     ckpt.close()
-    writer.close()
-    preempt.restore()
-  if step >= total:
-    host = shd.to_host(task.export_tree(state))      # every process takes part; process 0 writes
-    if jax.process_index() == 0:
-      for path, what in task.export(host, workdir, step):
-        logging.info('wrote %s (%s)', path, what)
   last['wall_time_s'] = time.time() - t_start
   return state, last
