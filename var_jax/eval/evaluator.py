@@ -244,6 +244,8 @@ def sample_metrics(fake: Dict[str, np.ndarray], ref: Reference, k: int = 3, is_s
   The defaults are OpenAI's evaluator's rules (the paper's numbers): ``is_split='chunks5000'`` (IS over consecutive
   chunks of 5000 samples; ``'equal10'``: 10 equal splits) and ``pr_distance_dtype='float16'`` (its float16 distance
   blocks; ``'float32'``: plain float32). The rules used are returned as ``'is_split'`` / ``'pr_distance_dtype'``."""
+  if not (np.all(np.isfinite(ref.mu)) and np.all(np.isfinite(ref.sigma))):
+    raise ValueError(f'reference statistics of {ref.source}: mu/sigma hold NaN or inf values')
   mu, sigma = metrics.feature_statistics(fake['pool3'])
   out = {'fid': metrics.frechet_distance(mu, sigma, ref.mu, ref.sigma), 'num_samples': int(len(fake['pool3']))}
   out['inception_score'], out['inception_score_std'] = metrics.inception_score(
@@ -387,6 +389,9 @@ def evaluate(pipe=None, *, out_dir: Optional[str] = None, samples: Optional[str]
   if not out_dir and not samples:
     raise ValueError('give --out_dir (where samples and metrics.json go) or --samples')
   out_dir = out_dir or os.path.dirname(os.path.abspath(samples))
+  from var_jax.eval import inputs
+  inputs.check_evaluate_inputs(samples=samples, ref=ref, ref_cache=ref_cache, inception=inception, out_dir=out_dir,
+                               sample_quality=bool(samples or ref or not (rfid or test_set_loss)), rfid=rfid)
   os.makedirs(out_dir, exist_ok=True)
   split = split or (data_config.eval_split if data_config is not None else None)
   feats = None

@@ -1,0 +1,155 @@
+"""Checks of ``evaluate``'s input and output paths, run before anything is sampled or computed: each path exists and
+has the expected format, read from headers (an ``.npz``'s member list and array headers, a ``.safetensors``
+header, a torch file's archive listing), so a 50k-image ``arr_0`` is not loaded to find out."""
+from __future__ import annotations
+
+import glob
+import json
+import os
+import struct
+import zipfile
+from typing import Optional, Tuple
+
+import numpy as np
+
+IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.bmp', '.webp')
+
+
+def npz_header(path: str, key: str) -> Tuple[Tuple[int, ...], np.dtype]:
+  """(shape, dtype) of member ``key`` of the ``.npz`` at ``path``, from the array header only."""
+  with zipfile.ZipFile(path) as z, z.open(key + '.npy') as f:
+    version = np.lib.format.read_magic(f)
+    read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    shape, _, dtype = read(f)
+  return tuple(shape), dtype
+
+
+def npz_keys(path: str, what: str):
+  """The member names of an ``.npz`` (an error naming ``what`` when it is not one)."""
+  if not zipfile.is_zipfile(path):
+    raise ValueError(f'{what} {path}: not an .npz archive')
+  with zipfile.ZipFile(path) as z:
+    return sorted(n[:-4] for n in z.namelist() if n.endswith('.npy'))
+
+
+def _exists(path: str, what: str):
+  if not os.path.exists(path):
+    raise FileNotFoundError(f'{what} {path}: no such file or folder')
+  if not os.access(path, os.R_OK):
+    raise ValueError(f'{what} {path}: not readable')
+
+
+def check_image_folder(path: str, what: str):
+  for f in glob.iglob(os.path.join(path, '**', '*'), recursive=True):
+    if f.lower().endswith(IMAGE_EXTENSIONS) and os.path.isfile(f):
+      return
+  raise FileNotFoundError(f'{what} {path}: no image files ({", ".join(IMAGE_EXTENSIONS)}) found')
+
+
+def check_images_npz(path: str, what: str):
+  """An ``.npz`` whose ``arr_0`` is uint8 (N, H, W, 3)."""
+  keys = npz_keys(path, what)
+  if 'arr_0' not in keys:
+    raise KeyError(f'{what} {path} has no \'arr_0\' images (keys present: {keys})')
+  _check_arr0(path, what)
+
+
+def _check_arr0(path: str, what: str):
+  shape, dtype = npz_header(path, 'arr_0')
+  if len(shape) != 4 or shape[-1] != 3 or dtype != np.uint8:
+    raise ValueError(f'{what} {path}: arr_0 must be uint8 images (N, H, W, 3), got {dtype} {shape}')
+
+
+def check_statistics_npz(path: str, what: str):
+  """``mu`` (d,) and ``sigma`` (d, d), finite."""
+  from var_jax.eval import metrics
+  mu, sigma = metrics.load_statistics(path)
+  if not (np.all(np.isfinite(mu)) and np.all(np.isfinite(sigma))):
+    raise ValueError(f'{what} {path}: the statistics mu/sigma hold NaN or inf values')
+
+
+def check_images(path: str, what: str):
+  """A folder of images or an ``.npz`` with ``arr_0`` images."""
+  _exists(path, what)
+  if os.path.isdir(path):
+    check_image_folder(path, what)
+  elif path.endswith('.npz'):
+    check_images_npz(path, what)
+  else:
+    raise ValueError(f'{what} {path}: expected a folder of images or an .npz with an \'arr_0\' uint8 NHWC array')
+
+
+def check_reference(path: str, with_inception: bool):
+  """What ``evaluator.load_reference`` reads: a folder of images, or an ``.npz`` with ``arr_0`` images (used when
+  the Inception weights are given) or ``mu``/``sigma`` statistics (finite)."""
+  what = 'reference batch'
+  _exists(path, what)
+  if os.path.isdir(path):
+    check_image_folder(path, what)
+    return
+  keys = npz_keys(path, what)
+  if 'arr_0' in keys and with_inception:
+    _check_arr0(path, what)
+  elif {'mu', 'sigma'} <= set(keys):
+    check_statistics_npz(path, what)
+  else:
+    raise KeyError(f'{what} {path}: expected \'arr_0\' images (needs --inception) or \'mu\'/\'sigma\' statistics; '
+                   f'found keys {keys}')
+
+
+def check_inception(path: Optional[str]):
+  """The FID Inception weights file: present, and its header readable (``.safetensors`` JSON header, ``.npz``
+  members, a torch ``.pth`` zip archive or legacy pickle)."""
+  from var_jax.eval import inception
+  if not path:
+    raise ValueError('--inception is required for FID/IS/precision/recall: pass pytorch-fid\'s '
+                     'pt_inception-2015-12-05-6726825d.pth (or its converted .safetensors); it is never downloaded')
+  if not os.path.isfile(path):
+    raise inception._missing_weights_error(path)  # pylint: disable=protected-access
+  what = 'FID Inception weights'
+  if path.endswith('.safetensors'):
+    with open(path, 'rb') as f:
+      raw = f.read(8)
+      n = struct.unpack('<Q', raw)[0] if len(raw) == 8 else -1
+      try:
+        header = json.loads(f.read(n)) if 0 < n < 2 ** 27 else None
+      except ValueError:
+        header = None
+    if not isinstance(header, dict) or not header:
+      raise ValueError(f'{what} {path}: not a readable .safetensors file (bad header)')
+  elif path.endswith('.npz'):
+    if not npz_keys(path, what):
+      raise ValueError(f'{what} {path}: the .npz holds no arrays')
+  else:
+    if zipfile.is_zipfile(path):
+      with zipfile.ZipFile(path) as z:
+        if not any(n.endswith('data.pkl') for n in z.namelist()):
+          raise ValueError(f'{what} {path}: a zip archive but not a torch checkpoint (no data.pkl)')
+    else:
+      with open(path, 'rb') as f:
+        if f.read(1) != b'\x80':     # a legacy (pre-1.6) torch.save pickle
+          raise ValueError(f'{what} {path}: neither a torch checkpoint, a .safetensors nor an .npz file')
+
+
+def check_out_dir(path: str):
+  """``path`` exists or can be made, and is writable."""
+  os.makedirs(path, exist_ok=True)
+  if not os.access(path, os.W_OK):
+    raise ValueError(f'--out_dir {path}: not writable')
+
+
+def check_evaluate_inputs(*, samples: Optional[str], ref: Optional[str], ref_cache: Optional[str],
+                          inception: Optional[str], out_dir: str, sample_quality: bool, rfid: bool):
+  """Every path ``evaluator.evaluate`` will read or write, in the order it would need them."""
+  check_out_dir(out_dir)
+  if sample_quality or rfid:
+    check_inception(inception)
+  if samples:
+    check_images(samples, 'samples')
+  if ref:
+    if ref_cache and os.path.exists(ref_cache):
+      check_statistics_npz(ref_cache, 'reference cache')
+    else:
+      check_reference(ref, with_inception=bool(inception))
+      if ref_cache:
+        check_out_dir(os.path.dirname(os.path.abspath(ref_cache)))
