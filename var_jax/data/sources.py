@@ -23,7 +23,17 @@ IMG_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.ppm', '.bmp', '.pgm', '.tif', '.tif
 DIGITS_NUM_EVAL = 297
 
 
-class DigitsSource:
+class _LabelledSource:
+  """A random-access source over ``self._labels`` (one int label per element); ``_record(i)`` builds element i."""
+
+  def __len__(self) -> int:
+    return len(self._labels)
+
+  def __getitem__(self, index: int) -> dict[str, Any]:
+    return self._record(int(index))
+
+
+class DigitsSource(_LabelledSource):
   """scikit-learn's bundled 8x8 handwritten digits (1797 images, 10 classes), as RGB uint8.
 
   Deterministic split by position in ``sklearn.datasets.load_digits()``: ``'train'`` is the first 1500 images,
@@ -49,11 +59,7 @@ class DigitsSource:
     self._offset = sl.start
     self.num_classes = 10
 
-  def __len__(self) -> int:
-    return len(self._labels)
-
-  def __getitem__(self, index: int) -> dict[str, Any]:
-    index = int(index)
+  def _record(self, index: int) -> dict[str, Any]:
     return {'image': self._images[index], 'label': int(self._labels[index]), 'index': self._offset + index}
 
   def __repr__(self) -> str:
@@ -64,7 +70,7 @@ def _is_image_file(name: str) -> bool:
   return name.lower().endswith(IMG_EXTENSIONS)
 
 
-class ImageFolderSource:
+class ImageFolderSource(_LabelledSource):
   """An ImageNet-style tree ``root/<split>/<class_name>/**/*.{jpg,jpeg,png,...}`` (torchvision ``ImageFolder``).
 
   Class indices come from the sorted subdirectory names of ``root/train``, whatever ``split`` is, so train and
@@ -109,11 +115,7 @@ class ImageFolderSource:
     self._labels = np.asarray(labels, np.int32)
     self.num_classes = len(self.classes)
 
-  def __len__(self) -> int:
-    return len(self._labels)
-
-  def __getitem__(self, index: int) -> dict[str, Any]:
-    index = int(index)
+  def _record(self, index: int) -> dict[str, Any]:
     path = os.path.join(self._split_dir, self._paths[index].decode('utf-8'))
     return {'path': path, 'label': int(self._labels[index])}
 

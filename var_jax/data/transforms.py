@@ -163,12 +163,19 @@ class TrainTransform(grain.transforms.RandomMap):
     mid_size(self.final_reso, self.mid_reso)
 
   def random_map(self, element: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
-    try:
-      img = decode_image(element)
-    except CorruptImageError as e:
-      return corrupt_marker(e)
+    img = decode_or_marker(element)
+    if isinstance(img, dict):
+      return img
     return {'image': augment_train(img, self.final_reso, self.mid_reso, self.hflip, rng),
             'label': np.int32(element['label'])}
+
+
+def decode_or_marker(element: dict[str, Any]):
+  """The element's decoded image, or the corrupt marker (a dict) when it cannot be read."""
+  try:
+    return decode_image(element)
+  except CorruptImageError as e:
+    return corrupt_marker(e)
 
 
 class EvalTransform(grain.transforms.Map):
@@ -187,10 +194,9 @@ class EvalTransform(grain.transforms.Map):
   def map(self, element: dict[str, Any]) -> dict[str, Any]:
     if not element.get('mask', True):
       return self.pad_element()
-    try:
-      img = decode_image(element)
-    except CorruptImageError as e:
-      return corrupt_marker(e)
+    img = decode_or_marker(element)
+    if isinstance(img, dict):
+      return img
     return {'image': preprocess_eval(img, self.final_reso, self.mid_reso), 'label': np.int32(element['label']),
             'mask': np.bool_(True)}
 

@@ -39,6 +39,13 @@ def total_steps(config, num_train_examples: int) -> Schedule:
   return Schedule(spe, total)
 
 
+def random_tokenizer(flag: str, seed: int, init: Callable):
+  """A frozen tokenizer's variables from ``init(key(seed + 1))`` (unboxed), for an empty ``config.<flag>``."""
+  logging.warning('config.%s is empty: using a randomly initialised tokenizer (fine for smoke tests and the '
+                  'quickstarts; train or load a real one for meaningful codes and samples)', flag)
+  return jax.jit(lambda k: state_lib.unbox(init(k)))(jax.random.key(int(seed) + 1))
+
+
 def accumulate(micro: Callable, params, batch, keys, accum: int):
   """``micro(params, micro_batch, keys) -> (grads, metrics)`` averaged over ``accum`` micro-batches (one
   ``lax.scan``); every key leaf of ``keys`` is split into one key per micro-batch (accum = 1: used as is)."""

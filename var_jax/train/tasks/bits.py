@@ -134,11 +134,9 @@ def load_bae(config, bae_cfg: BAEConfig, mesh) -> Dict[str, Any]:
   (key(seed + 1))."""
   path = config.bae_ckpt
   if not path:
-    base.logging.warning('config.bae_ckpt is empty: using a randomly initialised BAE (fine for smoke tests and the '
-                         'quickstarts; load a trained one for meaningful codes)')
     s = int(config.data.image_size)
-    init = jax.jit(lambda k: unbox(BinaryAutoEncoder(bae_cfg).init(k, jnp.zeros((1, s, s, 3)), train=False)))
-    v = init(jax.random.key(int(config.seed) + 1))
+    v = base.random_tokenizer('bae_ckpt', config.seed, lambda k: BinaryAutoEncoder(bae_cfg).init(
+        k, jnp.zeros((1, s, s, 3)), train=False))
   else:
     from var_jax.interop import bae as bae_io
     got, v, _ = bae_io.load_bae(path, resolution=bae_cfg.resolution)

@@ -143,15 +143,12 @@ def tokens(vae: VQVAE, vae_vars, images):
 def load_tokenizer(config, vae_cfg: VQVAEConfig, mesh):
   """The frozen VQVAE's variables, replicated: from a reference file, our checkpoint dir, or a seeded init."""
   from var_jax.interop import state_dict as sd_io
-  from var_jax.interop import var as var_io  # TODO(merge)
+  from var_jax.interop import var as var_io
   path = config.vae_ckpt
   if not path:
-    base.logging.warning('config.vae_ckpt is empty: using a randomly initialised tokenizer (fine for smoke tests '
-                         'and the quickstart; train or load a real one for meaningful samples)')
     s = vae_cfg.image_size
-    init = jax.jit(lambda k: unbox(VQVAE(vae_cfg).init(k, jnp.zeros((1, s, s, vae_cfg.in_channels)),
-                                                       method=VQVAE.init_all)))
-    v = init(jax.random.key(int(config.seed) + 1))
+    v = base.random_tokenizer('vae_ckpt', config.seed, lambda k: VQVAE(vae_cfg).init(
+        k, jnp.zeros((1, s, s, vae_cfg.in_channels)), method=VQVAE.init_all))
   elif os.path.isdir(path):
     from var_jax import checkpoint
     cfg_ckpt, _, v, _ = checkpoint.load_model(path)
@@ -220,7 +217,7 @@ class VARTask(base.Task):
 
   def init_from(self, state, path):
     from var_jax.interop import state_dict as sd_io
-    from var_jax.interop import var as var_io  # TODO(merge)
+    from var_jax.interop import var as var_io
     v = var_io.import_var(sd_io.load_state_dict(path), self.var_cfg)
     base.logging.info('initialised the transformer from %s', path)
     params = jax.device_put(v['params'], self.shardings.params)
