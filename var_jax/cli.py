@@ -45,14 +45,22 @@ def load_pipeline_from_flags():
                        bae_ckpt=FLAGS.bae_ckpt, model_ckpt=FLAGS.model_ckpt, model_args=FLAGS.model_args)
 
 
-def run(main: Callable[[], Optional[int]], errors: Sequence[Type[BaseException]] = ()):
+def run(main: Callable[[], Optional[int]], errors: Sequence[Type[BaseException]] = (), multihost: bool = False):
   """``app.run`` of ``main()`` (no positional arguments allowed); an exception of ``errors`` exits with status 1 and
-  ``error: <message>`` on stderr instead of a traceback."""
+  ``error: <message>`` on stderr instead of a traceback. ``multihost``: initialise JAX's distributed runtime from
+  the environment first (``var_jax.distributed.initialize_from_env``) and end on a barrier of every process (so
+  none exits while another still writes)."""
   def entry(argv):
     if len(argv) > 1:
       raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+    if multihost:
+      from var_jax import distributed
+      distributed.initialize_from_env()
     try:
-      return main()
+      out = main()
     except tuple(errors) as e:
       sys.exit(f'error: {e}')
+    if multihost:
+      distributed.barrier(f'{main.__module__}: done')
+    return out
   app.run(entry)

@@ -56,8 +56,6 @@ def define_flags():
 
 
 def main():
-  from var_jax import distributed
-  distributed.initialize_from_env()
   from var_jax.eval import evaluator
   f = cli.FLAGS
   pipe = cli.load_pipeline_from_flags() if not f.samples or f.rfid or f.test_loss else None
@@ -68,10 +66,9 @@ def main():
       max_batches=f.max_batches, classes=f.classes, num_per_class=f.num_per_class, cfg=f.cfg, top_k=f.top_k,
       top_p=f.top_p, seed=f.seed, batch_size=f.batch_size, dtype=f.dtype, is_split=f.is_split,
       pr_distance_dtype=f.pr_distance_dtype, log=lambda msg: print(msg, flush=True))
-  distributed.barrier('var_jax.evaluate: done')
 
 
 if __name__ == '__main__':
   from var_jax.interop.state_dict import CheckpointMismatchError
   define_flags()
-  cli.run(main, errors=(FileNotFoundError, ValueError, KeyError, CheckpointMismatchError))
+  cli.run(main, errors=(FileNotFoundError, ValueError, KeyError, CheckpointMismatchError), multihost=True)

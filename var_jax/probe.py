@@ -54,8 +54,6 @@ def define_flags():
 
 
 def main():
-  from var_jax import distributed
-  distributed.initialize_from_env()
   import jax
   from var_jax.data import default_data_config
   fl = cli.FLAGS
@@ -86,9 +84,8 @@ def main():
     with open(fl.json_out, 'w') as f:
       json.dump(res, f, indent=2)
     log(f'wrote {fl.json_out}')
-  distributed.barrier('var_jax.probe: done')
 
 
 if __name__ == '__main__':
   define_flags()
-  cli.run(main)
+  cli.run(main, multihost=True)

@@ -43,8 +43,6 @@ def define_flags():
 
 
 def main():
-  from var_jax import distributed
-  distributed.initialize_from_env()
   from var_jax.eval import protocol
   f = cli.FLAGS
   pipe = cli.load_pipeline_from_flags()
@@ -54,10 +52,9 @@ def main():
   protocol.generate_samples(pipe, f.out_dir, labels, seed=f.seed, cfg=f.cfg, top_k=f.top_k, top_p=f.top_p,
                             more_smooth=f.more_smooth, options=extra, batch_size=f.batch_size, dtype=f.dtype,
                             out=f.out, grid_cols=f.grid_cols, log=lambda msg: print(msg, flush=True))
-  distributed.barrier('var_jax.sample: done')
 
 
 if __name__ == '__main__':
   from var_jax.interop.state_dict import CheckpointMismatchError
   define_flags()
-  cli.run(main, errors=(FileNotFoundError, ValueError, CheckpointMismatchError))
+  cli.run(main, errors=(FileNotFoundError, ValueError, CheckpointMismatchError), multihost=True)

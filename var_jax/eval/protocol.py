@@ -131,6 +131,24 @@ def _gather_shares(imgs: Dict[int, np.ndarray], total: int) -> Dict[int, np.ndar
   return {i: every[i % count, i // count] for i in range(total)}
 
 
+def _checked_options(pipe, out, out_dir, cfg, top_k, top_p, more_smooth, options):
+  if not out and not out_dir:
+    raise ValueError('give --out (a grid PNG) and/or --out_dir (one PNG per image + npz)')
+  return sampling_options(pipe.family, cfg=cfg, top_k=top_k, top_p=top_p, more_smooth=more_smooth, **(options or {}))
+
+
+def _write_outputs(out, out_dir, labels, imgs, grid_cols: int, log) -> str:
+  """The ``out`` grid and/or ``samples.npz`` of ``out_dir`` (one process); -> the npz path or ''."""
+  path = ''
+  if out:
+    _write_grid(out, labels, imgs, out_dir, grid_cols)
+    log(f'wrote {out} ({len(labels)} images)')
+  if out_dir:
+    path = write_npz(out_dir, labels)
+    log(f'wrote {len(labels)} PNGs and samples.npz to {out_dir}')
+  return path
+
+
 def write_samples(pipe, labels: List[int], seed: int, cfg: Optional[float], top_k: Optional[int],
                   top_p: Optional[float], more_smooth: bool, batch_size: int, dtype: str, out: Optional[str] = None,
                   out_dir: Optional[str] = None, grid_cols: int = 8, shard_index: int = 0, shard_count: int = 1,
@@ -145,20 +163,11 @@ def write_samples(pipe, labels: List[int], seed: int, cfg: Optional[float], top_
   ``shard_index``/``shard_count``: sample only images ``i % shard_count == shard_index`` (one share per process of a
   multi-host job writing to a shared folder); ``write_outputs=False`` skips the grid and npz (written once, by one
   process, after all shares are done)."""
-  if not out and not out_dir:
-    raise ValueError('give --out (a grid PNG) and/or --out_dir (one PNG per image + npz)')
-  opts = sampling_options(pipe.family, cfg=cfg, top_k=top_k, top_p=top_p, more_smooth=more_smooth,
-                          **(options or {}))
+  opts = _checked_options(pipe, out, out_dir, cfg, top_k, top_p, more_smooth, options)
   n_new, imgs = _sample_share(pipe, labels, seed, opts, batch_size, dtype, out_dir, bool(out), shard_index,
                               shard_count)
-  if not write_outputs:
-    return n_new
-  if out:
-    _write_grid(out, labels, imgs, out_dir, grid_cols)
-    print(f'wrote {out} ({len(labels)} images)')
-  if out_dir:
-    write_npz(out_dir, labels)
-    print(f'wrote {len(labels)} PNGs and samples.npz to {out_dir}')
+  if write_outputs:
+    _write_outputs(out, out_dir, labels, imgs, grid_cols, print)
   return n_new
 
 
@@ -172,10 +181,7 @@ def generate_samples(pipe, out_dir: Optional[str], labels: List[int], *, seed: i
   or all-gathered without ``out_dir``). Every process must call it. Returns the npz path on process 0, else ''."""
   import jax
   from var_jax import distributed
-  if not out and not out_dir:
-    raise ValueError('give --out (a grid PNG) and/or --out_dir (one PNG per image + npz)')
-  opts = sampling_options(pipe.family, cfg=cfg, top_k=top_k, top_p=top_p, more_smooth=more_smooth,
-                          **(options or {}))
+  opts = _checked_options(pipe, out, out_dir, cfg, top_k, top_p, more_smooth, options)
   p, count = jax.process_index(), jax.process_count()
   t0 = time.time()
   n_new, imgs = _sample_share(pipe, labels, seed, opts, batch_size, dtype, out_dir, bool(out), p, count, log)
@@ -185,13 +191,4 @@ def generate_samples(pipe, out_dir: Optional[str], labels: List[int], *, seed: i
   distributed.barrier('var_jax.eval.protocol: samples written')
   if out and not out_dir and count > 1:
     imgs = _gather_shares(imgs, len(labels))
-  if p != 0:
-    return ''
-  path = ''
-  if out:
-    _write_grid(out, labels, imgs, out_dir, grid_cols)
-    log(f'wrote {out} ({len(labels)} images)')
-  if out_dir:
-    path = write_npz(out_dir, labels)
-    log(f'wrote {len(labels)} PNGs and samples.npz to {out_dir}')
-  return path
+  return _write_outputs(out, out_dir, labels, imgs, grid_cols, log) if p == 0 else ''

@@ -40,7 +40,7 @@ import jax.numpy as jnp
 
 from var_jax.losses.bae import codebook_loss_from_probs
 from var_jax.models import taming
-from var_jax.models.layers import Conv, logical
+from var_jax.models.layers import ConfigModule, Conv, logical
 from var_jax.models.quantizer import codebook_init
 from var_jax.models.taming import UNUSED, UnusedConv  # UNUSED: re-exported (the collection name)
 
@@ -115,6 +115,15 @@ class BAEConfig:
     n = self.num_levels
     return tuple((self.resolution // 2 ** (n - 1)) * 2 ** (n - 1 - i) in self.attn_resolutions for i in range(n))
 
+  def check_image_size(self, size: int):
+    """Images of ``size`` px fit: ``resolution`` (which places the attention levels) equals it and the
+    downsampling divides it."""
+    if self.resolution != size:
+      raise ValueError(f'config.data.image_size={size} but config.bae.resolution={self.resolution} (the BAE '
+                       f'places attention by resolution: set both)')
+    if size % self.downsample:
+      raise ValueError(f'config.data.image_size={size} is not divisible by the BAE downsampling '
+                       f'{self.downsample} (ch_mult {self.ch_mult})')
 
 class ResBlock(taming.ResnetBlock):
   """The BAE's res block: the shortcut conv is ``conv_out``, declared (in ``'unused'``) even at equal widths."""
@@ -144,10 +153,9 @@ class BAEGenerator(taming.ConvDecoder):
     return out.astype(jnp.float32)
 
 
-class BinaryQuantizer(nn.Module):
+class BinaryQuantizer(ConfigModule):
   """1x1 conv to K logits (``proj``) and the K x emb_dim embedding table (``embed``)."""
   config: BAEConfig
-  dtype: Dtype = jnp.float32
 
   def setup(self):
     c = self.config
@@ -177,13 +185,12 @@ def _sample_bits(probs, mode: str, rng, uniforms):
   raise ValueError(f"mode must be 'threshold' or 'bernoulli', got {mode!r}")
 
 
-class BinaryAutoEncoder(nn.Module):
+class BinaryAutoEncoder(ConfigModule):
   """The reference ``BinaryAutoEncoder`` (encoder, ``quantize``, generator). NHWC, images in [0, 1].
 
   Bits are (B, h, w, K) uint8, channel k = the reference's bit k (its (B, K, h, w) layout transposed).
   """
   config: BAEConfig
-  dtype: Dtype = jnp.float32
 
   def setup(self):
     c = self.config

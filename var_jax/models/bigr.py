@@ -33,7 +33,7 @@ import numpy as np
 
 from var_jax.losses.diffusion import loss_terms
 from var_jax.models import bernoulli_diffusion as bd
-from var_jax.models.layers import Dense, drop_labels, layer_norm_no_affine, logical
+from var_jax.models.layers import ConfigModule, Dense, drop_labels, layer_norm_no_affine, logical
 from var_jax.models.llama import (LlamaArgs, RMSNorm, TransformerBlock, modulate, normal_init, precompute_rope_2d,
                                   zeros_init)
 
@@ -228,13 +228,12 @@ class DenoiseModel(nn.Module):
 
 
 # ----------------------------------------------------------------------------- the model
-class BiGR(nn.Module):
+class BiGR(ConfigModule):
   """BiGR backbone + transcoder. ``__call__`` runs both (teacher-forced) and creates every parameter.
 
   Shapes: inp (B, N, K) 0/1 floats with N = seq_len; labels (B,) int; token_all_mask (B, N) bool/0-1 (1 = masked).
   """
   config: BiGRConfig
-  dtype: Dtype = jnp.float32
 
   def setup(self):
     cfg = self.config

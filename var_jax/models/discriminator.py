@@ -39,7 +39,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from var_jax.models.layers import GroupNorm, logical, torch_default_bias_init
+from var_jax.models.layers import ConfigModule, GroupNorm, logical, torch_default_bias_init
 
 Dtype = Any
 NORMS = ('batch', 'group', 'none')
@@ -152,15 +152,13 @@ class BatchNorm(nn.Module):
     return y.astype(self.dtype)
 
 
-class NLayerDiscriminator(nn.Module):
+class NLayerDiscriminator(ConfigModule):
   """PatchGAN discriminator: images (B, H, W, C) in [-1, 1] -> float32 patch logits (B, h, w, 1).
 
   Parameters: ``conv_{l}`` (``kernel``, maybe ``bias``) for l = 0 .. n_layers + 1 and ``norm_{l}`` for
   l = 1 .. n_layers (BatchNorm: ``scale``/``bias`` params + ``batch_stats`` ``mean``/``var``; GroupNorm:
   ``scale``/``bias``). ``dtype`` is the compute dtype of the convs (norm statistics stay float32).
   """
-  config: DiscriminatorConfig
-  dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x, train: bool = True):

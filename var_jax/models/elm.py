@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from var_jax.models.layers import Dense, drop_labels, layer_norm_no_affine, logical
+from var_jax.models.layers import ConfigModule, Dense, drop_labels, layer_norm_no_affine, logical
 from var_jax.models.llama import (KVCache, LlamaArgs, RMSNorm, TransformerBlock, init_kv_cache, modulate, normal_init,
                                   ones_init, precompute_rope_2d, zeros_init)
 
@@ -177,11 +177,10 @@ class ELMConfig(LlamaArgs):
     return [float(x) for x in np.linspace(0, self.drop_path_rate, self.n_layer, dtype=np.float32)]
 
 
-class _ELMTransformer(nn.Module):
+class _ELMTransformer(ConfigModule):
   """What ELMAR and ELMMLM share: the class table (``cls_embedding``, created first), the blocks ``layers_{i}``, the
   final ``norm``, token dropout and the RoPE table; label dropout + class lookup; the run through the blocks."""
   config: ELMConfig
-  dtype: Dtype = jnp.float32
   MODELING = ''
 
   def setup(self):

@@ -13,6 +13,12 @@ import jax
 import jax.numpy as jnp
 
 Dtype = Any
+
+
+class ConfigModule(nn.Module):
+  """A module built from one config dataclass (``config``), computing in ``dtype`` (params stay float32)."""
+  config: Any
+  dtype: Dtype = jnp.float32
 Axes = Tuple[Optional[str], ...]
 
 

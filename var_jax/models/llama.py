@@ -37,7 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from var_jax.models.layers import Dense, drop_path, l2_normalize, logical
+from var_jax.models.layers import ConfigModule, Dense, drop_path, l2_normalize, logical
 
 Dtype = Any
 KVCache = Dict[str, jax.Array]   # {'k': (B, L, n_kv_head, head_dim), 'v': (B, L, n_kv_head, head_dim)}
@@ -284,10 +284,8 @@ class Attention(nn.Module):
     return out, new_cache
 
 
-class FeedForward(nn.Module):
+class FeedForward(ConfigModule):
   """SwiGLU ``w2(silu(w1 x) * w3 x)`` (no biases) and ffn dropout; hidden width ``ffn_hidden_dim``."""
-  config: LlamaArgs
-  dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x, train: bool = False):

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from var_jax.models.var_config import VARConfig
-from var_jax.models.layers import Dense, drop_labels, drop_path, l2_normalize, layer_norm_no_affine, logical, \
+from var_jax.models.layers import ConfigModule, Dense, drop_labels, drop_path, l2_normalize, layer_norm_no_affine, logical, \
   scaled_rows_init, torch_trunc_normal
 
 Dtype = Any
@@ -43,9 +43,8 @@ def _zeros(key, shape, dtype=jnp.float32):
   return jnp.zeros(shape, dtype)
 
 
-class SelfAttention(nn.Module):
+class SelfAttention(ConfigModule):
   config: VARConfig
-  dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x, deterministic: bool = True, cache: Optional[KVCache] = None,
@@ -91,9 +90,8 @@ class SelfAttention(nn.Module):
     return out, new_cache
 
 
-class FFN(nn.Module):
-  config: VARConfig
-  dtype: Dtype = jnp.float32
+class FFN(ConfigModule):
+  """The block's MLP, fc1 -> GELU(tanh) -> fc2 with dropout (``config``: a ``VARConfig``)."""
 
   @nn.compact
   def __call__(self, x, deterministic: bool = True):
@@ -146,7 +144,7 @@ class AdaLNSelfAttn(nn.Module):
     return x, new_cache
 
 
-class VAR(nn.Module):
+class VAR(ConfigModule):
   """Class-conditional next-scale prediction transformer.
 
   Methods (call with ``VAR(cfg).apply(variables, ..., method=VAR.name)``):
@@ -154,7 +152,6 @@ class VAR(nn.Module):
   ``next_scale_input``; ``decode_scale`` (one scale with a KV cache); ``init_cache``.
   """
   config: VARConfig
-  dtype: Dtype = jnp.float32
 
   def setup(self):
     cfg = self.config

@@ -7,26 +7,24 @@ from __future__ import annotations
 
 from typing import Any, List, Sequence
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from var_jax.models.var_config import VQVAEConfig
-from var_jax.models.layers import Conv
+from var_jax.models.layers import ConfigModule, Conv
 from var_jax.models.quantizer import MultiScaleQuantizer
 from var_jax.models.taming import ConvDecoder, ConvEncoder
 
 Dtype = Any
 
 
-class VQVAE(nn.Module):
+class VQVAE(ConfigModule):
   """Encoder -> quant_conv -> multi-scale quantizer -> post_quant_conv -> decoder.
 
   Images are NHWC float in [-1, 1]; token maps are lists of int32 (B, pn*pn), row-major, coarsest first.
   Call the methods through ``VQVAE(cfg).apply(variables, x, method=VQVAE.img_to_idx)`` etc.
   """
   config: VQVAEConfig
-  dtype: Dtype = jnp.float32
 
   def setup(self):
     c = self.config

@@ -26,6 +26,7 @@ KEY = 'nonfinite'
 
 
 def check_mode(mode: str) -> str:
+  """``config.nonfinite``: 'stop' (raise at the first non-finite step) or 'skip' (drop those updates)."""
   if mode not in MODES:
     from var_jax.train.errors import ConfigError
     raise ConfigError(f"config.nonfinite must be one of {MODES}, got {mode!r}")

@@ -82,14 +82,10 @@ def model_configs(config) -> Tuple[BAEConfig, ModelConfig]:
   if bae_cfg.codebook_size != k:
     raise ValueError(f'{what} = {k} bits per cell, but the BAE has bae.codebook_size = {bae_cfg.codebook_size}')
   size = int(config.data.image_size)
-  if size % bae_cfg.downsample:
-    raise ValueError(f'data.image_size={size} is not divisible by the BAE downsampling {bae_cfg.downsample}')
   if (size // bae_cfg.downsample) ** 2 != n:
     raise ValueError(f'data.image_size={size} gives a {size // bae_cfg.downsample}^2 latent grid, the model expects '
                      f'{n} cells (model.block_size / seq_len)')
-  if bae_cfg.resolution != size:
-    raise ValueError(f'bae.resolution={bae_cfg.resolution} must equal data.image_size={size} (it places the BAE '
-                     f'attention levels)')
+  bae_cfg.check_image_size(size)
   return bae_cfg, cfg
 
 
@@ -321,8 +317,7 @@ class BitsTask(base.Task):
 
   # ---- reporting and outputs
   def describe(self, state):
-    return (f'{super().describe(state)}; {self.cfg.seq_len} tokens of {self.bae_cfg.codebook_size} bits per '
-            f'image')
+    return f'{super().describe(state)}; {self.cfg.seq_len} tokens of {self.bae_cfg.codebook_size} bits per image'
 
   def log_line(self, m):
     accs = ' '.join(f'{k} {m[k]:.2f}%' for k in ('acc', 'bit_acc') if k in m)

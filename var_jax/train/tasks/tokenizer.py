@@ -361,14 +361,8 @@ def tokenizer_configs(config) -> Tuple[Any, DiscriminatorConfig]:
   disc_cfg = DiscriminatorConfig(**config.disc.to_dict())
   size = config.data.image_size
   if tokenizer_kind(config) == 'bae':
-    bae_cfg = BAEConfig(**config.bae.to_dict())
-    if bae_cfg.resolution != size:
-      raise ValueError(f'config.data.image_size={size} but config.bae.resolution={bae_cfg.resolution} (the BAE '
-                       f'places attention by resolution: set both)')
-    if size % bae_cfg.downsample:
-      raise ValueError(f'config.data.image_size={size} is not divisible by the BAE downsampling '
-                       f'{bae_cfg.downsample} (ch_mult {bae_cfg.ch_mult})')
-    gen_cfg = bae_cfg
+    gen_cfg = BAEConfig(**config.bae.to_dict())
+    gen_cfg.check_image_size(size)
   else:
     gen_cfg = VQVAEConfig(**config.vae.to_dict())
     if gen_cfg.image_size != size:
