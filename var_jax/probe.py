@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 
-from absl import app, flags
+from absl import flags
 
 from var_jax import cli
 from var_jax.eval import probe
@@ -59,10 +59,7 @@ def main():
   fl = cli.FLAGS
   main_process = jax.process_index() == 0
   log = (lambda msg: print(msg, flush=True)) if main_process else (lambda msg: None)
-  try:
-    pipe = probe.build_pipeline(fl.bae_ckpt, fl.bigr_ckpt, fl.model_args, fl.random_init_config, fl.seed)
-  except ValueError as e:
-    raise app.UsageError(str(e)) from None
+  pipe = probe.build_pipeline(fl.bae_ckpt, fl.bigr_ckpt, fl.model_args, fl.random_init_config, fl.seed)
   log(f'BiGR: {pipe.num_layers} layers, dim {pipe.feature_dim}, K={pipe.binary_size}, grid {pipe.latent_size}, '
       f'{pipe.image_size}px | devices: {jax.local_device_count()} x {jax.devices()[0].device_kind}'
       + (f' | process 0 of {jax.process_count()}' if jax.process_count() > 1 else ''))
@@ -88,4 +85,5 @@ def main():
 
 if __name__ == '__main__':
   define_flags()
-  cli.run(main, multihost=True)
+  # input errors (flags, paths, checkpoints: CheckpointMismatchError is a ValueError): one 'error: ...' line and exit 1, no flag help
+  cli.run(main, errors=(ValueError, FileNotFoundError), multihost=True)

@@ -30,6 +30,7 @@ is sharded over all local devices.
 """
 from __future__ import annotations
 
+import os
 import time
 from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
@@ -70,6 +71,9 @@ def build_pipeline(bae_ckpt: Optional[str] = None, bigr_ckpt: Optional[str] = No
     return BiGRPipeline.init_random(*random_init_configs(random_init_config), jax.random.key(seed))
   if not (bae_ckpt and bigr_ckpt):
     raise ValueError('need --bae_ckpt and --bigr_ckpt (reference checkpoints), or --random_init_config=quickstart')
+  for flag, path in (('--bae_ckpt', bae_ckpt), ('--bigr_ckpt', bigr_ckpt)):
+    if not os.path.exists(path):
+      raise FileNotFoundError(f'{flag}: {path} does not exist')
   return BiGRPipeline.from_torch(bae_ckpt, bigr_ckpt, **parse_model_args(model_args))
 
 

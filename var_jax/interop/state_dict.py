@@ -126,6 +126,17 @@ def field_value(config_cls, given: Mapping[str, Any], name: str):
   return {f.name: f.default for f in dataclasses.fields(config_cls)}[name]
 
 
+def vote(sd: Mapping[str, Any], what: str, sources: Sequence[Tuple[str, int]]) -> int:
+  """The size ``what`` that most of ``sources`` ((key, axis) pairs; absent keys skipped) agree on; a tie goes to the
+  earliest source. So one corrupted tensor among many is outvoted, and the mismatch check then names it."""
+  got = [(k, int(np.shape(sd[k])[a])) for k, a in sources if k in sd and len(np.shape(sd[k])) > a]
+  if not got:
+    raise CheckpointMismatchError(f'cannot infer {what}: none of {[k for k, _ in sources][:4]} is in the state_dict')
+  counts = collections.Counter(v for _, v in got)
+  best = max(counts.values())
+  return next(v for _, v in got if counts[v] == best)
+
+
 def count_indices(sd: Mapping[str, Any], pattern: str) -> int:
   """How many distinct indices ``pattern`` captures, e.g. the number of ``layers.{i}.`` blocks."""
   return len(indices(sd, pattern))
@@ -241,7 +252,10 @@ def load_state_dict(path, wrapper_key: Optional[str] = None) -> StateDict:
   try:
     obj = torch.load(path, map_location='cpu', weights_only=True)
   except Exception as e:
-    raise ValueError(f'{path}: not a loadable weights-only torch checkpoint ({type(e).__name__}: {e})') from e
+    msg = str(e)   # torch's unpickler message is a page of advice: keep its one-line cause
+    cause = re.search(r'WeightsUnpickler error:\s*(.*?)(?:\n\n|$)', msg, re.S)
+    short = ' '.join((cause.group(1) if cause else msg.strip().split('\n', 1)[0]).split())
+    raise ValueError(f'{path}: not a loadable weights-only torch checkpoint ({type(e).__name__}: {short})') from e
   if isinstance(obj, Mapping) and wrapper_key in obj and isinstance(obj[wrapper_key], Mapping):
     obj = obj[wrapper_key]
   if not isinstance(obj, Mapping):

@@ -12,7 +12,7 @@ import numpy as np
 
 from var_jax.interop.state_dict import (CheckpointMismatchError, Entry, conv_entries, count_indices, dense_entries,
                                         export_state_dict, import_state_dict, indices, norm_entries, param_entry,
-                                        require, reshaped_entry)
+                                        require, reshaped_entry, vote)
 from var_jax.models.var import block_causal_mask, level_ids
 from var_jax.models.var_config import PATCH_NUMS_256, VARConfig, VQVAEConfig, infer_patch_nums
 
@@ -194,15 +194,25 @@ def var_config_from_state_dict(sd: Mapping[str, Any], patch_nums: Optional[Seque
   sequence length when it matches a standard list (256px or 512px), else must be given. num_heads comes from
   ``scale_mul_1H11`` when attn_l2_norm is on, else defaults to width // 64 (the reference's convention)."""
   we = require(sd, 'word_embed.weight', 'embed_dim / z_channels')
-  c, cvae = int(we.shape[0]), int(we.shape[1])
+  cvae = int(we.shape[1])
   depth = count_indices(sd, r'blocks\.(\d+)\.')
   if depth == 0:
     raise CheckpointMismatchError('cannot infer depth: no blocks.* keys in the state_dict')
+  # sizes every block carries are voted on over all their tensors: a single wrong-shape tensor is then the one the
+  # mismatch check names, instead of blaming the intact keys that disagree with it
+  blk = [f'blocks.{i}.' for i in range(depth)]
+  c = vote(sd, 'embed_dim', [('word_embed.weight', 0), ('word_embed.bias', 0), ('class_emb.weight', 1),
+                             ('pos_1LC', 2), ('pos_start', 2), ('head.weight', 1)]
+           + [(b + k, a) for b in blk for k, a in (('attn.proj.weight', 0), ('attn.proj.weight', 1),
+                                                    ('attn.proj.bias', 0), ('attn.mat_qkv.weight', 1),
+                                                    ('ffn.fc1.weight', 1), ('ffn.fc2.weight', 0),
+                                                    ('ffn.fc2.bias', 0))])
   num_classes = int(require(sd, 'class_emb.weight', 'num_classes').shape[0]) - 1
-  vocab = int(require(sd, 'head.weight', 'vocab_size').shape[0])
+  vocab = vote(sd, 'vocab_size', [('head.weight', 0), ('head.bias', 0)])
   shared_aln = 'blocks.0.ada_gss' in sd
   attn_l2_norm = 'blocks.0.attn.scale_mul_1H11' in sd
-  mlp = int(require(sd, 'blocks.0.ffn.fc1.weight', 'mlp_ratio').shape[0])
+  mlp = vote(sd, 'mlp_ratio', [(b + k, a) for b in blk for k, a in (('ffn.fc1.weight', 0), ('ffn.fc1.bias', 0),
+                                                                     ('ffn.fc2.weight', 1))])
   L = int(require(sd, 'pos_1LC', 'the sequence length').shape[1])
   if patch_nums is None:
     if 'lvl_1L' in sd:
@@ -218,7 +228,8 @@ def var_config_from_state_dict(sd: Mapping[str, Any], patch_nums: Optional[Seque
     raise CheckpointMismatchError(f'patch_nums {tuple(patch_nums)} give {sum(p * p for p in patch_nums)} tokens '
                                   f'but pos_1LC has {L}')
   if num_heads is None:
-    num_heads = int(sd['blocks.0.attn.scale_mul_1H11'].shape[1]) if attn_l2_norm else max(c // 64, 1)
+    num_heads = (vote(sd, 'num_heads', [(b + 'attn.scale_mul_1H11', 1) for b in blk]) if attn_l2_norm
+                 else max(c // 64, 1))
   kw = dict(vocab_size=vocab, z_channels=cvae, num_classes=num_classes, depth=depth, embed_dim=c,
             num_heads=int(num_heads), mlp_ratio=mlp / c, shared_aln=shared_aln, attn_l2_norm=attn_l2_norm,
             patch_nums=tuple(int(p) for p in patch_nums), drop_path_rate=0.1 * depth / 24)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
-from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Mapping, NamedTuple, Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -33,6 +33,13 @@ def check_images(images, channels: int, size: int, why: str, what: str = 'images
   if x.shape[1:3] != (size, size):
     raise ValueError(f'{what} must be {size}x{size} ({why}), got {x.shape[1]}x{x.shape[2]}')
   return x.astype(jnp.float32)
+
+
+class BAEFile(NamedTuple):
+  """A read BAE checkpoint: its path, its own state_dict (no ``ae.``) and the config its keys imply."""
+  path: str
+  own: Dict[str, Any]
+  config: BAEConfig
 
 
 @contextlib.contextmanager
@@ -176,14 +183,28 @@ class BinaryLatentPipeline(Pipeline):
     return self.bae_config.codebook_size
 
   @staticmethod
-  def _load_bae(bae_path, latent_size: int, overrides: Optional[Dict[str, Any]] = None):
-    """(config, variables) of ``binaryae*.th`` (``ae.``-prefixed or plain); its ``resolution`` (only naming the
-    attention levels) is the image size that the generator's grid implies."""
-    own, _ = ibae.split_bae_state_dict(load_state_dict(bae_path), what=os.fspath(bae_path))
-    probe = ibae.bae_config_from_state_dict(own)
-    cfg = ibae.bae_config_from_state_dict(own, resolution=latent_size * probe.downsample, **(overrides or {}))
+  def _read_bae(bae_path) -> 'BAEFile':
+    """Read ``binaryae*.th`` (``ae.``-prefixed or plain) and infer its config; errors name the file. Loaders call
+    this before reading the generator, so a bad BAE file is reported as such."""
+    if isinstance(bae_path, BAEFile):
+      return bae_path
+    what = os.fspath(bae_path)
+    try:
+      sd = load_state_dict(bae_path)
+    except (FileNotFoundError, ValueError) as e:
+      raise type(e)(f'BAE checkpoint: {e}') from None
     with named_mismatch(bae_path):
-      return cfg, ibae.import_bae(own, cfg)
+      own, _ = ibae.split_bae_state_dict(sd, what=what)
+      return BAEFile(what, own, ibae.bae_config_from_state_dict(own))
+
+  @classmethod
+  def _load_bae(cls, bae_path, latent_size: int, overrides: Optional[Dict[str, Any]] = None):
+    """(config, variables) of ``binaryae*.th`` (a path or ``_read_bae``'s result); its ``resolution`` (only naming
+    the attention levels) is the image size that the generator's grid implies."""
+    f = cls._read_bae(bae_path)
+    with named_mismatch(f.path):
+      cfg = ibae.bae_config_from_state_dict(f.own, resolution=latent_size * f.config.downsample, **(overrides or {}))
+      return cfg, ibae.import_bae(f.own, cfg)
 
   @staticmethod
   def _init_bae(bae_config: BAEConfig, rng):

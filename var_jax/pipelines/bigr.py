@@ -71,8 +71,9 @@ class BiGRPipeline(BinaryLatentPipeline):
     ``var_jax.interop.bigr.bigr_config_from_state_dict``). The BAE config is inferred from its keys; its
     ``resolution`` (only naming the attention levels) is set to the image size that BiGR's sequence implies.
     """
+    bae = cls._read_bae(bae_path)         # first: a bad BAE file is named as such, not as a model mismatch
     bigr_cfg, bigr_vars = ibigr.load_bigr(bigr_path, **model_args)
-    bae_cfg, bae_vars = cls._load_bae(bae_path, int(round(math.sqrt(bigr_cfg.seq_len))), bae_overrides)
+    bae_cfg, bae_vars = cls._load_bae(bae, int(round(math.sqrt(bigr_cfg.seq_len))), bae_overrides)
     return cls(bae_cfg, bigr_cfg, bae_vars, bigr_vars)
 
   @classmethod

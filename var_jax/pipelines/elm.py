@@ -70,11 +70,12 @@ class ELMPipeline(BinaryLatentPipeline):
     The BAE config is inferred from its keys; its ``resolution`` (only naming the attention levels) is the image
     size the ELM grid implies.
     """
+    bae = cls._read_bae(bae_path)         # first: a bad BAE file is named as such, not as a model mismatch
     sd = load_state_dict(model_path)
     with named_mismatch(model_path):
       elm_cfg = ielm.infer_elm_config(sd, **model_args)
       elm_vars = ielm.import_elm(sd, elm_cfg, keep_unused=True, what=os.fspath(model_path))
-    bae_cfg, bae_vars = cls._load_bae(bae_path, elm_cfg.grid, bae_overrides)
+    bae_cfg, bae_vars = cls._load_bae(bae, elm_cfg.grid, bae_overrides)
     return cls(bae_cfg, elm_cfg, bae_vars, elm_vars)
 
   @classmethod

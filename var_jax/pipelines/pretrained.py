@@ -8,7 +8,7 @@ import json
 import os
 from typing import Any, Dict, Optional, Sequence, Union
 
-from var_jax.pipelines.base import Pipeline
+from var_jax.pipelines.base import BinaryLatentPipeline, Pipeline
 from var_jax.pipelines.bigr import BiGRPipeline
 from var_jax.pipelines.elm import ELMPipeline
 from var_jax.pipelines.var import VARPipeline
@@ -82,8 +82,9 @@ def load_pipeline(vae_ckpt: Optional[str] = None, var_ckpt: Optional[str] = None
       raise ValueError('give either --bae_ckpt/--model_ckpt (ELM, BiGR) or --vae_ckpt/--var_ckpt/--checkpoint (VAR)')
     if not (bae_ckpt and model_ckpt):
       raise ValueError('ELM/BiGR sampling needs both --bae_ckpt and --model_ckpt')
+    bae = BinaryLatentPipeline._read_bae(bae_ckpt)    # first: a bad --bae_ckpt is named, not hidden behind a model error
     family = detect_family(model_ckpt) if model == 'auto' else model
-    return PIPELINES[family].from_torch(bae_ckpt, model_ckpt, **model_args)
+    return PIPELINES[family].from_torch(bae, model_ckpt, **model_args)
   if model_args:
     raise ValueError('--model_args applies to ELM/BiGR checkpoints only')
   if checkpoint:

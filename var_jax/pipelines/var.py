@@ -22,6 +22,9 @@ from var_jax.sampling import var as var_sampling
 from var_jax.sampling.common import cast_floating
 
 
+_RANGE_TOL = 0.05   # edit: images beyond [-1 - tol, 1 + tol] are rejected
+
+
 def _check_images(images, cfg: VQVAEConfig, what='images'):
   return check_images(images, cfg.in_channels, cfg.image_size, f'patch_nums {cfg.patch_nums}: last patch '
                       f'{cfg.patch_nums[-1]} x downsample {cfg.downsample}', what)
@@ -204,12 +207,19 @@ class VARPipeline(Pipeline):
     keep the background, regenerate the object region under another label.
     """
     x = _check_images(images, self.vae_config)
+    lo, hi = float(jnp.min(x)), float(jnp.max(x))
+    if lo < -1 - _RANGE_TOL or hi > 1 + _RANGE_TOL:
+      raise ValueError(f'images must be in [-1, 1], got min {lo:g} max {hi:g} (e.g. [0, 255] images: x / 127.5 - 1)')
     b = x.shape[0]
     m = np.asarray(keep_mask, np.float32)
     if m.ndim == 2:
       m = np.broadcast_to(m, (b,) + m.shape)
     if m.ndim != 3 or m.shape[0] != b:
       raise ValueError(f'keep_mask must be (H, W) or (B, H, W) for {b} images, got shape {tuple(m.shape)}')
+    pl = self.var_config.patch_nums[-1]
+    if m.shape[1:] not in (tuple(x.shape[1:3]), (pl, pl)):
+      raise ValueError(f'keep_mask spatial shape {tuple(m.shape[1:])} matches neither the images\' '
+                       f'{tuple(x.shape[1:3])} nor the finest token map\'s {(pl, pl)}')
     lab, keys = self._sample_inputs(labels, rng, b)
     if lab.shape[0] != b:
       raise ValueError(f'{lab.shape[0]} labels for {b} images')
