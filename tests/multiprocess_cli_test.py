@@ -4,7 +4,6 @@ and each process samples its share on its own devices; metrics and probes are co
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 
@@ -12,37 +11,23 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from tests_helpers import free_port, process_env
 from conftest import REPO, fixture_dir
 
 TIMEOUT = 900
-
-
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(('127.0.0.1', 0))
-    return s.getsockname()[1]
-
-
-def _env(devices: int, **extra):
-  env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONUNBUFFERED='1',
-             XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}')
-  for k in ('JAX_COORDINATOR_ADDRESS', 'JAX_NUM_PROCESSES', 'JAX_PROCESS_ID'):
-    env.pop(k, None)
-  env.update(extra)
-  return env
 
 
 def _launch(module, args, processes):
   """Run ``python -m module args`` on ``processes`` processes (2 devices each); the outputs (stdout + stderr)."""
   cmd = [sys.executable, '-m', module, *map(str, args)]
   if processes == 1:
-    r = subprocess.run(cmd, cwd=REPO, env=_env(2), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    r = subprocess.run(cmd, cwd=REPO, env=process_env(2), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                        timeout=TIMEOUT)
     assert r.returncode == 0, r.stdout[-5000:]
     return [r.stdout]
-  port = _free_port()
+  port = free_port()
   procs = [subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env=_env(2, JAX_COORDINATOR_ADDRESS=f'127.0.0.1:{port}', JAX_NUM_PROCESSES=str(processes),
+                            env=process_env(2, JAX_COORDINATOR_ADDRESS=f'127.0.0.1:{port}', JAX_NUM_PROCESSES=str(processes),
                                      JAX_PROCESS_ID=str(i))) for i in range(processes)]
   outs = []
   try:

@@ -1,6 +1,8 @@
 """Helpers shared by tests (plain module: tests/ is on sys.path through conftest's rootdir)."""
 import importlib.util
+import os
 import pathlib
+import socket
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -20,3 +22,21 @@ def quickstart_config(**overrides):
   for k, v in overrides.items():
     c[k] = v
   return c
+
+
+def free_port() -> int:
+  """A free TCP port on the loopback interface (for a local jax.distributed coordinator)."""
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    return s.getsockname()[1]
+
+
+def process_env(devices: int, **extra):
+  """The environment of one CPU process with ``devices`` fake devices, without inherited multi-host variables,
+  plus ``extra`` (e.g. JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID)."""
+  env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONUNBUFFERED='1',
+             XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}')
+  for k in ('JAX_COORDINATOR_ADDRESS', 'JAX_NUM_PROCESSES', 'JAX_PROCESS_ID'):
+    env.pop(k, None)
+  env.update(extra)
+  return env

@@ -4,13 +4,13 @@ writes each output once, and exports the same model as one process with 4 device
 floating-point reductions across processes."""
 import json
 import os
-import socket
 import subprocess
 import sys
 
 import numpy as np
 import pytest
 
+from tests_helpers import free_port, process_env
 from conftest import REPO
 
 TINY_BAE = ['--config.data.image_size=8', "--config.bae.ch_mult=(1,1)", '--config.bae.res_blocks=1',
@@ -37,30 +37,15 @@ COMMON = ['--config.global_batch_size=16', '--config.total_steps=4', '--config.l
 KINDS = ['var', 'vqvae', 'bae', 'elm_ar', 'elm_mlm', 'bigr']
 
 
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(('127.0.0.1', 0))
-    return s.getsockname()[1]
-
-
-def _env(devices: int, **extra):
-  env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONUNBUFFERED='1',
-             XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}', **extra)
-  for k in ('JAX_COORDINATOR_ADDRESS', 'JAX_NUM_PROCESSES', 'JAX_PROCESS_ID'):
-    env.pop(k, None)
-  env.update(extra)
-  return env
-
-
 def _train(kind, workdir, processes):
   cmd = [sys.executable, '-m', 'var_jax.train', f'--workdir={workdir}'] + RUNS[kind] + COMMON
   if processes == 1:
-    r = subprocess.run(cmd, cwd=REPO, env=_env(4), capture_output=True, text=True, timeout=900)
+    r = subprocess.run(cmd, cwd=REPO, env=process_env(4), capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stdout + r.stderr
     return [r.stdout]
-  port = _free_port()
+  port = free_port()
   procs = [subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env=_env(2, JAX_COORDINATOR_ADDRESS=f'127.0.0.1:{port}', JAX_NUM_PROCESSES='2',
+                            env=process_env(2, JAX_COORDINATOR_ADDRESS=f'127.0.0.1:{port}', JAX_NUM_PROCESSES='2',
                                      JAX_PROCESS_ID=str(i))) for i in range(processes)]
   outs = []
   for p in procs:
