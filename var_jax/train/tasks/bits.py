@@ -257,7 +257,8 @@ class BitsTask(base.Task):
 
   # ---- steps
   def train_step(self, stage):
-    seed, accum, hm_dist = int(self.config.seed), int(self.config.grad_accum), int(self.config.hm_dist)
+    seed, accum = int(self.config.seed), int(self.config.grad_accum)
+    hm_dist = int(self.config.hm_dist) if self.kind != 'bigr' else 0      # ELM only (BiGR has its own losses)
 
     def step_fn(state, batch, bae_vars):
       def micro(params, mb, keys):
@@ -369,6 +370,6 @@ def export(workdir: str, config, kind: str, cfg: ModelConfig, bae_cfg: BAEConfig
     for n, p in files.items():
       part = out / (n + '.tmp')
       part.write_bytes(epath.Path(p).read_bytes())
-      part.rename(out / n)
+      part.replace(out / n)
   what = {name: f'{kind}, {info["weights"]} weights', 'model_args.json': 'the ModelArgs to reload it'}
   return [(str(out / n), what.get(n, 'the random-init tokenizer')) for n in files]
