@@ -70,7 +70,8 @@ def _exported(kind, workdir):
   from var_jax.interop.state_dict import load_state_dict
   name = {'vqvae': 'vqvae.safetensors', 'bae': 'binaryae.safetensors', 'elm_ar': 'model.pth',
           'elm_mlm': 'model.pth', 'bigr': 'bigr.pt'}[kind]
-  return {k: np.asarray(v) for k, v in load_state_dict(os.path.join(workdir, name)).items()}
+  sd = load_state_dict(os.path.join(workdir, name), wrapper_key='ema' if kind == 'bigr' else None)
+  return {k: np.asarray(v) for k, v in sd.items()}
 
 
 @pytest.mark.slow
