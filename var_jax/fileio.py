@@ -1,0 +1,129 @@
+"""The one file layer of var_jax: every path goes through ``etils.epath`` (local files, ``gs://`` and any filesystem
+epath knows), and every file an entry point produces is written atomically, so that a killed or failing run never
+leaves a truncated file under the final name and never replaces a good file with a partial one.
+
+- Local paths: the bytes go to a hidden temporary file beside the target (same directory, so same filesystem), are
+  flushed and fsynced, then ``os.replace``-d over the target.
+- Remote paths (``gs://`` ...): an object store publishes an object only when its upload completes, so the write
+  goes to the final name directly (a rename there would be a copy plus a delete).
+
+``check_output_dir`` / ``check_output_file`` test a destination *before* the work that fills it (write a probe file,
+then delete it), raising ``OutputError`` naming the flag or argument and the path.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import uuid
+from typing import Callable, Iterator, Optional, Union
+
+PathLike = Union[str, os.PathLike]
+
+
+class OutputError(OSError):
+  """A destination that cannot be written (the message names the flag or argument and the path)."""
+
+
+def path(p: PathLike):
+  """``p`` as an ``epath.Path`` (local or remote)."""
+  from etils import epath
+  return epath.Path(p)
+
+
+def is_remote(p: PathLike) -> bool:
+  """True for URL-like paths (``gs://bucket/x``, ``s3://...``): not the local filesystem."""
+  return '://' in os.fspath(p)
+
+
+def _tmp_name(target: str) -> str:
+  d, name = os.path.split(target)
+  return os.path.join(d, f'.{name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}')
+
+
+@contextlib.contextmanager
+def atomic_open(target: PathLike, mode: str = 'wb') -> Iterator[io.IOBase]:
+  """A file object for ``target`` (``mode`` 'wb' or 'w'); on a clean exit the content appears under ``target`` at
+  once, on an exception nothing of it does (and an existing ``target`` is left as it was)."""
+  if mode not in ('wb', 'w'):
+    raise ValueError(f'atomic_open: mode {mode!r} (use "wb" or "w")')
+  target = os.fspath(target)
+  if is_remote(target):
+    with path(target).open(mode) as f:
+      yield f
+    return
+  tmp = _tmp_name(target)
+  try:
+    with open(tmp, mode) as f:
+      yield f
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, target)
+  except BaseException:
+    with contextlib.suppress(OSError):
+      os.remove(tmp)
+    raise
+
+
+def atomic_write_bytes(target: PathLike, data: bytes) -> str:
+  with atomic_open(target, 'wb') as f:
+    f.write(data)
+  return os.fspath(target)
+
+
+def atomic_write_text(target: PathLike, text: str) -> str:
+  with atomic_open(target, 'w') as f:
+    f.write(text)
+  return os.fspath(target)
+
+
+def atomic_save(target: PathLike, save: Callable[[io.IOBase], None]) -> str:
+  """Run ``save(file_object)`` (e.g. ``lambda f: np.savez(f, ...)`` or ``lambda f: torch.save(obj, f)``) into a
+  temporary file, then publish it as ``target``."""
+  with atomic_open(target, 'wb') as f:
+    save(f)
+  return os.fspath(target)
+
+
+def _probe(directory: str, what: str):
+  probe = os.path.join(directory, f'.var_jax-write-probe-{os.getpid()}-{uuid.uuid4().hex[:8]}')
+  try:
+    path(probe).write_bytes(b'')
+    path(probe).unlink()
+  except Exception as e:  # noqa: BLE001 - any failure means "cannot write here"
+    raise OutputError(f'{what}: cannot write to directory {directory}: {e}') from None
+
+
+def check_output_dir(directory: PathLike, what: str, create: bool = True) -> str:
+  """Make sure files can be written into ``directory`` (made if missing and ``create``), before any work.
+  ``what`` names the flag or argument (e.g. ``'--out_dir'``)."""
+  directory = os.fspath(directory)
+  p = path(directory)
+  if p.exists() and not p.is_dir():
+    raise OutputError(f'{what}: {directory} exists and is not a directory')
+  if not p.exists():
+    if not create:
+      raise OutputError(f'{what}: directory {directory} does not exist')
+    try:
+      p.mkdir(parents=True, exist_ok=True)
+    except Exception as e:  # noqa: BLE001
+      raise OutputError(f'{what}: cannot create directory {directory}: {e}') from None
+  _probe(directory, what)
+  return directory
+
+
+def check_output_file(target: PathLike, what: str, create_parent: bool = True,
+                      suffixes: Optional[tuple] = None) -> str:
+  """Make sure ``target`` can be written as a file (not a directory; parent writable), before any work. ``suffixes``:
+  the allowed file name endings (e.g. ``('.npz',)``)."""
+  target = os.fspath(target)
+  if not target or target.endswith(('/', os.sep)):
+    raise OutputError(f'{what}: {target!r} names a directory, not a file')
+  p = path(target)
+  if p.exists() and p.is_dir():
+    raise OutputError(f'{what}: {target} is a directory, not a file')
+  if suffixes and not target.endswith(tuple(suffixes)):
+    raise OutputError(f'{what}: {target} must end with {" or ".join(suffixes)}')
+  parent = os.path.dirname(target) or '.'
+  check_output_dir(parent, what, create=create_parent)
+  return target
