@@ -15,6 +15,8 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import shutil
+import tempfile
 import uuid
 from typing import Callable, Iterator, Optional, Union
 
@@ -34,6 +36,59 @@ def path(p: PathLike):
 def is_remote(p: PathLike) -> bool:
   """True for URL-like paths (``gs://bucket/x``, ``s3://...``): not the local filesystem."""
   return '://' in os.fspath(p)
+
+
+def abspath(p: PathLike) -> str:
+  """``os.path.abspath`` for local paths; a remote path as it is (``abspath('gs://b/x')`` would make it local)."""
+  p = os.fspath(p)
+  return p if is_remote(p) else os.path.abspath(p)
+
+
+def exists(p: PathLike) -> bool:
+  return path(p).exists()
+
+
+def isdir(p: PathLike) -> bool:
+  return path(p).is_dir()
+
+
+def isfile(p: PathLike) -> bool:
+  p = path(p)
+  return p.exists() and not p.is_dir()
+
+
+def makedirs(p: PathLike) -> str:
+  """``mkdir -p`` (local or remote)."""
+  path(p).mkdir(parents=True, exist_ok=True)
+  return os.fspath(p)
+
+
+def rmtree(p: PathLike):
+  """Remove a directory tree (local or remote); a missing one is fine."""
+  p = os.fspath(p)
+  if not is_remote(p):
+    if os.path.isdir(p):
+      shutil.rmtree(p)
+  elif path(p).exists():
+    path(p).rmtree()
+
+
+@contextlib.contextmanager
+def local_file(p: PathLike) -> Iterator[str]:
+  """A local file path holding ``p``'s bytes, for readers that need a real file (``torch.load(mmap=)``, PIL's
+  lazy readers, zipfile headers ...): ``p`` itself when local, else a temporary copy (deleted on exit)."""
+  p = os.fspath(p)
+  if not is_remote(p):
+    yield p
+    return
+  d = tempfile.mkdtemp(prefix='var_jax_remote_')
+  try:
+    local = os.path.join(d, os.path.basename(p.rstrip('/')) or 'file')
+    with path(p).open('rb') as src, open(local, 'wb') as dst:
+      shutil.copyfileobj(src, dst, 1 << 22)
+    yield local
+  finally:
+    shutil.rmtree(d, ignore_errors=True)
 
 
 def _tmp_name(target: str) -> str:
