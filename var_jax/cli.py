@@ -24,6 +24,8 @@ def define_model_flags():
   flags.DEFINE_string('model_ckpt', None, 'ELM/BiGR: reference generator weights (ELM .pth, BiGR .pt)')
   flags.DEFINE_list('model_args', [], 'ELM/BiGR: reference ModelArgs fields as key=value (values parsed as JSON, e.g. '
                     'n_head=16,p_flip=true)')
+  flags.DEFINE_bool('allow_weight_cast', False, 'accept reference weights stored as integers (cast to float32); '
+                    'without it they are an error naming the key. NaN/inf weights are always an error')
 
 
 def define_sampling_flags(num_per_class: int, batch_size: int):
@@ -42,7 +44,8 @@ def load_pipeline_from_flags():
   """The pipeline the ``define_model_flags`` flags name."""
   from var_jax.pipelines.pretrained import load_pipeline
   return load_pipeline(FLAGS.vae_ckpt, FLAGS.var_ckpt, FLAGS.checkpoint, FLAGS.patch_nums, model=FLAGS.model,
-                       bae_ckpt=FLAGS.bae_ckpt, model_ckpt=FLAGS.model_ckpt, model_args=FLAGS.model_args)
+                       bae_ckpt=FLAGS.bae_ckpt, model_ckpt=FLAGS.model_ckpt, model_args=FLAGS.model_args,
+                       allow_cast=FLAGS.allow_weight_cast)
 
 
 def run(main: Callable[[], Optional[int]], errors: Sequence[Type[BaseException]] = (), multihost: bool = False):

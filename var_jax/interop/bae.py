@@ -238,14 +238,14 @@ def bae_config_from_state_dict(sd: Mapping[str, Any], resolution: int = 256, **o
 
 
 # ----------------------------------------------------------------------------- import / export
-def import_bae(sd: Mapping[str, Any], cfg: BAEConfig) -> Dict[str, Any]:
+def import_bae(sd: Mapping[str, Any], cfg: BAEConfig, allow_cast: bool = False) -> Dict[str, Any]:
   """Reference state_dict (plain or ``ae.``-prefixed) -> ``{'params': ..., 'unused': ...}`` of numpy arrays.
 
   Every key and shape must match ``cfg`` (a ``CheckpointMismatchError`` names each offending key); ``disc.*`` and
   ``perceptual.*`` tensors are ignored (use ``split_bae_state_dict`` or ``load_bae`` to get them).
   """
   own, _ = split_bae_state_dict(sd)
-  return import_state_dict(own, bae_table(cfg), 'BAE')
+  return import_state_dict(own, bae_table(cfg), 'BAE', allow_cast=allow_cast)
 
 
 def export_bae(variables: Mapping[str, Any], cfg: BAEConfig, prefix: str = ''
@@ -276,7 +276,7 @@ def load_bae(path: str, resolution: int = 256, **overrides
   ``perceptual.*`` tensors found beside the BAE, keys unchanged). ``resolution``: see
   ``bae_config_from_state_dict``.
   """
-  sd = load_state_dict(path)
+  sd = load_state_dict(path, what='BAE checkpoint')
   own, extras = split_bae_state_dict(sd, what=str(path))
   cfg = bae_config_from_state_dict(own, resolution=resolution, **overrides)
   return cfg, import_state_dict(own, bae_table(cfg), f'BAE {path}'), extras

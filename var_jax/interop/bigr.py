@@ -157,9 +157,10 @@ def bigr_config_from_state_dict(sd: Mapping[str, Any], **model_args) -> BiGRConf
 
 
 # ----------------------------------------------------------------------------- import / export
-def import_bigr(sd: Mapping[str, Any], cfg: BiGRConfig, what: str = 'BiGR') -> Dict[str, Any]:
+def import_bigr(sd: Mapping[str, Any], cfg: BiGRConfig, what: str = 'BiGR', allow_cast: bool = False
+                ) -> Dict[str, Any]:
   """Reference state_dict -> {'params': ...} (numpy). Aliases must equal their primary; buffers our schedule."""
-  return import_state_dict(sd, bigr_table(cfg), what)
+  return import_state_dict(sd, bigr_table(cfg), what, allow_cast=allow_cast)
 
 
 def export_bigr(variables: Mapping[str, Any], cfg: BiGRConfig, what: str = 'BiGR'
@@ -177,7 +178,7 @@ def load_bigr_state_dict(path) -> Dict[str, Array]:
 
   Tensors that share storage in the file (the aliased transcoder keys) come back as the same numpy array.
   """
-  return load_state_dict(path, wrapper_key='ema')
+  return load_state_dict(path, wrapper_key='ema', what='BiGR checkpoint')
 
 
 def save_bigr_state_dict(sd: Mapping[str, Array], path, wrap_ema: bool = True):
@@ -188,11 +189,14 @@ def save_bigr_state_dict(sd: Mapping[str, Array], path, wrap_ema: bool = True):
   save_state_dict(sd, path, wrapper_key='ema' if wrap_ema else None)
 
 
-def load_bigr(path, **model_args) -> Tuple[BiGRConfig, Dict[str, Any]]:
+def load_bigr(path, *, allow_cast: bool = False, **model_args) -> Tuple[BiGRConfig, Dict[str, Any]]:
   """Read a reference checkpoint: (config inferred from the weights + model_args, {'params': ...})."""
   sd = load_bigr_state_dict(path)
-  cfg = bigr_config_from_state_dict(sd, **model_args)
-  return cfg, import_bigr(sd, cfg, what=os.fspath(path))
+  try:
+    cfg = bigr_config_from_state_dict(sd, **model_args)
+    return cfg, import_bigr(sd, cfg, what='BiGR', allow_cast=allow_cast)
+  except CheckpointMismatchError as e:
+    raise CheckpointMismatchError(f'{os.fspath(path)}: {e}') from None
 
 
 def save_bigr(path, variables: Mapping[str, Any], cfg: BiGRConfig, wrap_ema: bool = True):

@@ -214,9 +214,9 @@ def infer_elm_config(sd: Mapping[str, Any], **model_args) -> ELMConfig:
 
 # ----------------------------------------------------------------------------- import / export
 def import_elm(sd: Mapping[str, Any], cfg: ELMConfig, keep_unused: bool = False,
-               what: str = 'ELM') -> Dict[str, Any]:
+               what: str = 'ELM', allow_cast: bool = False) -> Dict[str, Any]:
   """Reference state_dict -> {'params': ...} (+ {'unused': {torch key: array}} with ``keep_unused``), numpy."""
-  return import_state_dict(sd, elm_table(cfg), what, skip=() if keep_unused else (UNUSED,))
+  return import_state_dict(sd, elm_table(cfg), what, skip=() if keep_unused else (UNUSED,), allow_cast=allow_cast)
 
 
 def export_elm(variables: Mapping[str, Any], cfg: ELMConfig, include_unused: bool = True,
@@ -239,7 +239,7 @@ def load_elm(path, keep_unused: bool = False, dtype=None, **model_args):
   ``model_args``: the reference ``ModelArgs`` keyword arguments not fixed by the shapes (n_head for non-preset
   sizes, block_size for AR if not 256, cls_token_num, ...); see ``infer_elm_config``.
   """
-  sd = load_state_dict(path)
+  sd = load_state_dict(path, what='ELM checkpoint')
   cfg = infer_elm_config(sd, **model_args)
   return elm_model(cfg, dtype), import_elm(sd, cfg, keep_unused=keep_unused, what=str(path))
 

@@ -29,6 +29,10 @@ class CheckpointMismatchError(ValueError):
   """A state_dict does not fit the expected layout (names the key, the expected and the found shape)."""
 
 
+class CheckpointFileError(ValueError):
+  """A file that cannot be read as a state_dict: missing data, truncated, not a checkpoint (names the file, why)."""
+
+
 @dataclasses.dataclass(frozen=True)
 class Entry:
   """One reference tensor: torch key and shape, and our location (collection + path), or a derived buffer.
@@ -172,13 +176,64 @@ def _check_buffer(e: Entry, a: Array, what: str):
                                   f'the checkpoint does not fit this model')
 
 
+def _is_float(dtype) -> bool:
+  return np.issubdtype(dtype, np.floating)
+
+
+def require_integer(sd: Mapping[str, Any], key: str, what: str = 'checkpoint') -> Array:
+  """``sd[key]`` as an integer array (an index buffer such as VAR's ``lvl_1L``), else an error naming the key and
+  its dtype (a float buffer is not silently truncated)."""
+  a = np.asarray(sd[key])
+  if not np.issubdtype(a.dtype, np.integer):
+    raise CheckpointMismatchError(f'{what}: key {key!r} is stored as {a.dtype}, expected an integer buffer (int64)')
+  return a
+
+
+def validate_tensors(sd: Mapping[str, Any], table: Sequence[Entry], what: str = 'checkpoint',
+                     allow_cast: bool = False) -> Dict[str, Any]:
+  """The values check of every import (the shapes are ``check_state_dict``'s): a stored parameter must be a
+  floating-point tensor (float16/bfloat16/float32/float64) holding no NaN/inf; a derived buffer must have its
+  expected kind (integer or floating). One error lists every offending key (dtype, expected dtype, how many
+  non-finite elements). ``allow_cast``: cast integer parameters to float32 and buffers to their dtype instead (with
+  a warning); non-finite values are never accepted. Returns ``sd`` (a copy with the cast arrays, if any)."""
+  problems, cast = [], {}
+  for e in table:
+    if e.key not in sd or e.alias_of is not None:
+      continue
+    a = sd[e.key]
+    dt = np.asarray(a).dtype if not hasattr(a, 'dtype') else np.dtype(a.dtype)
+    want_float = _is_float(e.dtype)
+    ok_kind = _is_float(dt) if want_float else np.issubdtype(dt, np.integer)
+    if not ok_kind:
+      want = 'a floating dtype (float32)' if want_float else f'an integer dtype ({np.dtype(e.dtype).name})'
+      if allow_cast and (np.issubdtype(dt, np.number) or dt == np.bool_):
+        logging.warning('%s: casting %r from %s to %s (allow_cast)', what, e.key, dt,
+                        'float32' if want_float else np.dtype(e.dtype).name)
+        cast[e.key] = np.asarray(a).astype(np.float32 if want_float else e.dtype)
+        continue
+      problems.append(f'key {e.key!r} is stored as {dt}, expected {want}')
+      continue
+    if e.collection is not None and _is_float(dt):
+      bad = int(np.size(a) - np.count_nonzero(np.isfinite(np.asarray(a))))
+      if bad:
+        problems.append(f'key {e.key!r} holds {bad} non-finite value{"s" if bad > 1 else ""} (NaN/inf) among its '
+                        f'{np.size(a)} elements')
+  if problems:
+    more = f'; and {len(problems) - 5} more keys' if len(problems) > 5 else ''
+    hint = '' if not any('stored as' in p for p in problems) else ' (allow_cast=True / --allow_weight_cast casts)'
+    raise CheckpointMismatchError(f'{what}: bad weights: ' + '; '.join(problems[:5]) + more + hint)
+  return {**sd, **cast} if cast else sd
+
+
 def import_state_dict(sd: Mapping[str, Any], table: Sequence[Entry], what: str = 'checkpoint',
-                      skip: Sequence[str] = ()) -> Dict[str, Any]:
+                      skip: Sequence[str] = (), allow_cast: bool = False) -> Dict[str, Any]:
   """Reference state_dict -> our variables ({collection: tree}) of numpy float32 arrays (views where possible).
 
-  Derived buffers and aliases are checked, not stored; collections in ``skip`` are left out.
+  Shapes checked (``check_state_dict``), then values (``validate_tensors``: floating, finite; ``allow_cast`` see
+  there). Derived buffers and aliases are checked, not stored; collections in ``skip`` are left out.
   """
   check_state_dict(sd, table, what)
+  sd = validate_tensors(sd, table, what, allow_cast)
   flat: Dict[str, Dict[Tuple[str, ...], Array]] = collections.defaultdict(dict)
   for e in table:
     if e.key not in sd:
@@ -233,38 +288,87 @@ def export_state_dict(variables: Mapping[str, Any], table: Sequence[Entry], what
 
 
 # ----------------------------------------------------------------------------- files
-def load_state_dict(path, wrapper_key: Optional[str] = None) -> StateDict:
-  """Read a ``.pth``/``.pt``/``.th`` (torch, ``weights_only=True``) or ``.safetensors`` state_dict into numpy.
+def _short_cause(e: BaseException) -> str:
+  """One line of a reader's exception: torch's unpickler advice and miniz's internals trimmed to the cause."""
+  msg = str(e)
+  cause = re.search(r'WeightsUnpickler error:\s*(.*?)(?:\n\n|$)', msg, re.S)
+  msg = ' '.join((cause.group(1) if cause else msg.strip().split('\n', 1)[0]).split())
+  msg = msg.split('. This is an internal miniz error')[0]
+  msg = re.sub(r'^\[enforce fail at [^\]]*\]\s*\.?\s*', '', msg)
+  if 'failed finding central directory' in msg:
+    msg = 'truncated or not a zip archive: ' + msg
+  if len(msg) > 200:
+    msg = msg[:197] + '...'
+  return f'{type(e).__name__}: {msg}' if msg else type(e).__name__
 
-  ``wrapper_key``: a torch file may hold ``{wrapper_key: state_dict}`` (BiGR's ``{'ema': ...}``); a plain state_dict
-  is accepted too. Tensors that share storage in the file come back as the same numpy array.
-  """
+
+def check_checkpoint_file(path, what: str = 'checkpoint') -> str:
+  """``path`` names a non-empty regular file, else ``FileNotFoundError`` / ``CheckpointFileError`` saying why."""
   path = os.fspath(path)
   if not os.path.exists(path):
-    raise FileNotFoundError(f'checkpoint file not found: {path}')
-  if path.endswith('.safetensors'):
-    from safetensors.numpy import load_file
-    return dict(load_file(path))
+    raise FileNotFoundError(f'{what} file not found: {path}')
+  if os.path.isdir(path):
+    raise CheckpointFileError(f'{what} {path}: is a directory, not a weights file')
+  if os.path.getsize(path) == 0:
+    raise CheckpointFileError(f'{what} {path}: the file is empty (0 bytes)')
+  return path
+
+
+def _torch():
   try:
     import torch
   except ImportError as e:  # pragma: no cover - depends on the environment
-    raise ImportError(f'reading {path} needs torch: pip install "var_jax[torch]" (or use .safetensors)') from e
+    raise ImportError('reading .pth/.pt/.th files needs torch: pip install "var_jax[torch]" (or use .safetensors)'
+                      ) from e
+  return torch
+
+
+def _read_torch(path: str, what: str, wrapper_key: Optional[str], mmap: bool):
+  """The mapping of tensors in a torch file (``weights_only``: no code runs), unwrapped from ``wrapper_key``."""
+  import zipfile
+  torch = _torch()
   try:
-    obj = torch.load(path, map_location='cpu', weights_only=True)
-  except Exception as e:
-    msg = str(e)   # torch's unpickler message is a page of advice: keep its one-line cause
-    cause = re.search(r'WeightsUnpickler error:\s*(.*?)(?:\n\n|$)', msg, re.S)
-    short = ' '.join((cause.group(1) if cause else msg.strip().split('\n', 1)[0]).split())
-    raise ValueError(f'{path}: not a loadable weights-only torch checkpoint ({type(e).__name__}: {short})') from e
+    obj = torch.load(path, map_location='cpu', weights_only=True, mmap=mmap and zipfile.is_zipfile(path))
+  except Exception as e:  # noqa: BLE001 - any reader failure is "not a loadable checkpoint"
+    raise CheckpointFileError(f'{what} {path}: not a loadable weights-only torch checkpoint ({_short_cause(e)})'
+                              ) from None
   if isinstance(obj, Mapping) and wrapper_key in obj and isinstance(obj[wrapper_key], Mapping):
     obj = obj[wrapper_key]
   if not isinstance(obj, Mapping):
-    raise ValueError(f'{path}: expected a state_dict (mapping of tensors), found {type(obj).__name__}')
-  if not all(isinstance(v, torch.Tensor) for v in obj.values()):
+    raise CheckpointFileError(f'{what} {path}: expected a state_dict (mapping of tensors), found {type(obj).__name__}')
+  bad = [k for k, v in obj.items() if not isinstance(v, torch.Tensor)]
+  if bad:
     # trainer checkpoints of the reference wrap the state dicts: {'trainer': {'var_wo_ddp': ..., 'vae_local': ...}}
     wrapped = f' or {{{wrapper_key!r}: state_dict}}' if wrapper_key is not None else ''
-    raise ValueError(f'{path}: expected a flat state_dict of tensors{wrapped}; found top-level keys '
-                     f'{sorted(obj)[:10]} (extract the model state_dict first)')
+    raise CheckpointFileError(f'{what} {path}: expected a flat state_dict of tensors{wrapped}; found top-level keys '
+                              f'{sorted(map(str, obj))[:10]} (extract the model state_dict first)')
+  return obj
+
+
+def _safetensors_call(path: str, what: str, fn):
+  try:
+    return fn()
+  except Exception as e:  # noqa: BLE001 - SafetensorError, OSError, a bad header's JSON error ...
+    raise CheckpointFileError(f'{what} {path}: not a readable .safetensors file ({_short_cause(e)})') from None
+
+
+def load_state_dict(path, wrapper_key: Optional[str] = None, what: str = 'checkpoint') -> StateDict:
+  """Read a ``.pth``/``.pt``/``.th`` (torch, ``weights_only=True``) or ``.safetensors`` state_dict into numpy: the
+  one reader of reference-layout files of every family. A missing path is ``FileNotFoundError``; a directory, an
+  empty, truncated or random file, a zip that is no torch file, a bad safetensors header or a file that holds no
+  flat state_dict is one ``CheckpointFileError`` line naming the file (``what``: e.g. 'BAE checkpoint') and why.
+  The values are checked at import (``validate_tensors``).
+
+  ``wrapper_key``: a torch file may hold ``{wrapper_key: state_dict}`` (BiGR's ``{'ema': ...}``); a plain state_dict
+  is accepted too. Tensors that share storage in the file come back as the same numpy array; bfloat16 tensors come
+  back as float32 (numpy has no bfloat16).
+  """
+  path = check_checkpoint_file(path, what)
+  if path.endswith('.safetensors'):
+    from safetensors.numpy import load_file
+    return _safetensors_call(path, what, lambda: dict(load_file(path)))
+  torch = _torch()
+  obj = _read_torch(path, what, wrapper_key, mmap=False)
   out, seen = {}, {}
   for key, v in obj.items():
     ident = (v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape), tuple(v.stride()), v.dtype)
@@ -272,21 +376,38 @@ def load_state_dict(path, wrapper_key: Optional[str] = None) -> StateDict:
       out[key] = out[seen[ident]]
     else:
       seen[ident] = key
-      out[key] = v.detach().cpu().numpy()
+      v = v.detach().cpu()
+      out[key] = (v.float() if v.dtype == torch.bfloat16 else v).numpy()
   return out
+
+
+def state_dict_keys(path, wrapper_key: Optional[str] = None, what: str = 'checkpoint') -> List[str]:
+  """The keys of a state_dict file (``load_state_dict``'s formats and errors) without reading the tensors' data:
+  the safetensors header, or a memory-mapped torch load."""
+  path = check_checkpoint_file(path, what)
+  if path.endswith('.safetensors'):
+    from safetensors import safe_open
+
+    def keys():
+      with safe_open(path, 'numpy') as f:
+        return list(f.keys())
+    return _safetensors_call(path, what, keys)
+  return [str(k) for k in _read_torch(path, what, wrapper_key, mmap=True)]
 
 
 def save_state_dict(sd: Mapping[str, Array], path, wrapper_key: Optional[str] = None):
   """Write a state_dict as ``.pth`` (torch.save of CPU tensors; ``{wrapper_key: sd}`` if given) or ``.safetensors``.
 
-  Keys that hold the same numpy array share one torch tensor, so the file stores it once. The file is written to a
-  temporary name and renamed: a failed write never leaves a half-written checkpoint behind.
+  Keys that hold the same numpy array share one torch tensor, so the file stores it once. Written atomically
+  (``var_jax.fileio``): a failed write never leaves a half-written checkpoint behind, nor replaces a good one.
   """
+  from var_jax import fileio
   path = os.fspath(path)
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  if not fileio.is_remote(path):
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   if path.endswith('.safetensors'):
-    from safetensors.numpy import save_file
-    save_file({k: np.ascontiguousarray(v) for k, v in sd.items()}, path)
+    from safetensors.numpy import save
+    fileio.atomic_write_bytes(path, save({k: np.ascontiguousarray(v) for k, v in sd.items()}))
     return
   try:
     import torch
@@ -297,6 +418,4 @@ def save_state_dict(sd: Mapping[str, Array], path, wrapper_key: Optional[str] = 
     if id(v) not in by_id:
       by_id[id(v)] = torch.from_numpy(np.require(v, requirements=['C', 'W']))
     tensors[k] = by_id[id(v)]
-  tmp = path + '.tmp'
-  torch.save({wrapper_key: tensors} if wrapper_key is not None else tensors, tmp)
-  os.replace(tmp, path)
+  fileio.atomic_save(path, lambda f: torch.save({wrapper_key: tensors} if wrapper_key is not None else tensors, f))

@@ -12,7 +12,7 @@ import numpy as np
 
 from var_jax.interop.state_dict import (CheckpointMismatchError, Entry, conv_entries, count_indices, dense_entries,
                                         export_state_dict, import_state_dict, indices, norm_entries, param_entry,
-                                        require, reshaped_entry, vote)
+                                        require, require_integer, reshaped_entry, vote)
 from var_jax.models.var import block_causal_mask, level_ids
 from var_jax.models.var_config import PATCH_NUMS_256, VARConfig, VQVAEConfig, infer_patch_nums
 
@@ -216,7 +216,7 @@ def var_config_from_state_dict(sd: Mapping[str, Any], patch_nums: Optional[Seque
   L = int(require(sd, 'pos_1LC', 'the sequence length').shape[1])
   if patch_nums is None:
     if 'lvl_1L' in sd:
-      counts = np.bincount(np.asarray(sd['lvl_1L']).reshape(-1))
+      counts = np.bincount(require_integer(sd, 'lvl_1L', 'VAR').reshape(-1))
       patch_nums = tuple(int(round(np.sqrt(n))) for n in counts)
       if any(p * p != n for p, n in zip(patch_nums, counts)):
         raise CheckpointMismatchError(f'lvl_1L does not describe square token maps: counts {counts.tolist()}')
@@ -238,12 +238,12 @@ def var_config_from_state_dict(sd: Mapping[str, Any], patch_nums: Optional[Seque
 
 
 # ----------------------------------------------------------------------------- convenience
-def import_vae(sd: Mapping[str, Any], cfg: VQVAEConfig) -> Dict[str, Any]:
-  return import_state_dict(sd, vae_table(cfg), 'VQVAE')
+def import_vae(sd: Mapping[str, Any], cfg: VQVAEConfig, allow_cast: bool = False) -> Dict[str, Any]:
+  return import_state_dict(sd, vae_table(cfg), 'VQVAE', allow_cast=allow_cast)
 
 
-def import_var(sd: Mapping[str, Any], cfg: VARConfig) -> Dict[str, Any]:
-  return import_state_dict(sd, var_table(cfg), 'VAR')
+def import_var(sd: Mapping[str, Any], cfg: VARConfig, allow_cast: bool = False) -> Dict[str, Any]:
+  return import_state_dict(sd, var_table(cfg), 'VAR', allow_cast=allow_cast)
 
 
 def export_vae(variables, cfg: VQVAEConfig):

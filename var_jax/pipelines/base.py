@@ -189,22 +189,19 @@ class BinaryLatentPipeline(Pipeline):
     if isinstance(bae_path, BAEFile):
       return bae_path
     what = os.fspath(bae_path)
-    try:
-      sd = load_state_dict(bae_path)
-    except (FileNotFoundError, ValueError) as e:
-      raise type(e)(f'BAE checkpoint: {e}') from None
+    sd = load_state_dict(bae_path, what='BAE checkpoint')      # errors name the file as the BAE checkpoint
     with named_mismatch(bae_path):
       own, _ = ibae.split_bae_state_dict(sd, what=what)
       return BAEFile(what, own, ibae.bae_config_from_state_dict(own))
 
   @classmethod
-  def _load_bae(cls, bae_path, latent_size: int, overrides: Optional[Dict[str, Any]] = None):
+  def _load_bae(cls, bae_path, latent_size: int, overrides: Optional[Dict[str, Any]] = None, allow_cast: bool = False):
     """(config, variables) of ``binaryae*.th`` (a path or ``_read_bae``'s result); its ``resolution`` (only naming
     the attention levels) is the image size that the generator's grid implies."""
     f = cls._read_bae(bae_path)
     with named_mismatch(f.path):
       cfg = ibae.bae_config_from_state_dict(f.own, resolution=latent_size * f.config.downsample, **(overrides or {}))
-      return cfg, ibae.import_bae(f.own, cfg)
+      return cfg, ibae.import_bae(f.own, cfg, allow_cast=allow_cast)
 
   @staticmethod
   def _init_bae(bae_config: BAEConfig, rng):

@@ -62,7 +62,8 @@ class BiGRPipeline(BinaryLatentPipeline):
   # ------------------------------------------------------------------ construction
   @classmethod
   def from_torch(cls, bae_path: Union[str, os.PathLike], bigr_path: Union[str, os.PathLike], *,
-                 bae_overrides: Optional[Dict[str, Any]] = None, **model_args) -> 'BiGRPipeline':
+                 bae_overrides: Optional[Dict[str, Any]] = None, allow_cast: bool = False,
+                 **model_args) -> 'BiGRPipeline':
     """Load the reference checkpoints: ``binaryae*.th`` (``ae.``-prefixed or plain) and ``bigr*.pt``
     (``{'ema': state_dict}`` or plain; ``.safetensors`` too).
 
@@ -70,10 +71,11 @@ class BiGRPipeline(BinaryLatentPipeline):
     ``use_adaLN`` is inferred, ``cls_token_num``, ``infer_steps``, ``sample_temperature`` ...; see
     ``var_jax.interop.bigr.bigr_config_from_state_dict``). The BAE config is inferred from its keys; its
     ``resolution`` (only naming the attention levels) is set to the image size that BiGR's sequence implies.
+    ``allow_cast``: accept integer-stored weights, cast to float32 (NaN/inf weights are always an error).
     """
     bae = cls._read_bae(bae_path)         # first: a bad BAE file is named as such, not as a model mismatch
-    bigr_cfg, bigr_vars = ibigr.load_bigr(bigr_path, **model_args)
-    bae_cfg, bae_vars = cls._load_bae(bae, int(round(math.sqrt(bigr_cfg.seq_len))), bae_overrides)
+    bigr_cfg, bigr_vars = ibigr.load_bigr(bigr_path, allow_cast=allow_cast, **model_args)
+    bae_cfg, bae_vars = cls._load_bae(bae, int(round(math.sqrt(bigr_cfg.seq_len))), bae_overrides, allow_cast)
     return cls(bae_cfg, bigr_cfg, bae_vars, bigr_vars)
 
   @classmethod

@@ -59,7 +59,7 @@ class ELMPipeline(BinaryLatentPipeline):
   # ------------------------------------------------------------------ construction
   @classmethod
   def from_torch(cls, bae_path: PathLike, model_path: PathLike, *, bae_overrides: Optional[Dict[str, Any]] = None,
-                 **model_args) -> 'ELMPipeline':
+                 allow_cast: bool = False, **model_args) -> 'ELMPipeline':
     """Load the reference checkpoints: ``binaryae*.th`` (``ae.``-prefixed or plain) and the ELM ``model.pth``
     (a plain state_dict; ``.safetensors`` too).
 
@@ -68,14 +68,15 @@ class ELMPipeline(BinaryLatentPipeline):
     the shapes determine (dim, n_layer, code_dim, token_each, num_classes, the FFN width, ...) are checked: a
     contradiction raises ``CheckpointMismatchError`` naming the field (``var_jax.interop.elm.infer_elm_config``).
     The BAE config is inferred from its keys; its ``resolution`` (only naming the attention levels) is the image
-    size the ELM grid implies.
+    size the ELM grid implies. ``allow_cast``: accept integer-stored weights, cast to float32
+    (``var_jax.interop.state_dict.validate_tensors``; NaN/inf weights are always an error).
     """
     bae = cls._read_bae(bae_path)         # first: a bad BAE file is named as such, not as a model mismatch
-    sd = load_state_dict(model_path)
+    sd = load_state_dict(model_path, what='ELM checkpoint')
     with named_mismatch(model_path):
       elm_cfg = ielm.infer_elm_config(sd, **model_args)
-      elm_vars = ielm.import_elm(sd, elm_cfg, keep_unused=True, what=os.fspath(model_path))
-    bae_cfg, bae_vars = cls._load_bae(bae, elm_cfg.grid, bae_overrides)
+      elm_vars = ielm.import_elm(sd, elm_cfg, keep_unused=True, what='ELM', allow_cast=allow_cast)
+    bae_cfg, bae_vars = cls._load_bae(bae, elm_cfg.grid, bae_overrides, allow_cast)
     return cls(bae_cfg, elm_cfg, bae_vars, elm_vars)
 
   @classmethod

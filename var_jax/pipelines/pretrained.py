@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import ast
 import json
-import os
 from typing import Any, Dict, Optional, Sequence, Union
 
 from var_jax.pipelines.base import BinaryLatentPipeline, Pipeline
@@ -49,18 +48,8 @@ def parse_model_args(value: Union[None, str, Sequence[str], Dict[str, Any]]) -> 
 
 def detect_family(model_ckpt: str) -> str:
   """'bigr' or 'elm' from a generator checkpoint's keys (BiGR has the diffusion transcoder)."""
-  if not os.path.exists(model_ckpt):
-    raise FileNotFoundError(f'--model_ckpt: {model_ckpt} does not exist')
-  if model_ckpt.endswith('.safetensors'):
-    from safetensors import safe_open
-    with safe_open(model_ckpt, 'numpy') as f:
-      keys = list(f.keys())
-  else:
-    import torch
-    obj = torch.load(model_ckpt, map_location='cpu', weights_only=True, mmap=True)
-    if isinstance(obj, dict) and isinstance(obj.get('ema'), dict):
-      obj = obj['ema']
-    keys = list(obj) if isinstance(obj, dict) else []
+  from var_jax.interop.state_dict import state_dict_keys
+  keys = state_dict_keys(model_ckpt, wrapper_key='ema', what='--model_ckpt')   # the one reader's checks and errors
   if any(k.startswith(('denoise_mlp.', 'diffusion_processor.')) for k in keys):
     return 'bigr'
   if any(k.startswith(('tok_embeddings', 'layers.')) for k in keys):
@@ -70,10 +59,11 @@ def detect_family(model_ckpt: str) -> str:
 
 def load_pipeline(vae_ckpt: Optional[str] = None, var_ckpt: Optional[str] = None, checkpoint: Optional[str] = None,
                   patch_nums: Optional[Sequence] = None, *, model: str = 'auto', bae_ckpt: Optional[str] = None,
-                  model_ckpt: Optional[str] = None, model_args=None) -> Pipeline:
+                  model_ckpt: Optional[str] = None, model_args=None, allow_cast: bool = False) -> Pipeline:
   """VAR from ``vae_ckpt`` + ``var_ckpt`` (reference weights) or ``checkpoint`` (ours); ELM / BiGR from ``bae_ckpt``
   + ``model_ckpt`` with ``model_args`` (``parse_model_args``). ``model``: 'auto' (from which files are given and,
-  for ELM / BiGR, from the generator's keys), 'var', 'elm' or 'bigr'."""
+  for ELM / BiGR, from the generator's keys), 'var', 'elm' or 'bigr'. ``allow_cast``: accept integer-stored
+  weights, cast to float32 (NaN/inf weights are always an error)."""
   if model not in ('auto', *PIPELINES):
     raise ValueError(f'model must be auto, var, elm or bigr, got {model!r}')
   model_args = parse_model_args(model_args)
@@ -84,7 +74,7 @@ def load_pipeline(vae_ckpt: Optional[str] = None, var_ckpt: Optional[str] = None
       raise ValueError('ELM/BiGR sampling needs both --bae_ckpt and --model_ckpt')
     bae = BinaryLatentPipeline._read_bae(bae_ckpt)    # first: a bad --bae_ckpt is named, not hidden behind a model error
     family = detect_family(model_ckpt) if model == 'auto' else model
-    return PIPELINES[family].from_torch(bae, model_ckpt, **model_args)
+    return PIPELINES[family].from_torch(bae, model_ckpt, allow_cast=allow_cast, **model_args)
   if model_args:
     raise ValueError('--model_args applies to ELM/BiGR checkpoints only')
   if checkpoint:
@@ -93,4 +83,5 @@ def load_pipeline(vae_ckpt: Optional[str] = None, var_ckpt: Optional[str] = None
     return VARPipeline.from_checkpoint(checkpoint)
   if not (vae_ckpt and var_ckpt):
     raise ValueError('give --checkpoint, or both --vae_ckpt and --var_ckpt')
-  return VARPipeline.from_torch(vae_ckpt, var_ckpt, patch_nums=[int(p) for p in patch_nums] if patch_nums else None)
+  return VARPipeline.from_torch(vae_ckpt, var_ckpt, patch_nums=[int(p) for p in patch_nums] if patch_nums else None,
+                                allow_cast=allow_cast)

@@ -67,19 +67,21 @@ class VARPipeline(Pipeline):
   @classmethod
   def from_torch(cls, vae_path: str, var_path: str, patch_nums: Optional[Sequence[int]] = None,
                  num_heads: Optional[int] = None, vae_overrides: Optional[Dict[str, Any]] = None,
-                 **var_overrides) -> 'VARPipeline':
+                 allow_cast: bool = False, **var_overrides) -> 'VARPipeline':
     """Load reference checkpoints (``.pth`` or ``.safetensors``); the configs are inferred from the tensors.
 
     What the tensors cannot tell goes in the overrides, e.g. ``vae_overrides={'using_znorm': True}`` for a
-    tokenizer trained with cosine code lookup, or ``drop_path_rate=...`` for the transformer."""
-    var_sd = sd_io.load_state_dict(var_path)
-    var_cfg = ref.var_config_from_state_dict(var_sd, patch_nums=patch_nums, num_heads=num_heads, **var_overrides)
-    vae_sd = sd_io.load_state_dict(vae_path)
-    vae_cfg = ref.vae_config_from_state_dict(vae_sd, patch_nums=var_cfg.patch_nums, **(vae_overrides or {}))
-    with named_mismatch(vae_path):
-      vae_vars = ref.import_vae(vae_sd, vae_cfg)
+    tokenizer trained with cosine code lookup, or ``drop_path_rate=...`` for the transformer. ``allow_cast``:
+    accept integer-stored weights, cast to float32 (``sd_io.validate_tensors``; NaN/inf are always an error)."""
+    var_sd = sd_io.load_state_dict(var_path, what='VAR checkpoint')
     with named_mismatch(var_path):
-      var_vars = ref.import_var(var_sd, var_cfg)
+      var_cfg = ref.var_config_from_state_dict(var_sd, patch_nums=patch_nums, num_heads=num_heads, **var_overrides)
+    vae_sd = sd_io.load_state_dict(vae_path, what='VQVAE checkpoint')
+    with named_mismatch(vae_path):
+      vae_cfg = ref.vae_config_from_state_dict(vae_sd, patch_nums=var_cfg.patch_nums, **(vae_overrides or {}))
+      vae_vars = ref.import_vae(vae_sd, vae_cfg, allow_cast=allow_cast)
+    with named_mismatch(var_path):
+      var_vars = ref.import_var(var_sd, var_cfg, allow_cast=allow_cast)
     return cls(vae_cfg, var_cfg, vae_vars, var_vars)
 
   @classmethod
