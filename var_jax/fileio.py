@@ -120,6 +120,32 @@ def atomic_open(target: PathLike, mode: str = 'wb') -> Iterator[io.IOBase]:
     raise
 
 
+@contextlib.contextmanager
+def atomic_path(target: PathLike) -> Iterator[str]:
+  """A local path to write ``target`` through, for writers that take a file name (e.g. ArrayRecord's C++ writer):
+  on a clean exit the file is fsynced and published as ``target`` (renamed locally, uploaded remotely), on an
+  exception nothing of it appears (an existing ``target`` is left as it was)."""
+  target = os.fspath(target)
+  remote = is_remote(target)
+  d = tempfile.mkdtemp(prefix='var_jax_atomic_') if remote else None
+  tmp = os.path.join(d, 'file') if remote else _tmp_name(target)
+  try:
+    yield tmp
+    if remote:
+      with open(tmp, 'rb') as src, path(target).open('wb') as dst:
+        shutil.copyfileobj(src, dst, 1 << 22)
+    else:
+      with open(tmp, 'rb') as f:
+        os.fsync(f.fileno())
+      os.replace(tmp, target)
+  finally:
+    if remote:
+      shutil.rmtree(d, ignore_errors=True)
+    else:
+      with contextlib.suppress(OSError):
+        os.remove(tmp)
+
+
 def atomic_write_bytes(target: PathLike, data: bytes) -> str:
   with atomic_open(target, 'wb') as f:
     f.write(data)
