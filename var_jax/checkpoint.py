@@ -3,13 +3,15 @@
 A model checkpoint directory holds
   ``config.json``   {'vae': VQVAEConfig fields, 'var': VARConfig fields}
   ``params/``       an orbax StandardCheckpointer tree {'vae': vae variables, 'var': var variables}
-Writes go to a temporary sibling directory that is renamed into place when complete, so an interrupted save
-never leaves a half-written checkpoint where a good one was.
+Local or remote (``gs://``, through ``var_jax.fileio`` and orbax). Local writes go to a temporary sibling directory
+that is renamed into place when complete, so an interrupted save never leaves a half-written checkpoint where a good
+one was; remote ones write ``config.json`` last (see ``save_model``).
 """
 from __future__ import annotations
 
 import dataclasses
 import json
+import logging as std_logging
 import os
 import shutil
 from typing import Any, Dict, Tuple
@@ -17,8 +19,10 @@ from typing import Any, Dict, Tuple
 import jax
 import numpy as np
 
+from var_jax import fileio
 from var_jax.models.var_config import VARConfig, VQVAEConfig
 
+_log = std_logging.getLogger('var_jax.checkpoint')
 CONFIG_FILE = 'config.json'
 PARAMS_DIR = 'params'
 
@@ -54,19 +58,22 @@ def _process_local_checkpointer():
 
 def save_model(path: str, vae_config: VQVAEConfig, var_config: VARConfig, vae_variables, var_variables):
   """Write a model checkpoint directory (see module doc) from host arrays; with several processes, call it on one.
-  Refuses to overwrite a non-checkpoint directory."""
-  path = os.path.abspath(os.fspath(path))
-  if os.path.exists(path) and not os.path.exists(os.path.join(path, CONFIG_FILE)):
+  Refuses to overwrite a non-checkpoint directory. Local: written beside, then renamed into place. Remote
+  (``gs://``, no directory rename there): an earlier model is removed, ``params/`` written, ``config.json`` last, so
+  a directory cut short is never taken for a model (``_is_model_dir`` needs both)."""
+  path = fileio.abspath(path)
+  if fileio.exists(path) and not fileio.exists(os.path.join(path, CONFIG_FILE)):
     raise FileExistsError(f'{path} exists and is not a var_jax model checkpoint; refusing to overwrite it')
-  tmp = path + '.tmp-save'
-  if os.path.exists(tmp):
-    shutil.rmtree(tmp)
-  os.makedirs(tmp)
-  with open(os.path.join(tmp, CONFIG_FILE), 'w') as f:
-    f.write(_configs_to_json(vae_config, var_config))
+  remote = fileio.is_remote(path)
+  tmp = path if remote else path + '.tmp-save'
+  fileio.rmtree(tmp)
+  fileio.makedirs(tmp)
   ckptr = _process_local_checkpointer()
   ckptr.save(os.path.join(tmp, PARAMS_DIR), {'vae': vae_variables, 'var': var_variables})
   ckptr.wait_until_finished()
+  fileio.atomic_write_text(os.path.join(tmp, CONFIG_FILE), _configs_to_json(vae_config, var_config))
+  if remote:
+    return
   if os.path.exists(path):
     old = path + '.tmp-old'
     os.rename(path, old)
@@ -78,11 +85,10 @@ def save_model(path: str, vae_config: VQVAEConfig, var_config: VARConfig, vae_va
 
 def _is_model_dir(path: str) -> bool:
   cfg_file = os.path.join(path, CONFIG_FILE)
-  if not (os.path.isfile(cfg_file) and os.path.isdir(os.path.join(path, PARAMS_DIR))):
+  if not (fileio.isfile(cfg_file) and fileio.isdir(os.path.join(path, PARAMS_DIR))):
     return False
   try:
-    with open(cfg_file) as f:
-      d = json.load(f)
+    d = json.loads(fileio.path(cfg_file).read_text())
   except ValueError:
     return False
   return isinstance(d, dict) and {'vae', 'var'} <= set(d)
@@ -90,8 +96,8 @@ def _is_model_dir(path: str) -> bool:
 
 def resolve_model_dir(path: str) -> str:
   """``path`` when it is a model checkpoint directory; a training workdir (``checkpoints/``, a training
-  ``config.json``) gives its exported ``model/``; else an error saying what ``path`` is."""
-  path = os.path.abspath(os.fspath(path))
+  ``config.json``) gives its exported ``model/``; else an error saying what ``path`` is. Local or remote."""
+  path = fileio.abspath(path)
   if _is_model_dir(path):
     return path
   model = os.path.join(path, 'model')
@@ -99,13 +105,13 @@ def resolve_model_dir(path: str) -> str:
     from absl import logging
     logging.info('%s is a training workdir: loading its exported model %s', path, model)
     return model
-  if os.path.isdir(os.path.join(path, PARAMS_DIR)) and os.path.isfile(os.path.join(path, CONFIG_FILE)):
+  if fileio.isdir(os.path.join(path, PARAMS_DIR)) and fileio.isfile(os.path.join(path, CONFIG_FILE)):
     return path          # a damaged model directory: configs_from_json names what is wrong
-  if os.path.isdir(os.path.join(path, 'checkpoints')):
+  if fileio.isdir(os.path.join(path, 'checkpoints')):
     raise FileNotFoundError(f'{path} is a training workdir without an exported model ({model} is missing: the run '
                             f'has not finished, or it trains a tokenizer); a VAR model is exported to '
                             f'<workdir>/model when training completes')
-  if not os.path.exists(path):
+  if not fileio.exists(path):
     raise FileNotFoundError(f'{path}: no such model checkpoint directory')
   raise FileNotFoundError(f'{path} is not a var_jax model checkpoint (expected {CONFIG_FILE} with \'vae\' and '
                           f'\'var\' sections and {PARAMS_DIR}/, or a training workdir holding model/)')
@@ -116,8 +122,7 @@ def load_model(path: str) -> Tuple[VQVAEConfig, VARConfig, Dict[str, Any], Dict[
   (vae_config, var_config, vae_variables, var_variables), on the host."""
   path = resolve_model_dir(path)
   cfg_file = os.path.join(path, CONFIG_FILE)
-  with open(cfg_file) as f:
-    vae_cfg, var_cfg = configs_from_json(f.read(), cfg_file)
+  vae_cfg, var_cfg = configs_from_json(fileio.path(cfg_file).read_text(), cfg_file)
   tree = _process_local_checkpointer().restore(os.path.join(path, PARAMS_DIR))
   tree = jax.tree.map(np.asarray, tree)
   for key in ('vae', 'var'):

@@ -1,9 +1,9 @@
 """Image helpers for the libraries, CLIs and trainers: float images to uint8, labelled grids, atomic PNG files."""
 from __future__ import annotations
 
-import os
-
 import numpy as np
+
+from var_jax import fileio
 
 
 def to_uint8(images) -> np.ndarray:
@@ -28,16 +28,15 @@ def labelled_grid(images_u8, labels, cols: int):
 
 
 def write_png(path: str, image) -> str:
-  """Write a uint8 HWC array (or a PIL image) as PNG, atomically: a killed run never leaves a truncated file."""
+  """Write a uint8 HWC array (or a PIL image) as PNG, atomically (``fileio``; local or gs://): a killed run never
+  leaves a truncated file."""
   from PIL import Image
   im = image if isinstance(image, Image.Image) else Image.fromarray(np.asarray(image))
-  im.save(path + '.tmp.png')
-  os.replace(path + '.tmp.png', path)
-  return path
+  return fileio.atomic_save(path, lambda f: im.save(f, format='PNG'))
 
 
 def read_rgb(path: str) -> np.ndarray:
-  """An image file as a uint8 (H, W, 3) array."""
+  """An image file (local or gs://) as a uint8 (H, W, 3) array."""
   from PIL import Image
-  with Image.open(path) as im:
+  with fileio.path(path).open('rb') as f, Image.open(f) as im:
     return np.asarray(im.convert('RGB'))

@@ -4,7 +4,7 @@ Every source has ``__len__``, ``__getitem__(i) -> dict`` and ``num_classes``. Re
 is decoded later, in the transform (so that decoding runs in grain's prefetch threads / worker processes):
 
 * ``DigitsSource``: ``{'image': uint8 (8, 8, 3) RGB array, 'label': int, 'index': int}`` (no download).
-* ``ImageFolderSource``: ``{'path': str, 'label': int}``.
+* ``ImageFolderSource``: ``{'path': str, 'label': int}`` (a local or remote tree, e.g. ``gs://``).
 * ``TfdsSource``: ``{'image': encoded bytes (tfds ``Image`` feature) or uint8 (H, W, 3) array (tfds ``Tensor`` feature),
   'label': int, 'index': int}``.
 
@@ -16,6 +16,8 @@ import os
 from typing import Any, Optional
 
 import numpy as np
+
+from var_jax import fileio
 
 # torchvision's ``IMG_EXTENSIONS`` (ImageFolder), compared case-insensitively.
 IMG_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.ppm', '.bmp', '.pgm', '.tif', '.tiff', '.webp')
@@ -70,6 +72,28 @@ def _is_image_file(name: str) -> bool:
   return name.lower().endswith(IMG_EXTENSIONS)
 
 
+def _subdirs(d: str) -> list[str]:
+  """The sorted names of ``d``'s subdirectories (local or remote, through ``var_jax.fileio``)."""
+  if not fileio.is_remote(d):
+    return sorted(e.name for e in os.scandir(d) if e.is_dir())
+  return sorted(p.name for p in fileio.path(d).iterdir() if p.is_dir())
+
+
+def _image_files(split_dir: str, c: str) -> list[str]:
+  """The image files below ``split_dir/c`` (recursive), relative to ``split_dir``, in ``sorted(os.walk)`` order
+  (directory by directory, then file names); a remote tree is listed with one recursive glob."""
+  cdir = os.path.join(split_dir, c)
+  out = []
+  if not fileio.is_remote(cdir):
+    for dirpath, dirnames, filenames in sorted(os.walk(cdir, followlinks=True)):
+      dirnames.sort()
+      out += [os.path.relpath(os.path.join(dirpath, f), split_dir) for f in sorted(filenames) if _is_image_file(f)]
+    return out
+  prefix = split_dir.rstrip('/') + '/'
+  rel = [os.fspath(p)[len(prefix):] for p in fileio.path(cdir).glob('**/*') if _is_image_file(p.name)]
+  return sorted(rel, key=lambda r: (os.path.dirname(r), os.path.basename(r)))
+
+
 class ImageFolderSource(_LabelledSource):
   """An ImageNet-style tree ``root/<split>/<class_name>/**/*.{jpg,jpeg,png,...}`` (torchvision ``ImageFolder``).
 
@@ -86,27 +110,23 @@ class ImageFolderSource(_LabelledSource):
     class_root = os.path.join(self.root, 'train')
     split_dir = os.path.join(self.root, split)
     for d in (class_root, split_dir):
-      if not os.path.isdir(d):
+      if not fileio.isdir(d):
         raise FileNotFoundError(f'ImageFolderSource: directory {d!r} does not exist (expected an ImageNet-style '
                                 f'tree root/<split>/<class_name>/<image files>, root={self.root!r})')
-    self.classes = sorted(e.name for e in os.scandir(class_root) if e.is_dir())
+    self.classes = _subdirs(class_root)
     if not self.classes:
       raise FileNotFoundError(f'ImageFolderSource: no class subdirectories in {class_root!r}')
     self.class_to_idx = {c: i for i, c in enumerate(self.classes)}
-    split_classes = sorted(e.name for e in os.scandir(split_dir) if e.is_dir())
+    split_classes = _subdirs(split_dir)
     unknown = [c for c in split_classes if c not in self.class_to_idx]
     if unknown:
       raise ValueError(f'ImageFolderSource: class directories {unknown[:5]} of {split_dir!r} are not in '
                        f'{class_root!r} (the class list comes from the train split)')
     paths, labels = [], []
     for c in split_classes:
-      cdir = os.path.join(split_dir, c)
-      for dirpath, dirnames, filenames in sorted(os.walk(cdir, followlinks=True)):
-        dirnames.sort()
-        for f in sorted(filenames):
-          if _is_image_file(f):
-            paths.append(os.path.relpath(os.path.join(dirpath, f), split_dir))
-            labels.append(self.class_to_idx[c])
+      for p in _image_files(split_dir, c):
+        paths.append(p)
+        labels.append(self.class_to_idx[c])
     if not paths:
       raise FileNotFoundError(f'ImageFolderSource: no image files ({", ".join(IMG_EXTENSIONS)}) found under '
                               f'{split_dir!r}')

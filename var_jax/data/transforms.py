@@ -28,6 +28,8 @@ import grain
 import numpy as np
 from PIL import Image
 
+from var_jax import fileio
+
 CORRUPT_KEY = '_corrupt'
 
 # Counting rule of ``SkipMonitor``: judge the fraction only after this many images (per process) ...
@@ -65,7 +67,7 @@ def decode_image(record: dict[str, Any]) -> Image.Image:
   source = _record_source(record)
   try:
     if 'path' in record:
-      with open(record['path'], 'rb') as f:
+      with fileio.path(record['path']).open('rb') as f:   # local or remote (gs://)
         with Image.open(f) as img:
           return img.convert('RGB')
     data = record['image']

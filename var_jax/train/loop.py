@@ -142,12 +142,10 @@ def scalar_metrics(m: Dict[str, Any], vector_metrics: Dict[str, str]) -> Dict[st
 
 
 def _write_json(workdir: str, name: str, obj):
-  from etils import epath
-  d = epath.Path(workdir)
-  d.mkdir(parents=True, exist_ok=True)
-  tmp = d / (name + '.tmp')
-  tmp.write_text(json.dumps(obj, indent=1))
-  tmp.replace(d / name)   # overwrites (a resumed run rewrites its files)
+  """``<workdir>/<name>``, replaced atomically (a resumed run rewrites its files); local or remote."""
+  from var_jax import fileio
+  fileio.makedirs(workdir)
+  fileio.atomic_write_text(f'{workdir}/{name}', json.dumps(obj, indent=1))
 
 
 # ----------------------------------------------------------------------------- checks
@@ -283,9 +281,9 @@ def _train(config, workdir: str, preempt: Preemption) -> Tuple[Any, Dict[str, fl
     if config.init_from:
       state = task.init_from(state, config.init_from)
     if jax.process_index() == 0:
-      from etils import epath
-      epath.Path(workdir).mkdir(parents=True, exist_ok=True)
-      (epath.Path(workdir) / 'config.json').write_text(config.to_json_best_effort(indent=1))
+      from var_jax import fileio
+      fileio.makedirs(workdir)
+      fileio.atomic_write_text(f'{workdir}/config.json', config.to_json_best_effort(indent=1))
     return state
 
   def save(step, state, force=False):

@@ -333,11 +333,12 @@ class BitsTask(base.Task):
 
 def export(workdir: str, config, kind: str, cfg: ModelConfig, bae_cfg: BAEConfig, params, bae_vars, step: int):
   """Write the model in the reference layout (+ ``model_args.json``, + ``binaryae.th`` for a random-init BAE) into
-  ``workdir`` (host params; call on process 0). Each file is written under a temporary name, then renamed.
+  ``workdir`` (host params; call on process 0; local or remote). Each file is written atomically (``fileio``).
   -> [(path, what)]."""
   import importlib.util
   import tempfile
   from etils import epath
+  from var_jax import fileio
   from var_jax.interop import bae as bae_io
   name = str(config.export_name)
   if importlib.util.find_spec('torch') is None and not name.endswith('.safetensors'):
@@ -368,8 +369,6 @@ def export(workdir: str, config, kind: str, cfg: ModelConfig, bae_cfg: BAEConfig
     out = epath.Path(workdir)
     out.mkdir(parents=True, exist_ok=True)
     for n, p in files.items():
-      part = out / (n + '.tmp')
-      part.write_bytes(epath.Path(p).read_bytes())
-      part.replace(out / n)
+      fileio.atomic_write_bytes(out / n, epath.Path(p).read_bytes())   # local or gs://
   what = {name: f'{kind}, {info["weights"]} weights', 'model_args.json': 'the ModelArgs to reload it'}
   return [(str(out / n), what.get(n, 'the random-init tokenizer')) for n in files]

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from var_jax import fileio
 from var_jax import sharding as shd
 from var_jax.losses.tokens import label_smoothed_cross_entropy
 from var_jax.models.var import VAR
@@ -149,7 +150,7 @@ def load_tokenizer(config, vae_cfg: VQVAEConfig, mesh):
     s = vae_cfg.image_size
     v = base.random_tokenizer('vae_ckpt', config.seed, lambda k: VQVAE(vae_cfg).init(
         k, jnp.zeros((1, s, s, vae_cfg.in_channels)), method=VQVAE.init_all))
-  elif os.path.isdir(path):
+  elif fileio.isdir(path):           # our model directory (local or gs://)
     from var_jax import checkpoint
     cfg_ckpt, _, v, _ = checkpoint.load_model(path)
     if cfg_ckpt != vae_cfg:
