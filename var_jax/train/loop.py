@@ -296,6 +296,7 @@ def _train(config, workdir: str, preempt: Preemption) -> Tuple[Any, Dict[str, fl
       raise errors.NonFiniteError(f'step {step}: the train state has non-finite values in {", ".join(bad[:5])}; '
                                   f'not saved (the last checkpoint is {where}/{ckpt.latest_step()})')
     ckpt.maybe_save(step, state, train_iter, config, force=force)
+    return True
 
   try:
     latest = ckpt.latest_step()
@@ -307,9 +308,12 @@ def _train(config, workdir: str, preempt: Preemption) -> Tuple[Any, Dict[str, fl
     if info and jax.process_index() == 0:
       _write_json(workdir, 'run_info.json', info)   # what scaling-law fits read (var_jax.scaling)
 
-    writer = metrics_lib.MetricWriter(metrics_lib.local_logdir(workdir))
     periodic = task.has_periodic_output and config.sample_every > 0
     step = int(jax.device_get(state.step))
+    # a resumed run drops what an earlier one logged after this step (each step once in metrics.jsonl / TensorBoard)
+    writer = metrics_lib.MetricWriter(workdir, start_step=step, vector_metrics=task.vector_metrics)
+    writer.text(step, 'config', '```\n' + config.to_json_best_effort(indent=1) + '\n```')
+    flops, peak = task.train_flops_per_example, metrics_lib.peak_flops_per_device()
     t_last, since, last, t_start = time.time(), 0, {}, time.time()
     try:
       with shd.mesh_context(mesh, rules):
@@ -319,7 +323,11 @@ def _train(config, workdir: str, preempt: Preemption) -> Tuple[Any, Dict[str, fl
           if num_classes is not None:
             check_labels(host_batch['label'], num_classes, step + 1)
           batch = shd.host_local_to_global(host_batch, mesh)
-          state, m = task.jit_step(stage, watch.mode)(state, batch, task.frozen, *extra)
+          step_fn = task.jit_step(stage, watch.mode)
+          if peak and flops is None:    # no analytic count: XLA's, once (MFU is only reported where peak is known)
+            flops = (metrics_lib.compiled_flops(step_fn, state, batch, task.frozen, *extra) or 0.0) / \
+                config.global_batch_size
+          state, m = step_fn(state, batch, task.frozen, *extra)
           m = watch.add(step + 1, m)
           step += 1
           since += 1
@@ -334,7 +342,6 @@ def _train(config, workdir: str, preempt: Preemption) -> Tuple[Any, Dict[str, fl
               last['skipped_steps'] = watch.skipped
             if task.tokens_per_example:
               last['tokens_per_s'] = ips * task.tokens_per_example
-            flops, peak = task.train_flops_per_example, metrics_lib.peak_flops_per_device()
             if flops and peak:
               last['mfu'] = flops * ips / (peak * jax.device_count())
             writer.write(step, last)
@@ -348,11 +355,13 @@ def _train(config, workdir: str, preempt: Preemption) -> Tuple[Any, Dict[str, fl
             logging.info('eval step %d: %s', step, ' '.join(f'{k} {v:.4f}' for k, v in ev.items()))
           if periodic and (step % config.sample_every == 0 or step == total):
             _check_finite(watch, step, ckpt, where)
-            path = task.periodic_output(state, batch, step, workdir)
-            if path:
+            out = task.periodic_output(state, batch, step, workdir)     # images / histograms (process 0)
+            for path in out.files if out else ():
               logging.info('wrote %s', path)
+            writer.summaries(step, out)
           stop = preempt.should_stop(ckpt, step)
-          save(step, state, force=step == total or stop)
+          if save(step, state, force=step == total or stop):
+            writer.sync()         # a remote workdir gets metrics.jsonl and the event files with each checkpoint
           if stop:
             ckpt.wait()
             logging.warning('preempted at step %d: checkpoint saved, exiting', step)

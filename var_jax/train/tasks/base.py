@@ -188,7 +188,10 @@ class Task:
   def log_line(self, m: Dict[str, float]) -> str:
     return f'loss {m["loss"]:.4f}'
 
-  def periodic_output(self, state, batch, step: int, workdir: str) -> Optional[str]:
+  def periodic_output(self, state, batch, step: int, workdir: str):
+    """Every ``config.sample_every`` steps, on every process (sampling is collective): -> a
+    ``var_jax.train.metrics.Summaries`` (images, also as PNG files in the workdir, histograms) on process 0, None
+    elsewhere; the loop writes it to TensorBoard."""
     return None
 
   def run_info(self, state) -> Optional[Dict[str, Any]]:
@@ -201,6 +204,14 @@ class Task:
   def export(self, host, workdir: str, step: int) -> List[Tuple[str, str]]:
     """Write the trained model into ``workdir`` (process 0 only); -> [(path, what it is)]."""
     return []
+
+
+def image_output(workdir: str, tag: str, step: int, image, histograms=None):
+  """``image`` (uint8 (H, W, C)) as ``<workdir>/<tag>/step_XXXXXXXX.png`` and as TensorBoard image ``tag``
+  (+ ``histograms`` {tag: values}): the ``Summaries`` a ``periodic_output`` returns."""
+  from var_jax.train.metrics import Summaries
+  path = write_png(f'{workdir}/{tag}', step, image)
+  return Summaries(images={tag: image}, histograms=dict(histograms or {}), files=[path])
 
 
 def write_png(directory: str, step: int, image) -> str:

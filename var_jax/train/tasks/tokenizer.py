@@ -134,6 +134,14 @@ class VQVAETokenizer:
   def reconstruct_signed(self, params, x):
     return self.model.apply({'params': params}, x, method=VQVAE.img_to_reconstructed_img)
 
+  def code_histograms(self, params, stats, x):
+    """TensorBoard histograms of codebook usage, per scale: each code's EMA hits over a uniform share (1: used
+    uniformly, 0: dead)."""
+    del params, x
+    ema = stats['quantize']['ema_vocab_hit_SV']
+    share = ema / jnp.maximum(ema.mean(-1, keepdims=True), 1e-12)
+    return {f'codebook/usage_scale/{i:02d}': share[i] for i in range(ema.shape[0])}
+
   def log_line(self, m) -> str:
     usage = ' '.join(f'{m[f"usage_scale{i}"]:.0f}' for i in range(len(self.config.patch_nums)))
     return (f'l1 {m["l1"]:.4f} psnr {m["psnr"]:.2f} vq {m["vq_loss"]:.4f} g {m["g_loss"]:.3f} d {m["d_loss"]:.3f} '
@@ -207,6 +215,13 @@ class BAETokenizer:
   def reconstruct_signed(self, params, x):
     rec, _ = self.model.apply({'params': params}, self.to_model(x), train=False)
     return self.to_signed(rec)
+
+  def code_histograms(self, params, stats, x):
+    """TensorBoard histograms of the codes of batch ``x``: each bit channel's mean (0 or 1: a constant bit) and the
+    bit probabilities (near 0.5: undecided)."""
+    del stats
+    probs = self.model.apply({'params': params}, self.to_model(x), train=False)[1]['probs']
+    return {'codebook/bit_mean': probs.reshape(-1, probs.shape[-1]).mean(0), 'codebook/bit_prob': probs}
 
   def log_line(self, m) -> str:
     bm = np.asarray([m[f'bit_mean_{i}'] for i in range(self.config.codebook_size)])
@@ -496,6 +511,10 @@ class TokenizerTask(base.Task):
     self._init, self.abstract, self.shardings = init_fn(self.gen, self.disc, self.tx_g, self.tx_d, config, mesh,
                                                         self.rules)
     self._recon = jax.jit(self.gen.reconstruct_signed)
+    self._histograms = jax.jit(self.gen.code_histograms)
+    self._lr = {f'lr_{k}': optim.lr_schedule(o, config.global_batch_size, self.schedule.total_steps,
+                                             float(o.warmup_steps)) for k, o in (('g', config.optim_g),
+                                                                                 ('d', config.optim_d))}
 
   def load_frozen(self):
     """The frozen LPIPS weights ({} when LPIPS is off), replicated."""
@@ -523,16 +542,20 @@ class TokenizerTask(base.Task):
   def log_line(self, m):
     return self.gen.log_line(m)
 
+  def step_metrics(self, step, stage):
+    return {k: float(f(step)) for k, f in self._lr.items()}
+
   def periodic_output(self, state, batch, step, workdir):
     """Originals (top row) over reconstructions (bottom row)."""
     from var_jax import images as images_lib
     x = batch['image'][:min(8, batch['image'].shape[0])]
-    x, rec = shd.to_host((x, self._recon(state.g_params, x)))   # every process takes part
+    x, rec, hists = shd.to_host((x, self._recon(state.g_params, x),     # every process takes part
+                                 self._histograms(state.g_params, state.vq_stats, x)))
     if jax.process_index() != 0:
       return None
     top, bot = images_lib.to_uint8((np.asarray(x) + 1) / 2), images_lib.to_uint8((np.asarray(rec) + 1) / 2)
     grid = np.concatenate([np.concatenate(list(top), 1), np.concatenate(list(bot), 1)], 0)
-    return base.write_png(f'{workdir}/reconstructions', step, grid)
+    return base.image_output(workdir, 'reconstructions', step, grid, hists)
 
   def export_tree(self, state):
     return {'g_params': state.g_params, 'vq_stats': state.vq_stats, 'd_params': state.d_params,

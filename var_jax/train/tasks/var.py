@@ -315,7 +315,7 @@ class VARTask(base.Task):
       return None
     grid = images_lib.labelled_grid(images_lib.to_uint8(imgs), labels.tolist(),
                                     cols=min(len(labels), 8))
-    return base.write_png(f'{workdir}/samples', step, grid)
+    return base.image_output(workdir, 'samples', step, grid)
 
   def run_info(self, state):
     leaves = jax.tree_util.tree_leaves_with_path(state.params)
