@@ -48,8 +48,9 @@ def test_out_dir_npz_and_resume(tmp_path, tiny_pipe):
 
 
 def test_plan_errors():
-  with pytest.raises(ValueError, match=r'class 10 is out of range.*10 classes'):
-    protocol.sample_plan(10, ['10'], 1)
+  with pytest.raises(ValueError, match=r'class 11 is out of range.*10 classes.*10 = unconditional'):
+    protocol.sample_plan(10, ['11'], 1)
+  assert protocol.sample_plan(10, ['10'], 1) == [10]      # num_classes: the unconditional class, as in the API
   with pytest.raises(ValueError, match='num_per_class'):
     protocol.sample_plan(10, None, 0)
   assert protocol.sample_plan(3, None, 2) == [0, 0, 1, 1, 2, 2]

@@ -30,7 +30,8 @@ def define_model_flags():
 
 def define_sampling_flags(num_per_class: int, batch_size: int):
   """Which images (labels, seed) and the common sampling settings (unset: each family's release setting)."""
-  flags.DEFINE_list('classes', None, 'class labels to sample, e.g. 207,360 (default: all classes)')
+  flags.DEFINE_list('classes', None, 'class labels to sample, e.g. 207,360 (default: all classes); integers in '
+                    '[0, num_classes], num_classes itself being the unconditional class (as in the Python API)')
   flags.DEFINE_integer('num_per_class', num_per_class, 'images per class')
   flags.DEFINE_float('cfg', None, 'classifier-free guidance ratio (default: the model family\'s release setting)')
   flags.DEFINE_integer('top_k', None, 'top-k filtering (0: off; VAR default 900, ELM 1000)')
@@ -38,6 +39,17 @@ def define_sampling_flags(num_per_class: int, batch_size: int):
   flags.DEFINE_integer('seed', 0, 'PRNG seed (image i uses fold_in(seed, i))')
   flags.DEFINE_integer('batch_size', batch_size, 'images per compiled call (split over local devices)')
   flags.DEFINE_enum('dtype', 'float32', ['float32', 'bfloat16'], 'compute dtype')
+
+
+def check_sampling_flags():
+  """The sampling flags defined (``define_sampling_flags`` and a CLI's own: --cfg, --top_k, --top_p, --seed,
+  --batch_size, --num_per_class, --temperature, ...) and --classes, checked before any model is loaded
+  (``var_jax.sampling.common``: the pipelines' validator, here with the flag names). The range of --classes needs
+  the model: ``eval.protocol.sample_plan`` checks it."""
+  from var_jax.sampling.common import SAMPLING_ARGS, check_sampling_args, parse_class_labels
+  check_sampling_args('--', **{k: getattr(FLAGS, k) for k in SAMPLING_ARGS if k in FLAGS})
+  if 'classes' in FLAGS and FLAGS.classes is not None:
+    parse_class_labels(FLAGS.classes, None, '--classes')
 
 
 def load_pipeline_from_flags():

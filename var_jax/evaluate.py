@@ -56,8 +56,12 @@ def define_flags():
 
 
 def main():
+  from var_jax import fileio
   from var_jax.eval import evaluator
   f = cli.FLAGS
+  cli.check_sampling_flags()                 # flags and the destination checked before a model is loaded
+  if f.out_dir:
+    fileio.check_output_dir(f.out_dir, '--out_dir')
   pipe = cli.load_pipeline_from_flags() if not f.samples or f.rfid or f.test_loss else None
   evaluator.evaluate(
       pipe, out_dir=f.out_dir, samples=f.samples, ref=f.ref, ref_cache=f.ref_cache, inception=f.inception,
@@ -69,6 +73,7 @@ def main():
 
 
 if __name__ == '__main__':
+  from var_jax.fileio import OutputError
   from var_jax.interop.state_dict import CheckpointMismatchError
   define_flags()
-  cli.run(main, errors=(FileNotFoundError, ValueError, KeyError, CheckpointMismatchError), multihost=True)
+  cli.run(main, errors=(FileNotFoundError, ValueError, KeyError, CheckpointMismatchError, OutputError), multihost=True)

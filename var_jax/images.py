@@ -40,3 +40,14 @@ def read_rgb(path: str) -> np.ndarray:
   from PIL import Image
   with fileio.path(path).open('rb') as f, Image.open(f) as im:
     return np.asarray(im.convert('RGB'))
+
+
+def intact_image(path: str) -> bool:
+  """True if ``path`` decodes completely as an image; a truncated or corrupt file (a write killed midway) does not."""
+  from PIL import Image
+  try:
+    with fileio.path(path).open('rb') as f, Image.open(f) as im:
+      im.load()
+    return True
+  except Exception:  # noqa: BLE001 - OSError, SyntaxError, PIL's DecompressionBombError ...: not intact
+    return False

@@ -45,6 +45,8 @@ def define_flags():
 def main():
   from var_jax.eval import protocol
   f = cli.FLAGS
+  cli.check_sampling_flags()                 # every flag and destination checked before a model is loaded
+  protocol.check_destinations(f.out, f.out_dir)
   pipe = cli.load_pipeline_from_flags()
   labels = protocol.sample_plan(pipe.num_classes, f.classes, f.num_per_class)
   extra = {k: getattr(f, k) for k in ('cfg_schedule', 'temperature', 'num_iter', 'infer_steps', 'gumbel_temp',
@@ -55,6 +57,7 @@ def main():
 
 
 if __name__ == '__main__':
+  from var_jax.fileio import OutputError
   from var_jax.interop.state_dict import CheckpointMismatchError
   define_flags()
-  cli.run(main, errors=(FileNotFoundError, ValueError, CheckpointMismatchError), multihost=True)
+  cli.run(main, errors=(FileNotFoundError, ValueError, CheckpointMismatchError, OutputError), multihost=True)

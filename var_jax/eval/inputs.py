@@ -131,11 +131,10 @@ def check_inception(path: Optional[str]):
           raise ValueError(f'{what} {path}: neither a torch checkpoint, a .safetensors nor an .npz file')
 
 
-def check_out_dir(path: str):
-  """``path`` exists or can be made, and is writable."""
-  os.makedirs(path, exist_ok=True)
-  if not os.access(path, os.W_OK):
-    raise ValueError(f'--out_dir {path}: not writable')
+def check_out_dir(path: str, what: str = '--out_dir'):
+  """``path`` exists or can be made, and a file can be written into it (``fileio.check_output_dir``)."""
+  from var_jax import fileio
+  fileio.check_output_dir(path, what)
 
 
 def check_evaluate_inputs(*, samples: Optional[str], ref: Optional[str], ref_cache: Optional[str],
@@ -152,4 +151,4 @@ def check_evaluate_inputs(*, samples: Optional[str], ref: Optional[str], ref_cac
     else:
       check_reference(ref, with_inception=bool(inception))
       if ref_cache:
-        check_out_dir(os.path.dirname(os.path.abspath(ref_cache)))
+        check_out_dir(os.path.dirname(os.path.abspath(ref_cache)), '--ref_cache')

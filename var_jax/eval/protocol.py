@@ -3,15 +3,19 @@ uint8 round trip), ``samples.npz`` for OpenAI's evaluator, each family's release
 resumable generation loop (split over processes: image i on process i % count) that the CLIs run."""
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import time
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
+from absl import logging
 
+from var_jax import fileio
 from var_jax.dtypes import parse_dtype
-from var_jax.images import labelled_grid, read_rgb, to_uint8, write_png
+from var_jax.images import intact_image, labelled_grid, read_rgb, to_uint8, write_png
+from var_jax.sampling.common import check_sampling_args, parse_class_labels
 
 # the release settings a family samples with where a setting is left unset
 FAMILY_DEFAULTS = {'var': {'cfg': 1.5, 'top_k': 900, 'top_p': 0.96}, 'elm': {'cfg': 4.0, 'top_k': 1000}, 'bigr': {}}
@@ -22,14 +26,11 @@ FAMILY_SETTINGS = {'var': ('top_p', 'more_smooth'), 'elm': ('cfg_schedule', 'tem
 
 
 def sample_plan(num_classes: int, classes: Optional[Sequence[int]], num_per_class: int) -> List[int]:
-  """The label of every image, in output order."""
-  if num_per_class < 1:
-    raise ValueError(f'--num_per_class must be >= 1, got {num_per_class}')
-  labels = list(range(num_classes)) if not classes else [int(c) for c in classes]
-  for c in labels:
-    if not 0 <= c < num_classes:
-      raise ValueError(f'--classes: class {c} is out of range for a model with {num_classes} classes '
-                       f'(0..{num_classes - 1})')
+  """The label of every image, in output order: ``classes`` (None: every class 0..num_classes-1) each
+  ``num_per_class`` times. A label is an integer in [0, num_classes], ``num_classes`` being the unconditional
+  class (the pipelines' rule, ``sampling.common.parse_class_labels``); an empty ``classes`` is an error."""
+  check_sampling_args('--', num_per_class=num_per_class)
+  labels = list(range(num_classes)) if classes is None else parse_class_labels(classes, num_classes, '--classes')
   return [c for c in labels for _ in range(num_per_class)]
 
 
@@ -59,17 +60,68 @@ def sampling_options(family: str, cfg=None, top_k=None, top_p=None, more_smooth=
 
 def write_npz(out_dir: str, labels: List[int]) -> str:
   """``samples.npz`` (``arr_0``: uint8 NHWC) built from the PNGs on disk (the uint8 round trip is part of the FID
-  protocol): exactly what OpenAI's evaluator reads. Written atomically."""
+  protocol): exactly what OpenAI's evaluator reads. Written atomically (``fileio``)."""
   paths = [os.path.join(out_dir, image_name(i, l)) for i, l in enumerate(labels)]
   missing = [p for p in paths if not os.path.exists(p)]
   if missing:
     raise FileNotFoundError(f'{out_dir}: {len(missing)} of {len(paths)} samples are missing (first: {missing[0]}); '
                             f'rerun the sampling to complete the set')
-  arr = np.stack([read_rgb(p) for p in paths])
+  arrays = []
+  for p in paths:
+    try:
+      arrays.append(read_rgb(p))
+    except OSError as e:
+      raise ValueError(f'{p}: damaged sample image ({e}); rerun the sampling to regenerate it') from None
+    if arrays[-1].shape != arrays[0].shape:
+      raise ValueError(f'{p}: a {arrays[-1].shape[1]}x{arrays[-1].shape[0]} image among '
+                       f'{arrays[0].shape[1]}x{arrays[0].shape[0]} samples (left from another model?); remove it')
   path = os.path.join(out_dir, 'samples.npz')
-  np.savez(path + '.tmp.npz', arr_0=arr)
-  os.replace(path + '.tmp.npz', path)
+  fileio.atomic_save(path, lambda f: np.savez(f, arr_0=np.stack(arrays)))
   return path
+
+
+def check_destinations(out: Optional[str], out_dir: Optional[str]):
+  """The sampling outputs, before any model is loaded or image sampled: at least one given, ``out`` a writable
+  ``.png`` file path (not a directory), ``out_dir`` a writable directory (made if missing). Raises
+  ``ValueError`` / ``fileio.OutputError`` naming the flag."""
+  if not out and not out_dir:
+    raise ValueError('give --out (a grid PNG) and/or --out_dir (one PNG per image + npz)')
+  if out:
+    fileio.check_output_file(out, '--out', suffixes=('.png',))
+  if out_dir:
+    fileio.check_output_dir(out_dir, '--out_dir')
+
+
+def _existing_samples(out_dir: str, names: Dict[int, str]) -> set:
+  """The indices whose PNG in ``out_dir`` is intact (fully decodes). A damaged one (truncated by a kill during a
+  write without the atomic writer, or corrupt) and temporary files left beside an image are removed with a warning
+  naming them, so the image is sampled again."""
+  intact = set()
+  stray = {}
+  for f in (p.name for p in fileio.path(out_dir).iterdir()):
+    for suffix in ('.tmp.png',):                      # the former writer's temporary name
+      if f.endswith(suffix):
+        stray.setdefault(f[:-len(suffix)], []).append(f)
+    if f.startswith('.') and '.png.tmp-' in f:         # fileio.atomic_open's temporary name
+      stray.setdefault(f[1:f.index('.png.tmp-') + 4], []).append(f)
+  mine = set(names.values())
+  for target, files in stray.items():
+    if target in mine:
+      for f in files:
+        logging.warning('%s: removing the stray temporary file %s (an interrupted write)', out_dir, f)
+        with contextlib.suppress(OSError):
+          fileio.path(os.path.join(out_dir, f)).unlink()
+  for i, name in names.items():
+    p = os.path.join(out_dir, name)
+    if not fileio.path(p).exists():
+      continue
+    if intact_image(p):
+      intact.add(i)
+    else:
+      logging.warning('%s is damaged (truncated or not a readable PNG): it is sampled again', p)
+      with contextlib.suppress(OSError):
+        fileio.path(p).unlink()
+  return intact
 
 
 def _progress(done: int, total: int, t0: float):
@@ -87,7 +139,8 @@ def _sample_share(pipe, labels: List[int], seed: int, opts: Dict[str, Any], batc
   if out_dir:
     os.makedirs(out_dir, exist_ok=True)
     n_mine = len(todo)
-    todo = [i for i in todo if not os.path.exists(os.path.join(out_dir, image_name(i, labels[i])))]
+    done = _existing_samples(out_dir, {i: image_name(i, labels[i]) for i in todo})
+    todo = [i for i in todo if i not in done]
     if len(todo) < n_mine:
       log(f'{out_dir}: {n_mine - len(todo)} of {n_mine} images exist already; sampling the other {len(todo)}')
   kept = {}
@@ -113,7 +166,7 @@ def _write_grid(out: str, labels: List[int], imgs: Dict[int, np.ndarray], out_di
     if i not in imgs:
       imgs[i] = read_rgb(os.path.join(out_dir, image_name(i, labels[i])))
   os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-  labelled_grid(np.stack([imgs[i] for i in range(len(labels))]), labels, grid_cols).save(out)
+  write_png(out, labelled_grid(np.stack([imgs[i] for i in range(len(labels))]), labels, grid_cols))
 
 
 def _gather_shares(imgs: Dict[int, np.ndarray], total: int) -> Dict[int, np.ndarray]:
@@ -132,8 +185,7 @@ def _gather_shares(imgs: Dict[int, np.ndarray], total: int) -> Dict[int, np.ndar
 
 
 def _checked_options(pipe, out, out_dir, cfg, top_k, top_p, more_smooth, options):
-  if not out and not out_dir:
-    raise ValueError('give --out (a grid PNG) and/or --out_dir (one PNG per image + npz)')
+  check_destinations(out, out_dir)
   return sampling_options(pipe.family, cfg=cfg, top_k=top_k, top_p=top_p, more_smooth=more_smooth, **(options or {}))
 
 

@@ -33,7 +33,7 @@ from var_jax.models.bae import BAEConfig
 from var_jax.models.bigr import BiGR, BiGRConfig
 from var_jax.pipelines.base import BinaryLatentPipeline
 from var_jax.sampling import bigr as bigr_sampling
-from var_jax.sampling.common import as_key, resolve_labels
+from var_jax.sampling.common import as_key, check_sampling_args, resolve_labels
 
 # The release sample script (haoosz/BiGR script/sample.sh + sample.py argparse defaults): cfg 3.0 constant, 20
 # iterations, Gumbel 0.01 constant; infer_steps 100 of n_sample_steps 256 and temperature 1.0 come from the
@@ -177,6 +177,8 @@ class BiGRPipeline(BinaryLatentPipeline):
     c = self.bigr_config
     infer_steps = c.infer_steps if infer_steps is None else int(infer_steps)
     temperature = c.sample_temperature if temperature is None else float(temperature)
+    if not temperature > 0:
+      raise ValueError(f'temperature must be > 0 (it divides the logits), got {temperature}')
     if not 1 <= infer_steps <= c.n_sample_steps:
       raise ValueError(f'infer_steps must be in 1..{c.n_sample_steps} (n_sample_steps), got {infer_steps}')
     if int(num_iter) < 1:
@@ -236,6 +238,8 @@ class BiGRPipeline(BinaryLatentPipeline):
       noise: injected randomness for the whole batch (one call, no batching/sharding): {'u_diff': (I, S, B*N, K),
         'u_select': (I, B, N, K), 'gumbel': (I, B, N)}, the reference fixtures' layout (see ``bigr_sampling``).
     """
+    check_sampling_args(cfg=cfg, num_iter=num_iter, infer_steps=infer_steps, gumbel_temp=gumbel_temp,
+                        temperature=temperature, num_samples=num_samples, batch_size=batch_size)
     settings = self._sample_settings(cfg, num_iter, infer_steps, gumbel_temp, gumbel_schedule, cfg_schedule,
                                      temperature)
     return self._generate(settings, labels, rng, noise, clip, dtype, num_samples, sample_ids, batch_size, shard)

@@ -34,7 +34,7 @@ from var_jax.models.bae import BAEConfig
 from var_jax.models.elm import ELMConfig
 from var_jax.pipelines.base import BinaryLatentPipeline, named_mismatch
 from var_jax.sampling import elm as es
-from var_jax.sampling.common import as_key, resolve_labels
+from var_jax.sampling.common import as_key, check_sampling_args, resolve_labels
 
 PathLike = Union[str, os.PathLike]
 
@@ -265,6 +265,8 @@ class ELMPipeline(BinaryLatentPipeline):
       noise: injected randomness for the whole batch (one call, no batching/sharding), the reference fixtures'
         layout: AR {'uniforms': (N, B, T)}; MLM {'uniforms': (I, B, N*T), 'gumbel': (I, B, N, T)}.
     """
+    check_sampling_args(cfg=cfg, temperature=temperature, top_k=top_k, num_iter=num_iter, scale_pow=scale_pow,
+                        num_samples=num_samples, batch_size=batch_size)
     settings = self._settings(cfg, cfg_schedule, temperature, top_k, num_iter, scale_pow)
     return self._generate(settings, labels, rng, noise, clip, dtype, num_samples, sample_ids, batch_size, shard)
 

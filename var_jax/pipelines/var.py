@@ -19,7 +19,7 @@ from var_jax.models.var import VAR
 from var_jax.models.vqvae import VQVAE
 from var_jax.pipelines.base import Pipeline, check_images, named_mismatch
 from var_jax.sampling import var as var_sampling
-from var_jax.sampling.common import cast_floating
+from var_jax.sampling.common import cast_floating, check_sampling_args
 
 
 _RANGE_TOL = 0.05   # edit: images beyond [-1 - tol, 1 + tol] are rejected
@@ -178,13 +178,16 @@ class VARPipeline(Pipeline):
              shard: bool = True, sample_ids=None) -> Tuple[np.ndarray, np.ndarray]:
     """Class-conditional samples -> (images NHWC float32 in [0, 1], tokens int32 (N, L)), on the host.
 
-    labels: ints (``num_classes`` = unconditional), a single int with ``num_samples``, or None for random classes
+    labels: ints in [0, num_classes] (``num_classes`` = unconditional; the CLIs' ``--classes`` follow the same rule),
+    a single int with ``num_samples``, or None for random classes
     (``num_samples`` of them). rng: a PRNG key or an int seed; sample i depends only on fold_in(rng, i), so the
     result does not change with ``batch_size`` or the number of devices (``sample_ids`` replaces i by given
     global ids, so a resumed job draws exactly the images a full run would). Batches larger than ``batch_size``
     are split (the last one padded, so one compilation serves all); with several local devices the batch is
     sharded over them. ``dtype=jnp.bfloat16`` computes the transformer and decoder in bf16.
     """
+    check_sampling_args(cfg=cfg, top_k=top_k, top_p=top_p, more_smooth=more_smooth, num_samples=num_samples,
+                        batch_size=batch_size)
     lab, keys = self._sample_inputs(labels, rng, num_samples, sample_ids)
     return self._sample(self._options(cfg, top_k, top_p, more_smooth), [lab, keys], dtype, batch_size, shard)
 
@@ -208,6 +211,7 @@ class VARPipeline(Pipeline):
     In-painting: keep_mask 0 inside the hole; out-painting: keep_mask 1 inside the kept centre; class editing:
     keep the background, regenerate the object region under another label.
     """
+    check_sampling_args(cfg=cfg, top_k=top_k, top_p=top_p, more_smooth=more_smooth, batch_size=batch_size)
     x = _check_images(images, self.vae_config)
     lo, hi = float(jnp.min(x)), float(jnp.max(x))
     if lo < -1 - _RANGE_TOL or hi > 1 + _RANGE_TOL:

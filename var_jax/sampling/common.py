@@ -8,6 +8,84 @@ import jax.numpy as jnp
 import numpy as np
 
 
+# ----------------------------------------------------------------------------- argument validation
+# name -> (kind, low, low inclusive, high, high inclusive, None allowed): the numeric sampling arguments of every
+# family's ``sample``/``edit`` and of the CLIs (flag = ``--`` + name). Family-specific limits (e.g. BiGR's
+# infer_steps <= n_sample_steps) stay in the pipelines.
+SAMPLING_ARGS = {
+    'cfg': ('float', 0.0, True, None, False, True),
+    'top_k': ('int', 0, True, None, False, True),
+    'top_p': ('float', 0.0, True, 1.0, True, True),
+    'temperature': ('float', 0.0, True, None, False, True),     # > 0 where it divides logits (pipelines)
+    'gumbel_temp': ('float', 0.0, True, None, False, True),
+    'scale_pow': ('float', None, False, None, False, True),
+    'num_iter': ('int', 1, True, None, False, True),
+    'infer_steps': ('int', 1, True, None, False, True),
+    'batch_size': ('int', 1, True, None, False, True),
+    'num_samples': ('int', 1, True, None, False, True),
+    'num_per_class': ('int', 1, True, None, False, False),
+    'grid_cols': ('int', 1, True, None, False, False),
+    'seed': ('int', 0, True, 2 ** 32, False, False),
+    'more_smooth': ('bool', None, False, None, False, False),
+}
+
+
+def _describe(kind, lo, lo_in, hi, hi_in) -> str:
+  what = {'float': 'a finite number', 'int': 'an integer', 'bool': 'a bool (True/False)'}[kind]
+  if lo is not None and hi is not None:
+    return f'{what} in {"[" if lo_in else "("}{lo}, {"2^32" if hi == 2 ** 32 else hi}{"]" if hi_in else ")"}'
+  if lo is not None:
+    return f'{what} {">=" if lo_in else ">"} {lo}'
+  return what
+
+
+def check_sampling_args(prefix: str = '', **values):
+  """Validate sampling arguments by name (``SAMPLING_ARGS``: cfg, top_k, top_p, temperature, gumbel_temp,
+  scale_pow, num_iter, infer_steps, batch_size, num_samples, num_per_class, grid_cols, seed, more_smooth) before
+  any work: the one argument validator of the pipelines (``prefix=''``, the argument names) and the CLIs
+  (``prefix='--'``, the flag names). NaN/inf, a non-integer where an integer is expected, or a value outside its
+  range raises ``ValueError`` naming it, e.g. ``--cfg must be a finite number >= 0.0, got inf``."""
+  for name, v in values.items():
+    kind, lo, lo_in, hi, hi_in, none_ok = SAMPLING_ARGS[name]
+    if v is None:
+      if none_ok:
+        continue
+      ok = False
+    else:
+      a = np.asarray(v) if not isinstance(v, (str, bytes)) else np.asarray(None)
+      dk = a.dtype.kind if a.ndim == 0 else ''          # scalars only: python, numpy or 0-d jax values
+      ok = dk == 'b' if kind == 'bool' else dk in 'iu' if kind == 'int' else dk in 'iuf' and bool(np.isfinite(a))
+    if ok and kind != 'bool':
+      x = float(v) if kind == 'float' else int(v)
+      ok = (lo is None or (x >= lo if lo_in else x > lo)) and (hi is None or (x <= hi if hi_in else x < hi))
+    if not ok:
+      raise ValueError(f'{prefix}{name} must be {_describe(kind, lo, lo_in, hi, hi_in)}, got {v!r}')
+
+
+def parse_class_labels(values, num_classes: Optional[int] = None, what: str = '--classes'):
+  """Class labels given as strings or ints (a CLI list) -> list of int. Each must be an integer; with
+  ``num_classes``, in [0, num_classes], where ``num_classes`` itself is the unconditional (null) class that every
+  family embeds (the same rule as the pipelines' ``labels``). An empty list is an error (leave the flag out to mean
+  "all classes")."""
+  values = list(values)
+  if not values:
+    raise ValueError(f'{what}: empty list of class labels (leave {what} out to sample every class)')
+  out = []
+  for v in values:
+    s = str(v).strip()
+    try:
+      c = int(s, 10) if isinstance(v, str) else int(v)
+      if not isinstance(v, str) and c != v:
+        raise ValueError
+    except (TypeError, ValueError):
+      raise ValueError(f'{what}: {s!r} is not an integer class label') from None
+    if num_classes is not None and not 0 <= c <= num_classes:
+      raise ValueError(f'{what}: class {c} is out of range for a model with {num_classes} classes (0..'
+                       f'{num_classes - 1}, or {num_classes} = unconditional)')
+    out.append(c)
+  return out
+
+
 def as_key(rng, what: str = 'rng'):
   """A PRNG key from a key or an int seed; None is an error naming ``what``."""
   if rng is None:
