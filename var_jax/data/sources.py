@@ -81,7 +81,7 @@ def _subdirs(d: str) -> list[str]:
 
 def _image_files(split_dir: str, c: str) -> list[str]:
   """The image files below ``split_dir/c`` (recursive), relative to ``split_dir``, in ``sorted(os.walk)`` order
-  (directory by directory, then file names); a remote tree is listed with one recursive glob."""
+  (directory by directory, then file names); local or remote (one listing per directory)."""
   cdir = os.path.join(split_dir, c)
   out = []
   if not fileio.is_remote(cdir):
@@ -89,9 +89,11 @@ def _image_files(split_dir: str, c: str) -> list[str]:
       dirnames.sort()
       out += [os.path.relpath(os.path.join(dirpath, f), split_dir) for f in sorted(filenames) if _is_image_file(f)]
     return out
-  prefix = split_dir.rstrip('/') + '/'
-  rel = [os.fspath(p)[len(prefix):] for p in fileio.path(cdir).glob('**/*') if _is_image_file(p.name)]
-  return sorted(rel, key=lambda r: (os.path.dirname(r), os.path.basename(r)))
+  base = cdir.split('://', 1)[1].rstrip('/')    # epath's walk gives remote dirpaths without the scheme
+  for dirpath, _, filenames in sorted(fileio.path(cdir).walk(), key=lambda t: os.fspath(t[0])):
+    sub = os.path.relpath(os.fspath(dirpath).split('://', 1)[-1], base)
+    out += [os.path.normpath(os.path.join(c, sub, f)) for f in sorted(filenames) if _is_image_file(f)]
+  return out
 
 
 class ImageFolderSource(_LabelledSource):

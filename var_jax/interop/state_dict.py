@@ -304,14 +304,25 @@ def _short_cause(e: BaseException) -> str:
 
 def check_checkpoint_file(path, what: str = 'checkpoint') -> str:
   """``path`` names a non-empty regular file, else ``FileNotFoundError`` / ``CheckpointFileError`` saying why."""
+  from var_jax import fileio
   path = os.fspath(path)
-  if not os.path.exists(path):
+  if not fileio.exists(path):
     raise FileNotFoundError(f'{what} file not found: {path}')
-  if os.path.isdir(path):
+  if fileio.isdir(path):
     raise CheckpointFileError(f'{what} {path}: is a directory, not a weights file')
-  if os.path.getsize(path) == 0:
+  if (fileio.path(path).stat().length if fileio.is_remote(path) else os.path.getsize(path)) == 0:
     raise CheckpointFileError(f'{what} {path}: the file is empty (0 bytes)')
   return path
+
+
+def _remote(read, path: str, *args):
+  """``read(local copy of the remote file path, *args)``; errors name ``path``, not the copy."""
+  from var_jax import fileio
+  with fileio.local_file(path) as local:     # the readers need a real file (mmap, zip headers)
+    try:
+      return read(local, *args)
+    except CheckpointFileError as e:
+      raise CheckpointFileError(str(e).replace(local, path)) from None
 
 
 def _torch():
@@ -354,7 +365,7 @@ def _safetensors_call(path: str, what: str, fn):
 
 def load_state_dict(path, wrapper_key: Optional[str] = None, what: str = 'checkpoint') -> StateDict:
   """Read a ``.pth``/``.pt``/``.th`` (torch, ``weights_only=True``) or ``.safetensors`` state_dict into numpy: the
-  one reader of reference-layout files of every family. A missing path is ``FileNotFoundError``; a directory, an
+  one reader of reference-layout files of every family, local or remote (``gs://``: through a temporary copy). A missing path is ``FileNotFoundError``; a directory, an
   empty, truncated or random file, a zip that is no torch file, a bad safetensors header or a file that holds no
   flat state_dict is one ``CheckpointFileError`` line naming the file (``what``: e.g. 'BAE checkpoint') and why.
   The values are checked at import (``validate_tensors``).
@@ -364,6 +375,8 @@ def load_state_dict(path, wrapper_key: Optional[str] = None, what: str = 'checkp
   back as float32 (numpy has no bfloat16).
   """
   path = check_checkpoint_file(path, what)
+  if '://' in path:
+    return _remote(load_state_dict, path, wrapper_key, what)
   if path.endswith('.safetensors'):
     from safetensors.numpy import load_file
     return _safetensors_call(path, what, lambda: dict(load_file(path)))
@@ -385,6 +398,8 @@ def state_dict_keys(path, wrapper_key: Optional[str] = None, what: str = 'checkp
   """The keys of a state_dict file (``load_state_dict``'s formats and errors) without reading the tensors' data:
   the safetensors header, or a memory-mapped torch load."""
   path = check_checkpoint_file(path, what)
+  if '://' in path:
+    return _remote(state_dict_keys, path, wrapper_key, what)
   if path.endswith('.safetensors'):
     from safetensors import safe_open
 
