@@ -12,7 +12,11 @@ FLAGS = flags.FLAGS
 
 
 def define_model_flags():
-  """The checkpoint flags of any family: VAR (reference weights or our checkpoint), ELM / BiGR (BAE + generator)."""
+  """The checkpoint flags of any family: VAR (reference weights or our checkpoint), ELM / BiGR (BAE + generator),
+  or a released model by name (``var_jax.hub``)."""
+  flags.DEFINE_string('pretrained', None, 'a released model by name, fetched into the Hugging Face hub cache (e.g. '
+                      'var_d16, L-2-10, bigr_L_d24; name@revision pins one; HF_HUB_OFFLINE=1: cached files only); '
+                      'instead of the file flags. `python -m var_jax.hub` lists the names')
   flags.DEFINE_string('vae_ckpt', None, 'reference-layout VQVAE weights (.pth or .safetensors)')
   flags.DEFINE_string('var_ckpt', None, 'reference-layout VAR weights (.pth or .safetensors)')
   flags.DEFINE_string('checkpoint', None, 'a var_jax model checkpoint directory (instead of --vae_ckpt/--var_ckpt)')
@@ -57,7 +61,7 @@ def load_pipeline_from_flags():
   from var_jax.pipelines.pretrained import load_pipeline
   return load_pipeline(FLAGS.vae_ckpt, FLAGS.var_ckpt, FLAGS.checkpoint, FLAGS.patch_nums, model=FLAGS.model,
                        bae_ckpt=FLAGS.bae_ckpt, model_ckpt=FLAGS.model_ckpt, model_args=FLAGS.model_args,
-                       allow_cast=FLAGS.allow_weight_cast)
+                       allow_cast=FLAGS.allow_weight_cast, pretrained=FLAGS.pretrained)
 
 
 def run(main: Callable[[], Optional[int]], errors: Sequence[Type[BaseException]] = (), multihost: bool = False):

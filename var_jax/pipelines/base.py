@@ -76,6 +76,22 @@ class Pipeline:
 
   _mesh = staticmethod(shd.local_data_mesh)
 
+  @classmethod
+  def from_pretrained(cls, name: str, *, revision: Optional[str] = None, cache_dir: Optional[str] = None,
+                      allow_cast: bool = False, **model_args) -> 'Pipeline':
+    """A released model by name (``var_jax.hub.RELEASES``: ``'var_d16'``, ``'L-2-10'``, ``'bigr_L_d24'`` ...),
+    its generator and tokenizer files fetched into the Hugging Face hub cache (``cache_dir``, else
+    ``HF_HUB_CACHE``; ``HF_HUB_OFFLINE=1``: cached files only) at ``revision`` (or ``name@revision``), then loaded
+    with ``from_torch``. ``model_args`` update the table's ``ModelArgs`` fields (and pass ``from_torch``'s
+    options, e.g. ``patch_nums`` for VAR)."""
+    from var_jax import hub
+    r = hub.release(name)
+    if r.kind != cls.family:
+      raise ValueError(f'{name!r} is a released {r.kind} file, not a {cls.family} model; {cls.__name__} loads: '
+                       f'{" ".join(hub.names(cls.family))}')
+    files = hub.resolve(name, revision=revision, cache_dir=cache_dir)
+    return cls.from_torch(files.tokenizer, files.model, allow_cast=allow_cast, **{**files.model_args, **model_args})
+
   @property
   def num_classes(self) -> int:
     raise NotImplementedError

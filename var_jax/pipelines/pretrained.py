@@ -59,14 +59,31 @@ def detect_family(model_ckpt: str) -> str:
 
 def load_pipeline(vae_ckpt: Optional[str] = None, var_ckpt: Optional[str] = None, checkpoint: Optional[str] = None,
                   patch_nums: Optional[Sequence] = None, *, model: str = 'auto', bae_ckpt: Optional[str] = None,
-                  model_ckpt: Optional[str] = None, model_args=None, allow_cast: bool = False) -> Pipeline:
+                  model_ckpt: Optional[str] = None, model_args=None, allow_cast: bool = False,
+                  pretrained: Optional[str] = None, cache_dir: Optional[str] = None) -> Pipeline:
   """VAR from ``vae_ckpt`` + ``var_ckpt`` (reference weights) or ``checkpoint`` (ours); ELM / BiGR from ``bae_ckpt``
-  + ``model_ckpt`` with ``model_args`` (``parse_model_args``). ``model``: 'auto' (from which files are given and,
-  for ELM / BiGR, from the generator's keys), 'var', 'elm' or 'bigr'. ``allow_cast``: accept integer-stored
-  weights, cast to float32 (NaN/inf weights are always an error)."""
+  + ``model_ckpt`` with ``model_args`` (``parse_model_args``); any family from ``pretrained``, a released name
+  (``var_jax.hub``; ``name@revision`` pins one; ``model_args`` / ``patch_nums`` update its table entry). ``model``:
+  'auto' (from which files are given and, for ELM / BiGR, from the generator's keys), 'var', 'elm' or 'bigr'.
+  ``allow_cast``: accept integer-stored weights, cast to float32 (NaN/inf weights are always an error)."""
   if model not in ('auto', *PIPELINES):
     raise ValueError(f'model must be auto, var, elm or bigr, got {model!r}')
   model_args = parse_model_args(model_args)
+  if pretrained:
+    from var_jax import hub
+    given = [f for f, v in (('--vae_ckpt', vae_ckpt), ('--var_ckpt', var_ckpt), ('--checkpoint', checkpoint),
+                            ('--bae_ckpt', bae_ckpt), ('--model_ckpt', model_ckpt)) if v]
+    if given:
+      raise ValueError(f'give either --pretrained or {"/".join(given)}, not both')
+    kind = hub.release(pretrained).kind                 # an unknown name lists the known ones
+    if kind not in PIPELINES:
+      raise ValueError(f'--pretrained={pretrained} is a released tokenizer ({kind}), not a generator; the generators: '
+                       f'{" ".join(n for k in PIPELINES for n in hub.names(k))}')
+    if model not in ('auto', kind):
+      raise ValueError(f'--pretrained={pretrained} is a released {kind} model, not --model={model}')
+    if patch_nums:
+      model_args['patch_nums'] = [int(p) for p in patch_nums]
+    return PIPELINES[kind].from_pretrained(pretrained, cache_dir=cache_dir, allow_cast=allow_cast, **model_args)
   if model in ('elm', 'bigr') or (model == 'auto' and (bae_ckpt or model_ckpt)):
     if vae_ckpt or var_ckpt or checkpoint:
       raise ValueError('give either --bae_ckpt/--model_ckpt (ELM, BiGR) or --vae_ckpt/--var_ckpt/--checkpoint (VAR)')
