@@ -33,6 +33,9 @@ setup(
         # if you do not want pip to pull a CUDA build.
         'torch': ['torch>=2.4'],
         'gcs': ['gcsfs'],   # gs:// workdirs
+        # TPU runs, and AOT compilation for TPU slices on any host (python -m var_jax.aot): libtpu from PyPI. On a
+        # CPU/GPU machine install it into a separate environment: it slows every JAX start there.
+        'tpu': ['jax[tpu]>=0.10.2'],
         'eval': ['matplotlib>=3.8'],   # scaling-law plots (python -m var_jax.scaling)
         'test': ['pytest>=8.0', 'nbclient>=0.10', 'nbformat>=5.10', 'ipykernel>=6.29', 'matplotlib>=3.8'],
     },

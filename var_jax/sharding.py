@@ -57,13 +57,26 @@ def mesh_shape(axis_sizes: Dict[str, int], num_devices: int) -> Tuple[int, ...]:
   return tuple(sizes)
 
 
-def make_mesh(axis_sizes: Dict[str, int], devices: Optional[Sequence[Any]] = None) -> Mesh:
-  """A mesh over all (or the given) devices with Auto axes ('data', 'fsdp', 'tensor')."""
+def make_mesh(axis_sizes: Dict[str, int], devices: Optional[Sequence[Any]] = None, num_slices: int = 1) -> Mesh:
+  """A mesh over all (or the given) devices with Auto axes ('data', 'fsdp', 'tensor'), laid out on the physical
+  topology (``jax.make_mesh``). ``num_slices`` > 1 (multislice TPU over DCN): the slices split the 'data' axis
+  (``mesh_utils.create_hybrid_device_mesh``), so only data-parallel gradients cross the slow links."""
   devices = list(devices) if devices is not None else jax.devices()
   shape = mesh_shape(dict(axis_sizes), len(devices))
+  types = (AxisType.Auto,) * len(MESH_AXES)
+  if num_slices > 1:
+    if shape[0] % num_slices:
+      raise ValueError(f'mesh {dict(zip(MESH_AXES, shape))}: data={shape[0]} must be a multiple of the '
+                       f'{num_slices} slices (the slices split the data axis)')
+    from jax.experimental import mesh_utils
+    ici = (shape[0] // num_slices,) + shape[1:]
+    grid = mesh_utils.create_hybrid_device_mesh(ici, (num_slices,) + (1,) * (len(shape) - 1), devices)
+    return Mesh(grid, MESH_AXES, axis_types=types)
   if devices == jax.devices():
-    return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
-  return Mesh(np.asarray(devices).reshape(shape), MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
+    return jax.make_mesh(shape, MESH_AXES, axis_types=types)
+  if len({d.platform for d in devices}) == 1 and devices[0].platform == 'tpu':
+    return jax.make_mesh(shape, MESH_AXES, axis_types=types, devices=devices)   # ICI-aware order
+  return Mesh(np.asarray(devices).reshape(shape), MESH_AXES, axis_types=types)
 
 
 def rules_from_config(rules=None) -> Tuple[Tuple[str, Any], ...]:
