@@ -73,6 +73,24 @@ def rmtree(p: PathLike):
     path(p).rmtree()
 
 
+def find_files(root: PathLike, suffixes: tuple) -> list:
+  """Every file below ``root`` (recursive) whose name ends with one of ``suffixes`` (case-insensitive), as sorted
+  path strings; local (``glob``, following links) or remote (one listing per directory)."""
+  root = os.fspath(root)
+  suffixes = tuple(x.lower() for x in suffixes)
+  if not is_remote(root):
+    import glob
+    return sorted(f for f in glob.glob(os.path.join(glob.escape(root), '**', '*'), recursive=True)
+                  if f.lower().endswith(suffixes) and os.path.isfile(f))
+  scheme = root.split('://', 1)[0] + '://'
+  out = []
+  for dirpath, _, filenames in path(root).walk():
+    d = os.fspath(dirpath)
+    d = d if '://' in d else scheme + d          # epath's walk drops the scheme of remote dirpaths
+    out += [f'{d.rstrip("/")}/{n}' for n in filenames if n.lower().endswith(suffixes)]
+  return sorted(out)
+
+
 @contextlib.contextmanager
 def local_file(p: PathLike) -> Iterator[str]:
   """A local file path holding ``p``'s bytes, for readers that need a real file (``torch.load(mmap=)``, PIL's
