@@ -76,6 +76,23 @@ def test_errors(offline):
   assert hub.local_path('/some/local/file.pth') == '/some/local/file.pth'   # local paths pass through
 
 
+def test_training_config_names(offline):
+  from tests_helpers import load_config
+  fixture_cache(offline)
+  config = load_config('quickstart')
+  config.init_from, config.vae_ckpt = 'var_d16', 'vae_ch160v4096z32'
+  got = hub.resolve_config(config)
+  assert got.init_from == hub.resolve('var_d16').model and got.vae_ckpt == hub.resolve('var_d16').tokenizer
+  assert config.init_from == 'var_d16'                              # a copy
+  config.vae_ckpt = '/local/vae.pth'
+  assert hub.resolve_config(config).vae_ckpt == '/local/vae.pth'  # local paths stay
+  config.init_from = 'L-2-10'
+  with pytest.raises(ValueError, match='config.init_from=L-2-10 is a released elm file; expected one of kind var'):
+    hub.resolve_config(config)
+  plain = load_config('quickstart')
+  assert hub.resolve_config(plain) is plain
+
+
 def test_from_pretrained_each_family(offline):
   args = fixture_cache(offline)
   var = VARPipeline.from_pretrained('var_d16')

@@ -167,6 +167,29 @@ def local_path(value, what: str = 'path', kinds: Optional[Tuple[str, ...]] = Non
   return download(r.repo, r.file, rev, cache_dir, f'{what}={base}')
 
 
+# training config fields that take a file, and the release kinds each accepts per config.task (None: the task's)
+_TASK_KINDS = {'var': ('var',), 'tokenizer': ('vqvae', 'bae'), 'elm_ar': ('elm',), 'elm_mlm': ('elm',),
+               'bigr': ('bigr',)}
+_CONFIG_FILES = {'init_from': None, 'vae_ckpt': ('vqvae',), 'bae_ckpt': ('bae',)}
+
+
+def resolve_config(config):
+  """A training config whose ``init_from`` / ``vae_ckpt`` / ``bae_ckpt`` released names (``var_d16``,
+  ``vae_ch160v4096z32``, ``bae_20`` ...) are replaced by their files in the hub cache (a copy; ``config`` itself
+  when it names none). ``init_from`` takes a release of the task's kind (VAR: a VAR model, tokenizer: a VQVAE or
+  BAE, ELM / BiGR: a generator of that family)."""
+  import copy
+  found = {k: kinds or _TASK_KINDS[config.task] for k, kinds in _CONFIG_FILES.items()
+           if k in config and is_release(config[k])}
+  if not found:
+    return config
+  new = copy.deepcopy(config)
+  with new.unlocked():
+    for k, kinds in found.items():
+      new[k] = local_path(config[k], f'config.{k}', kinds=kinds)
+  return new
+
+
 def table_markdown() -> str:
   """The release table as Markdown (name, kind, repo/file, tokenizer, ModelArgs)."""
   rows = ['| name | kind | Hub file | tokenizer | ModelArgs | note |', '| --- | --- | --- | --- | --- | --- |']

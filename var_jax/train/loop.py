@@ -245,6 +245,8 @@ def train(config, workdir: str) -> Tuple[Any, Dict[str, float]]:
   from var_jax.train import reference_args
   from var_jax.train import workdir as workdir_lib
   config = reference_args.resolve(config)      # a reference train.py command line, if given, before anything reads it
+  from var_jax import hub
+  config = hub.resolve_config(config)          # released names in init_from / vae_ckpt / bae_ckpt -> hub cache files
   check_schedule_config(config)
   preempt = Preemption()           # from the start: a SIGTERM during set-up still releases the lock
   lock = workdir_lib.WorkdirLock(workdir)
