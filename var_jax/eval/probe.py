@@ -30,7 +30,6 @@ is sharded over all local devices.
 """
 from __future__ import annotations
 
-import os
 import time
 from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
@@ -39,6 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from var_jax import fileio
 from var_jax.pipelines.bigr import BiGRPipeline
 from var_jax.pipelines.pretrained import parse_model_args
 from var_jax.models.bae import BAEConfig
@@ -72,7 +72,7 @@ def build_pipeline(bae_ckpt: Optional[str] = None, bigr_ckpt: Optional[str] = No
   if not (bae_ckpt and bigr_ckpt):
     raise ValueError('need --bae_ckpt and --bigr_ckpt (reference checkpoints), or --random_init_config=quickstart')
   for flag, path in (('--bae_ckpt', bae_ckpt), ('--bigr_ckpt', bigr_ckpt)):
-    if not os.path.exists(path):
+    if not fileio.exists(path):          # local or gs://
       raise FileNotFoundError(f'{flag}: {path} does not exist')
   return BiGRPipeline.from_torch(bae_ckpt, bigr_ckpt, **parse_model_args(model_args))
 
