@@ -25,7 +25,6 @@ The CLI over this is ``python -m var_jax.evaluate``. The protocol (what makes nu
 from __future__ import annotations
 
 import dataclasses
-import glob
 import json
 import math
 import os
@@ -37,6 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
+from var_jax import fileio
 from var_jax.eval import metrics
 from var_jax.images import read_rgb, to_uint8
 
@@ -72,8 +72,7 @@ class ImageSet:
 
   @classmethod
   def from_folder(cls, path: str) -> 'ImageSet':
-    files = sorted(f for f in glob.glob(os.path.join(path, '**', '*'), recursive=True)
-                   if f.lower().endswith(IMAGE_EXTENSIONS) and os.path.isfile(f))
+    files = fileio.find_files(path, IMAGE_EXTENSIONS)     # local or remote (gs://)
     if not files:
       raise FileNotFoundError(f'{path}: no image files ({", ".join(IMAGE_EXTENSIONS)}) found')
 
@@ -97,7 +96,7 @@ class ImageSet:
 
   @classmethod
   def from_npz(cls, path: str, key: str = 'arr_0') -> 'ImageSet':
-    with np.load(path) as data:
+    with fileio.path(path).open('rb') as fh, np.load(fh) as data:
       if key not in data.files:
         raise KeyError(f'{path} has no {key!r} images (keys present: {data.files})')
       images = data[key]
@@ -106,9 +105,9 @@ class ImageSet:
   @classmethod
   def open(cls, path: str) -> 'ImageSet':
     """A folder or an ``.npz`` with ``'arr_0'`` images."""
-    if os.path.isdir(path):
+    if fileio.isdir(path):
       return cls.from_folder(path)
-    if not os.path.exists(path):
+    if not fileio.exists(path):
       raise FileNotFoundError(f'{path}: no such file or folder')
     if path.endswith('.npz'):
       return cls.from_npz(path)
@@ -191,11 +190,11 @@ def load_reference(path: str, features: Optional[InceptionFeatures] = None,
   port (the OpenAI evaluator's TF graph) and mixing ports biases FID. ``cache``: where to store / reuse the computed
   ``mu``/``sigma``/``pool3`` (computing them for 50k images takes a while).
   """
-  if cache and os.path.exists(cache):
+  if cache and fileio.exists(cache):
     return _reference_from_npz(cache, None)
-  if os.path.isdir(path):
+  if fileio.isdir(path):
     ref = _reference_from_images(ImageSet.from_folder(path), features)
-  elif not os.path.exists(path):
+  elif not fileio.exists(path):
     raise FileNotFoundError(f'reference batch {path}: no such file or folder')
   else:
     ref = _reference_from_npz(path, features)
@@ -213,7 +212,7 @@ def _reference_from_images(images: ImageSet, features: Optional[InceptionFeature
 
 
 def _reference_from_npz(path: str, features: Optional[InceptionFeatures]) -> Reference:
-  with np.load(path) as data:
+  with fileio.path(path).open('rb') as fh, np.load(fh) as data:
     files = set(data.files)
     if 'arr_0' in files and features is not None:
       return _reference_from_images(ImageSet.from_array(data['arr_0'], path), features)
@@ -227,7 +226,7 @@ def _reference_from_npz(path: str, features: Optional[InceptionFeatures]) -> Ref
 
 def save_reference(path: str, ref: Reference):
   """``mu``/``sigma`` (pytorch-fid layout) plus ``pool3`` when known. Written atomically."""
-  os.makedirs(os.path.dirname(os.path.abspath(path)) or '.', exist_ok=True)
+  fileio.makedirs(os.path.dirname(fileio.abspath(path)) or '.')
   arrays = {'mu': ref.mu, 'sigma': ref.sigma}
   if ref.pool3 is not None:
     arrays['pool3'] = ref.pool3
@@ -388,11 +387,11 @@ def evaluate(pipe=None, *, out_dir: Optional[str] = None, samples: Optional[str]
     raise ValueError('--rfid and --test_loss read a data split: give --config=configs/<x>.py (its data section)')
   if not out_dir and not samples:
     raise ValueError('give --out_dir (where samples and metrics.json go) or --samples')
-  out_dir = out_dir or os.path.dirname(os.path.abspath(samples))
+  out_dir = out_dir or os.path.dirname(fileio.abspath(samples))
   from var_jax.eval import inputs
   inputs.check_evaluate_inputs(samples=samples, ref=ref, ref_cache=ref_cache, inception=inception, out_dir=out_dir,
                                sample_quality=bool(samples or ref or not (rfid or test_set_loss)), rfid=rfid)
-  os.makedirs(out_dir, exist_ok=True)
+  fileio.makedirs(out_dir)
   split = split or (data_config.eval_split if data_config is not None else None)
   feats = None
   main = jax.process_index() == 0

@@ -467,15 +467,16 @@ def load_inception_params(path: Optional[str] = None) -> Params:
   ``.safetensors`` holding the torch state_dict keys is accepted too). Returns numpy float32 params."""
   if path is None:
     raise _missing_weights_error(None)
+  from var_jax import fileio
   path = os.fspath(path)
-  if not os.path.exists(path):
+  if not fileio.exists(path):
     raise _missing_weights_error(path)
   if path.endswith('.npz'):
-    with np.load(path) as data:
+    with fileio.path(path).open('rb') as fh, np.load(fh) as data:
       flat = {k: data[k] for k in data.files}
   elif path.endswith('.safetensors'):
-    from safetensors.numpy import load_file
-    flat = dict(load_file(path))
+    from safetensors.numpy import load
+    flat = dict(load(fileio.path(path).read_bytes()))     # local or remote (gs://)
   else:
     from var_jax.interop.state_dict import load_state_dict
     return params_from_state_dict(load_state_dict(path), path)

@@ -3,7 +3,6 @@ has the expected format, read from headers (an ``.npz``'s member list and array 
 header, a torch file's archive listing), so a 50k-image ``arr_0`` is not loaded to find out."""
 from __future__ import annotations
 
-import glob
 import json
 import os
 import struct
@@ -12,12 +11,14 @@ from typing import Optional, Tuple
 
 import numpy as np
 
+from var_jax import fileio
+
 IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.bmp', '.webp')
 
 
 def npz_header(path: str, key: str) -> Tuple[Tuple[int, ...], np.dtype]:
   """(shape, dtype) of member ``key`` of the ``.npz`` at ``path``, from the array header only."""
-  with zipfile.ZipFile(path) as z, z.open(key + '.npy') as f:
+  with fileio.path(path).open('rb') as fh, zipfile.ZipFile(fh) as z, z.open(key + '.npy') as f:
     version = np.lib.format.read_magic(f)
     read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
     shape, _, dtype = read(f)
@@ -26,23 +27,23 @@ def npz_header(path: str, key: str) -> Tuple[Tuple[int, ...], np.dtype]:
 
 def npz_keys(path: str, what: str):
   """The member names of an ``.npz`` (an error naming ``what`` when it is not one)."""
-  if not zipfile.is_zipfile(path):
-    raise ValueError(f'{what} {path}: not an .npz archive')
-  with zipfile.ZipFile(path) as z:
-    return sorted(n[:-4] for n in z.namelist() if n.endswith('.npy'))
+  with fileio.path(path).open('rb') as fh:     # local or remote (gs://)
+    if not zipfile.is_zipfile(fh):
+      raise ValueError(f'{what} {path}: not an .npz archive')
+    with zipfile.ZipFile(fh) as z:
+      return sorted(n[:-4] for n in z.namelist() if n.endswith('.npy'))
 
 
 def _exists(path: str, what: str):
-  if not os.path.exists(path):
+  if not fileio.exists(path):
     raise FileNotFoundError(f'{what} {path}: no such file or folder')
-  if not os.access(path, os.R_OK):
+  if not fileio.is_remote(path) and not os.access(path, os.R_OK):
     raise ValueError(f'{what} {path}: not readable')
 
 
 def check_image_folder(path: str, what: str):
-  for f in glob.iglob(os.path.join(path, '**', '*'), recursive=True):
-    if f.lower().endswith(IMAGE_EXTENSIONS) and os.path.isfile(f):
-      return
+  if fileio.find_files(path, IMAGE_EXTENSIONS):
+    return
   raise FileNotFoundError(f'{what} {path}: no image files ({", ".join(IMAGE_EXTENSIONS)}) found')
 
 
@@ -71,7 +72,7 @@ def check_statistics_npz(path: str, what: str):
 def check_images(path: str, what: str):
   """A folder of images or an ``.npz`` with ``arr_0`` images."""
   _exists(path, what)
-  if os.path.isdir(path):
+  if fileio.isdir(path):
     check_image_folder(path, what)
   elif path.endswith('.npz'):
     check_images_npz(path, what)
@@ -84,7 +85,7 @@ def check_reference(path: str, with_inception: bool):
   the Inception weights are given) or ``mu``/``sigma`` statistics (finite)."""
   what = 'reference batch'
   _exists(path, what)
-  if os.path.isdir(path):
+  if fileio.isdir(path):
     check_image_folder(path, what)
     return
   keys = npz_keys(path, what)
@@ -104,11 +105,11 @@ def check_inception(path: Optional[str]):
   if not path:
     raise ValueError('--inception is required for FID/IS/precision/recall: pass pytorch-fid\'s '
                      'pt_inception-2015-12-05-6726825d.pth (or its converted .safetensors); it is never downloaded')
-  if not os.path.isfile(path):
+  if not fileio.isfile(path):
     raise inception._missing_weights_error(path)  # pylint: disable=protected-access
   what = 'FID Inception weights'
   if path.endswith('.safetensors'):
-    with open(path, 'rb') as f:
+    with fileio.path(path).open('rb') as f:
       raw = f.read(8)
       n = struct.unpack('<Q', raw)[0] if len(raw) == 8 else -1
       try:
@@ -121,19 +122,19 @@ def check_inception(path: Optional[str]):
     if not npz_keys(path, what):
       raise ValueError(f'{what} {path}: the .npz holds no arrays')
   else:
-    if zipfile.is_zipfile(path):
-      with zipfile.ZipFile(path) as z:
-        if not any(n.endswith('data.pkl') for n in z.namelist()):
-          raise ValueError(f'{what} {path}: a zip archive but not a torch checkpoint (no data.pkl)')
-    else:
-      with open(path, 'rb') as f:
+    with fileio.path(path).open('rb') as f:
+      if zipfile.is_zipfile(f):
+        with zipfile.ZipFile(f) as z:
+          if not any(n.endswith('data.pkl') for n in z.namelist()):
+            raise ValueError(f'{what} {path}: a zip archive but not a torch checkpoint (no data.pkl)')
+      else:
+        f.seek(0)
         if f.read(1) != b'\x80':     # a legacy (pre-1.6) torch.save pickle
           raise ValueError(f'{what} {path}: neither a torch checkpoint, a .safetensors nor an .npz file')
 
 
 def check_out_dir(path: str, what: str = '--out_dir'):
   """``path`` exists or can be made, and a file can be written into it (``fileio.check_output_dir``)."""
-  from var_jax import fileio
   fileio.check_output_dir(path, what)
 
 
@@ -146,9 +147,9 @@ def check_evaluate_inputs(*, samples: Optional[str], ref: Optional[str], ref_cac
   if samples:
     check_images(samples, 'samples')
   if ref:
-    if ref_cache and os.path.exists(ref_cache):
+    if ref_cache and fileio.exists(ref_cache):
       check_statistics_npz(ref_cache, 'reference cache')
     else:
       check_reference(ref, with_inception=bool(inception))
       if ref_cache:
-        check_out_dir(os.path.dirname(os.path.abspath(ref_cache)), '--ref_cache')
+        check_out_dir(os.path.dirname(fileio.abspath(ref_cache)), '--ref_cache')

@@ -48,7 +48,8 @@ def save_statistics(path, mu, sigma):
 
 def load_statistics(path):
   """Reads ``(mu, sigma)`` as float64 from an ``.npz`` with keys ``'mu'`` and ``'sigma'`` (pytorch-fid or OpenAI)."""
-  with np.load(os.fspath(path)) as data:
+  from var_jax import fileio
+  with fileio.path(path).open('rb') as fh, np.load(fh) as data:     # local or remote (gs://)
     missing = [key for key in ('mu', 'sigma') if key not in data.files]
     if missing:
       raise KeyError(f'{path} has no {missing} (keys present: {data.files}); expected an .npz with \'mu\' and '

@@ -62,7 +62,8 @@ def write_npz(out_dir: str, labels: List[int]) -> str:
   """``samples.npz`` (``arr_0``: uint8 NHWC) built from the PNGs on disk (the uint8 round trip is part of the FID
   protocol): exactly what OpenAI's evaluator reads. Written atomically (``fileio``)."""
   paths = [os.path.join(out_dir, image_name(i, l)) for i, l in enumerate(labels)]
-  missing = [p for p in paths if not os.path.exists(p)]
+  present = set(fileio.find_files(out_dir, ('.png',)))     # one listing (local or gs://), not a call per file
+  missing = [p for p in paths if p not in present]
   if missing:
     raise FileNotFoundError(f'{out_dir}: {len(missing)} of {len(paths)} samples are missing (first: {missing[0]}); '
                             f'rerun the sampling to complete the set')
@@ -137,7 +138,7 @@ def _sample_share(pipe, labels: List[int], seed: int, opts: Dict[str, Any], batc
   jdtype = parse_dtype(dtype, '--dtype')
   todo = list(range(shard_index, len(labels), shard_count))
   if out_dir:
-    os.makedirs(out_dir, exist_ok=True)
+    fileio.makedirs(out_dir)
     n_mine = len(todo)
     done = _existing_samples(out_dir, {i: image_name(i, labels[i]) for i in todo})
     todo = [i for i in todo if i not in done]
@@ -165,7 +166,7 @@ def _write_grid(out: str, labels: List[int], imgs: Dict[int, np.ndarray], out_di
   for i in range(len(labels)):
     if i not in imgs:
       imgs[i] = read_rgb(os.path.join(out_dir, image_name(i, labels[i])))
-  os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+  fileio.makedirs(os.path.dirname(fileio.abspath(out)))
   write_png(out, labelled_grid(np.stack([imgs[i] for i in range(len(labels))]), labels, grid_cols))
 
 
