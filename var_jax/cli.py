@@ -3,6 +3,7 @@ that name a model and a sampling protocol, and the entry point. Only CLIs import
 until a CLI calls ``define_*`` under ``__main__``."""
 from __future__ import annotations
 
+import logging
 import sys
 from typing import Callable, Optional, Sequence, Type
 
@@ -64,11 +65,29 @@ def load_pipeline_from_flags():
                        allow_cast=FLAGS.allow_weight_cast, pretrained=FLAGS.pretrained)
 
 
+class _PlatformProbeFilter(logging.Filter):
+  """Drops JAX's INFO records about platforms it probed and did not find (``Unable to initialize backend 'tpu':
+  ... libtpu.so``, printed at every start on CPU/GPU hosts); warnings and errors pass, e.g. a GPU jaxlib falling
+  back to the CPU, or a platform named in ``JAX_PLATFORMS`` that fails (an exception)."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return not (record.levelno <= logging.INFO and record.getMessage().startswith('Unable to initialize backend'))
+
+
+def quiet_platform_probes():
+  """Install ``_PlatformProbeFilter`` on JAX's backend logger (idempotent); the CLIs call it in ``run``."""
+  logger = logging.getLogger('jax._src.xla_bridge')
+  if not any(isinstance(f, _PlatformProbeFilter) for f in logger.filters):
+    logger.addFilter(_PlatformProbeFilter())
+
+
 def run(main: Callable[[], Optional[int]], errors: Sequence[Type[BaseException]] = (), multihost: bool = False):
   """``app.run`` of ``main()`` (no positional arguments allowed); an exception of ``errors`` exits with status 1 and
   ``error: <message>`` on stderr instead of a traceback. ``multihost``: initialise JAX's distributed runtime from
   the environment first (``var_jax.distributed.initialize_from_env``) and end on a barrier of every process (so
   none exits while another still writes)."""
+  quiet_platform_probes()
+
   def entry(argv):
     if len(argv) > 1:
       raise app.UsageError(f'unexpected arguments: {argv[1:]}')

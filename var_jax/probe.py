@@ -78,8 +78,8 @@ def main():
       probe_batch_size=None if fl.probe_batch_size < 0 else fl.probe_batch_size,
       random_init=bool(fl.random_init_config), log=log)
   if fl.json_out and main_process:
-    with open(fl.json_out, 'w') as f:
-      json.dump(res, f, indent=2)
+    from var_jax import fileio
+    fileio.atomic_write_text(fl.json_out, json.dumps(res, indent=2))
     log(f'wrote {fl.json_out}')
 
 

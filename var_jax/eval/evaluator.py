@@ -230,9 +230,7 @@ def save_reference(path: str, ref: Reference):
   arrays = {'mu': ref.mu, 'sigma': ref.sigma}
   if ref.pool3 is not None:
     arrays['pool3'] = ref.pool3
-  tmp = path + '.tmp.npz'
-  np.savez(tmp, **arrays)
-  os.replace(tmp, path)
+  fileio.atomic_save(path, lambda f: np.savez(f, **arrays))
 
 
 # ----------------------------------------------------------------------------- the metrics
@@ -356,9 +354,8 @@ def inception_features(path: Optional[str], batch: int) -> InceptionFeatures:
 def write_metrics(out_dir: str, results: Dict[str, Any], log: Callable[[str], None] = print) -> str:
   """``metrics.json`` (atomically) and a table of the scalar results."""
   path = os.path.join(out_dir, 'metrics.json')
-  with open(path + '.tmp', 'w') as f:
-    json.dump(results, f, indent=1, default=lambda o: o.item() if isinstance(o, np.generic) else str(o))
-  os.replace(path + '.tmp', path)
+  fileio.atomic_write_text(path, json.dumps(results, indent=1, default=lambda o: o.item() if isinstance(
+      o, np.generic) else str(o)))
   width = max((len(k) for k in results), default=0)
   for k, v in results.items():
     if not isinstance(v, dict):

@@ -440,17 +440,16 @@ def save_inception_params(params: Params, path: str):
   path = os.fspath(path)
   flat = {k: np.ascontiguousarray(np.asarray(v, np.float32)) for k, v in _flatten(params).items()}
   _check_params(flat, 'save_inception_params')
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  from var_jax import fileio        # atomic: never a half-written file under the final name; local or gs://
+  fileio.makedirs(os.path.dirname(fileio.abspath(path)))
   if path.endswith('.safetensors'):
-    from safetensors.numpy import save_file
-    tmp = path + '.tmp'
-    save_file(flat, tmp, metadata={'format': CONVERTED_FORMAT, 'layout': 'NHWC/HWIO', 'source': FID_WEIGHTS_URL})
+    from safetensors.numpy import save
+    fileio.atomic_write_bytes(path, save(flat, metadata={'format': CONVERTED_FORMAT, 'layout': 'NHWC/HWIO',
+                                                         'source': FID_WEIGHTS_URL}))
   elif path.endswith('.npz'):
-    tmp = path + '.tmp.npz'
-    np.savez(tmp, **flat)
+    fileio.atomic_save(path, lambda f: np.savez(f, **flat))
   else:
     raise ValueError(f'{path}: the converted file must end in .safetensors or .npz')
-  os.replace(tmp, path)   # never leave a half-written file behind
 
 
 def _missing_weights_error(path: Optional[str]) -> FileNotFoundError:

@@ -43,7 +43,8 @@ def feature_statistics(features):
 def save_statistics(path, mu, sigma):
   """Writes ``mu``/``sigma`` to an ``.npz`` at ``path`` (keys ``'mu'``, ``'sigma'``), the pytorch-fid layout."""
   mu, sigma = _check_stats(mu, sigma, 'statistics')
-  np.savez(os.fspath(path), mu=mu, sigma=sigma)
+  from var_jax import fileio
+  fileio.atomic_save(path, lambda f: np.savez(f, mu=mu, sigma=sigma))
 
 
 def load_statistics(path):

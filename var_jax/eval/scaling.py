@@ -595,8 +595,8 @@ def run(runs, *, out: Optional[str] = None, json_path: Optional[str] = None, par
                'frontier': {m: compute_frontier(records, m).to_dict() for m in ('loss', 'err')}}
     d = os.path.dirname(os.path.abspath(json_path))
     os.makedirs(d, exist_ok=True)
-    with open(json_path, 'w') as f:
-      json.dump(payload, f, indent=1)
+    from var_jax import fileio
+    fileio.atomic_write_text(json_path, json.dumps(payload, indent=1))
     print(f'wrote {json_path}', file=stream)
   if out:
     plot_scaling(records, fits, out, param_key=param_key)

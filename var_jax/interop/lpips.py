@@ -93,15 +93,14 @@ def _check_params(flat: Mapping[str, Any], what: str):
 
 def save_lpips_params(params: Params, path: str):
   """Write our params to one ``.safetensors`` (keys 'net/conv_0/kernel', ..., 'lin4/kernel'; float32)."""
-  from safetensors.numpy import save_file
+  from safetensors.numpy import save
+  from var_jax import fileio
   path = os.fspath(path)
   flat = traverse_util.flatten_dict(meta.unbox(params), sep='/')
   _check_params(flat, 'save_lpips_params')
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  tmp = path + '.tmp'
-  save_file({k: np.ascontiguousarray(np.asarray(v, np.float32)) for k, v in flat.items()}, tmp,
-            metadata={'format': 'var_jax.lpips_vgg', 'layout': 'NHWC/HWIO'})
-  os.replace(tmp, path)
+  fileio.atomic_write_bytes(path, save({k: np.ascontiguousarray(np.asarray(v, np.float32)) for k, v in flat.items()},
+                                       metadata={'format': 'var_jax.lpips_vgg', 'layout': 'NHWC/HWIO'}))
 
 
 def load_converted(path: str) -> Params:
