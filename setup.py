@@ -32,11 +32,13 @@ setup(
         # Reading/writing reference .pth checkpoints. Install the CPU wheel first (pip install torch==2.13.0)
         # if you do not want pip to pull a CUDA build.
         'torch': ['torch>=2.4'],
-        'gcs': ['gcsfs'],   # gs:// workdirs
+        'gcs': ['gcsfs>=2026.9'],   # gs:// paths everywhere (epath's gs:// backend without TensorFlow)
         # TPU runs, and AOT compilation for TPU slices on any host (python -m var_jax.aot): libtpu from PyPI. On a
         # CPU/GPU machine install it into a separate environment: it slows every JAX start there.
         'tpu': ['jax[tpu]>=0.10.2'],
         'eval': ['matplotlib>=3.8'],   # scaling-law plots (python -m var_jax.scaling)
-        'test': ['pytest>=8.0', 'nbclient>=0.10', 'nbformat>=5.10', 'ipykernel>=6.29', 'matplotlib>=3.8'],
+        # gcsfs + a local GCS emulator: tests/remote_fs_test.py runs training/sampling/evaluation on gs://
+        'test': ['pytest>=8.0', 'nbclient>=0.10', 'nbformat>=5.10', 'ipykernel>=6.29', 'matplotlib>=3.8',
+                 'gcsfs>=2026.9', 'gcp-storage-emulator>=2026.7'],
     },
 )
