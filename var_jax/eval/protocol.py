@@ -99,7 +99,8 @@ def _existing_samples(out_dir: str, names: Dict[int, str]) -> set:
   naming them, so the image is sampled again."""
   intact = set()
   stray = {}
-  for f in (p.name for p in fileio.path(out_dir).iterdir()):
+  listing = {p.name for p in fileio.path(out_dir).iterdir()}        # one listing (local or gs://)
+  for f in listing:
     for suffix in ('.tmp.png',):                      # the former writer's temporary name
       if f.endswith(suffix):
         stray.setdefault(f[:-len(suffix)], []).append(f)
@@ -114,7 +115,7 @@ def _existing_samples(out_dir: str, names: Dict[int, str]) -> set:
           fileio.path(os.path.join(out_dir, f)).unlink()
   for i, name in names.items():
     p = os.path.join(out_dir, name)
-    if not fileio.path(p).exists():
+    if name not in listing:
       continue
     if intact_image(p):
       intact.add(i)
