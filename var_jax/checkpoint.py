@@ -32,7 +32,12 @@ def _configs_to_json(vae_config: VQVAEConfig, var_config: VARConfig) -> str:
 
 
 def configs_from_json(text: str, where: str = 'config.json') -> Tuple[VQVAEConfig, VARConfig]:
-  d = json.loads(text)
+  try:
+    d = json.loads(text)
+  except ValueError as e:
+    raise ValueError(f'{where}: not valid JSON ({e})') from None
+  if not isinstance(d, dict):
+    raise ValueError(f'{where}: expected a JSON object with \'vae\' and \'var\' sections')
   out = []
   for key, cls in (('vae', VQVAEConfig), ('var', VARConfig)):
     if key not in d:
@@ -123,11 +128,19 @@ def load_model(path: str) -> Tuple[VQVAEConfig, VARConfig, Dict[str, Any], Dict[
   path = resolve_model_dir(path)
   cfg_file = os.path.join(path, CONFIG_FILE)
   vae_cfg, var_cfg = configs_from_json(fileio.path(cfg_file).read_text(), cfg_file)
-  tree = _process_local_checkpointer().restore(os.path.join(path, PARAMS_DIR))
+  from var_jax.interop.state_dict import CheckpointFileError, validate_arrays
+  try:
+    tree = _process_local_checkpointer().restore(os.path.join(path, PARAMS_DIR))
+  except Exception as e:  # noqa: BLE001 - orbax/tensorstore errors of a damaged params/ directory
+    msg = ' '.join(str(e).split())
+    raise CheckpointFileError(f'{path}: {PARAMS_DIR}/ cannot be restored (damaged or incomplete checkpoint: '
+                              f'{type(e).__name__}: {msg[:200]})') from None
   tree = jax.tree.map(np.asarray, tree)
   for key in ('vae', 'var'):
     if key not in tree:
       raise ValueError(f'{path}: the params tree has no {key!r} entry')
+  validate_arrays({'/'.join(str(getattr(k, 'key', k)) for k in kp): a
+                   for kp, a in jax.tree_util.tree_flatten_with_path(tree)[0]}, path)
   return vae_cfg, var_cfg, tree['vae'], tree['var']
 
 

@@ -214,3 +214,42 @@ def test_sample_cli_loader_errors_are_one_line(tmp_path):
     assert str(path) in line, line
   assert "'tok_embedder.weight' is stored as uint8" in error_line(results[5])
   assert not out.exists()
+
+
+# ----------------------------------------------------------------------------- our own model checkpoints
+@pytest.fixture(scope='module')
+def own_checkpoints(tmp_path_factory):
+  """A model checkpoint directory of the tiny VAR, and one of the same model with NaN weights."""
+  import jax
+  from var_jax import VARPipeline
+  d = tmp_path_factory.mktemp('own')
+  pipe = _load_var(VAR)
+  pipe.save_checkpoint(d / 'good')
+  v = jax.tree.map(np.array, jax.device_get(pipe.var_variables))
+  v['params']['head']['kernel'][0, :2] = np.nan
+  VARPipeline(pipe.vae_config, pipe.var_config, pipe.vae_variables, v).save_checkpoint(d / 'nan')
+  return d
+
+
+@pytest.mark.slow        # two orbax saves and three restores
+def test_own_checkpoint_damage_is_one_error(own_checkpoints, tmp_path):
+  import shutil
+  from var_jax import VARPipeline
+  with pytest.raises(CheckpointMismatchError, match=r"nan: bad weights: 'var/params/head/kernel' holds 2 non-finite"):
+    VARPipeline.from_checkpoint(own_checkpoints / 'nan')
+  bad_json = tmp_path / 'json'
+  shutil.copytree(own_checkpoints / 'good', bad_json)
+  (bad_json / 'config.json').write_text('{"vae": ')
+  with pytest.raises(ValueError, match=r'config.json: not valid JSON') as e:
+    VARPipeline.from_checkpoint(bad_json)
+  assert len(str(e.value).splitlines()) == 1
+  damaged = tmp_path / 'params'
+  shutil.copytree(own_checkpoints / 'good', damaged)
+  for root, _, files in os.walk(damaged / 'params'):
+    for f in files:
+      p = os.path.join(root, f)
+      with open(p, 'r+b') as fh:
+        fh.truncate(os.path.getsize(p) // 3)
+  with pytest.raises(CheckpointFileError, match=rf'{damaged}: params/ cannot be restored') as e:
+    VARPipeline.from_checkpoint(damaged)
+  assert len(str(e.value).splitlines()) == 1

@@ -225,6 +225,22 @@ def validate_tensors(sd: Mapping[str, Any], table: Sequence[Entry], what: str = 
   return {**sd, **cast} if cast else sd
 
 
+def validate_arrays(arrays: Mapping[str, Any], what: str = 'checkpoint'):
+  """``validate_tensors`` without a layout table (our own checkpoints: every leaf named by its path): a floating
+  array must hold no NaN/inf; one error lists the offending names and counts."""
+  problems = []
+  for name, a in arrays.items():
+    a = np.asarray(a)
+    if _is_float(a.dtype) or a.dtype.name == 'bfloat16':
+      bad = int(a.size - np.count_nonzero(np.isfinite(a.astype(np.float32))))
+      if bad:
+        problems.append(f'{name!r} holds {bad} non-finite value{"s" if bad > 1 else ""} (NaN/inf) among its '
+                        f'{a.size} elements')
+  if problems:
+    more = f'; and {len(problems) - 5} more' if len(problems) > 5 else ''
+    raise CheckpointMismatchError(f'{what}: bad weights: ' + '; '.join(problems[:5]) + more)
+
+
 def import_state_dict(sd: Mapping[str, Any], table: Sequence[Entry], what: str = 'checkpoint',
                       skip: Sequence[str] = (), allow_cast: bool = False) -> Dict[str, Any]:
   """Reference state_dict -> our variables ({collection: tree}) of numpy float32 arrays (views where possible).
