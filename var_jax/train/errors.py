@@ -17,9 +17,13 @@ class WorkdirLockedError(TrainingError):
   """The workdir is held by another run."""
 
 
-class ResumeError(TrainingError):
-  """A checkpoint that this config cannot resume."""
+class ResumeError(TrainingError, ValueError):
+  """A checkpoint that this config cannot resume (another model / task / data layout, or none intact)."""
 
 
 class ConfigError(TrainingError, ValueError):
   """A config value the run refuses (the message names it and what is allowed)."""
+
+
+class WorkdirError(TrainingError):
+  """A workdir (or its checkpoints directory) that cannot be written, or a checkpoint save that failed."""

@@ -60,22 +60,67 @@ def check_restorable(abstract, metadata, what='checkpoint'):
     have[getattr(x, 'name', None) or _dotted(p)] = tuple(getattr(x, 'shape', ()))
   for k in sorted(set(want) | set(have)):
     if k not in have:
-      raise ValueError(f'{what}: leaf {k} (shape {want[k]}) is missing from the checkpoint')
+      raise errors.ResumeError(f'{what}: leaf {k} (shape {want[k]}) is missing from the checkpoint')
     if k not in want:
-      raise ValueError(f'{what}: the checkpoint has leaf {k} (shape {have[k]}) that this config does not')
+      raise errors.ResumeError(f'{what}: the checkpoint has leaf {k} (shape {have[k]}) that this config does not')
     if want[k] != have[k]:
-      raise ValueError(f'{what}: leaf {k} has shape {have[k]} in the checkpoint but {want[k]} in this config')
+      raise errors.ResumeError(f'{what}: leaf {k} has shape {have[k]} in the checkpoint but {want[k]} in this config')
 
 
-def restore_or_init(ckpt, abstract, shardings, data_iter, init: Callable[[], Any], where: str):
-  """The latest checkpoint of the run (shapes checked leaf by leaf first), else ``init()``. -> (state, resumed)."""
-  latest = ckpt.latest_step()
-  if latest is None:
+def _short(e: BaseException) -> str:
+  """An exception as one short line: its root cause, without tensorstore's long JSON spec."""
+  while e.__cause__ is not None:
+    e = e.__cause__
+  text = str(e).split(' [tensorstore_spec', 1)[0].split(' See full TensorStore details', 1)[0]
+  text = text.splitlines()[0] if text else ''
+  return f'{type(e).__name__}: {text[:300]}'
+
+
+def restore_or_init(ckpt, abstract, shardings, data_iter, init: Callable[[], Any], where: str, config=None):
+  """The newest intact checkpoint of the run, else ``init()`` when there is none. -> (state, resumed).
+
+  A damaged step (``ckpt.damage``, unreadable metadata or array data) is skipped for the next older one; once one
+  restores, the skipped ones are set aside (``<step>.damaged-<time>``) with one warning naming each and why. When no
+  step restores, nothing is changed and a ``ResumeError`` lists them. Every process takes the same decision (the
+  structure is read from the shared files, and a restore counts only when it worked on every process). A step that
+  does not fit ``config`` (``check_resume_config``, shapes leaf by leaf) is an error, not damage."""
+  steps = ckpt.all_steps()
+  if not steps:
     return init(), False
-  check_restorable(abstract, ckpt.state_metadata(latest), f'{where}/{latest}')
-  state = ckpt.restore(latest, abstract, shardings, data_iter)
-  logging.info('resumed from step %d', latest)
-  return state, True
+  skipped = []
+  for step in steps:
+    why = ckpt.damage(step)
+    if why is None:
+      if config is not None:
+        check_resume_config(ckpt, step, config, where)
+      try:
+        metadata = ckpt.state_metadata(step)
+      except (ValueError, OSError, KeyError) as e:
+        why = f'its state metadata cannot be read ({_short(e)})'
+    if why is None:
+      check_restorable(abstract, metadata, f'{where}/{step}')
+      state = None
+      try:
+        state = ckpt.restore(step, abstract, shardings, data_iter,
+                             None if config is None else config.global_batch_size)
+      except errors.TrainingError:
+        raise
+      except Exception as e:  # noqa: BLE001 - orbax/tensorstore raise plain Exception for unreadable array data
+        why = f'its arrays cannot be read ({_short(e)})'
+      from var_jax import checkpoint
+      if not checkpoint.all_processes_agree(why is None):
+        why = why or 'another process could not read it'
+    if why is None:
+      if skipped:
+        moved = [(s, w, ckpt.set_aside(s)) for s, w in skipped]
+        logging.warning('skipped damaged checkpoint(s) %s; resuming from step %d', '; '.join(
+            f'{where}/{s} ({w}; moved to {m})' for s, w, m in moved), step)
+      logging.info('resumed from step %d', step)
+      return state, True
+    skipped.append((step, why))
+  raise errors.ResumeError(
+      f'no checkpoint in {where} can be restored: ' + '; '.join(f'step {s}: {w}' for s, w in skipped) +
+      f'. Nothing was changed; to start this run afresh, move {where} away (or use another --workdir)')
 
 
 # ----------------------------------------------------------------------------- preemption
@@ -200,6 +245,9 @@ def check_resume_config(ckpt, step: int, config, where: str):
   if not (epath.Path(ckpt.manager.directory) / str(step) / 'config').exists():
     return
   saved = ckpt.saved_config(step)
+  if 'task' in saved and 'task' in config and saved['task'] != config.task:
+    raise errors.ResumeError(f'{where}/{step} is a checkpoint of a config.task={saved["task"]!r} run, this run has '
+                             f'config.task={config.task!r}: use another --workdir for it')
   old_w, new_w = int(saved['data']['num_workers']), int(config.data.num_workers)
   if old_w != new_w:
     raise errors.ResumeError(f'{where}/{step} was saved with data.num_workers={old_w}, this run has '
@@ -301,10 +349,7 @@ def _train(config, workdir: str, preempt: Preemption) -> Tuple[Any, Dict[str, fl
     return True
 
   try:
-    latest = ckpt.latest_step()
-    if latest is not None:
-      check_resume_config(ckpt, latest, config, where)
-    state, _ = restore_or_init(ckpt, task.abstract, task.shardings, train_iter, fresh, where)
+    state, _ = restore_or_init(ckpt, task.abstract, task.shardings, train_iter, fresh, where, config)
     logging.info('%s; %d steps (%d per epoch)', task.describe(state), total, task.schedule.steps_per_epoch)
     info = task.run_info(state)
     if info and jax.process_index() == 0:

@@ -20,7 +20,7 @@ import sys
 import time
 from typing import Any, Dict, Optional
 
-from var_jax.train.errors import WorkdirLockedError
+from var_jax.train.errors import TrainingError, WorkdirError, WorkdirLockedError
 
 logging = std_logging.getLogger('var_jax.train')
 
@@ -119,20 +119,34 @@ class WorkdirLock:
       self.path.unlink(missing_ok=True)
 
 
+def check_writable(workdir: str):
+  """``WorkdirError`` naming the path unless files can be written into ``workdir`` (made if missing) and its
+  ``checkpoints/`` (when there): a read-only or missing filesystem fails here, before any training."""
+  from var_jax import fileio
+  try:
+    fileio.check_output_dir(workdir, '--workdir')
+    if fileio.isdir(f'{workdir}/checkpoints'):
+      fileio.check_output_dir(f'{workdir}/checkpoints', '--workdir (its checkpoints)', create=False)
+  except fileio.OutputError as e:
+    raise WorkdirError(str(e)) from None
+
+
 def acquire_on_process_0(lock: WorkdirLock):
-  """Process 0 takes ``lock``; every process raises ``WorkdirLockedError`` when it was refused."""
+  """Process 0 checks that the workdir can be written (``check_writable``) and takes ``lock``; every process raises
+  the error (``WorkdirError`` / ``WorkdirLockedError``) when either failed."""
   import jax
   err = None
   if jax.process_index() == 0:
     try:
+      check_writable(lock.workdir)
       lock.acquire()
-    except WorkdirLockedError as e:
+    except TrainingError as e:
       err = e
   if jax.process_count() > 1:
     import numpy as np
     from jax.experimental import multihost_utils
     ok = bool(multihost_utils.broadcast_one_to_all(np.int32(err is None)))
     if not ok:
-      raise err or WorkdirLockedError(f'process 0 could not take the lock of {lock.workdir} (its log says why)')
+      raise err or WorkdirLockedError(f'process 0 could not write to or lock {lock.workdir} (its log says why)')
   elif err is not None:
     raise err
