@@ -15,6 +15,7 @@ import numpy as np
 from flax import traverse_util
 from flax.core import meta
 
+from var_jax import fileio
 from var_jax.interop.state_dict import CheckpointMismatchError, load_state_dict
 from var_jax.models.lpips import TAP_CHANNELS, vgg16_convs
 
@@ -98,18 +99,18 @@ def save_lpips_params(params: Params, path: str):
   path = os.fspath(path)
   flat = traverse_util.flatten_dict(meta.unbox(params), sep='/')
   _check_params(flat, 'save_lpips_params')
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  fileio.makedirs(os.path.dirname(fileio.abspath(path)))
   fileio.atomic_write_bytes(path, save({k: np.ascontiguousarray(np.asarray(v, np.float32)) for k, v in flat.items()},
                                        metadata={'format': 'var_jax.lpips_vgg', 'layout': 'NHWC/HWIO'}))
 
 
 def load_converted(path: str) -> Params:
-  """Read a ``save_lpips_params`` file (no torch needed)."""
-  from safetensors.numpy import load_file
+  """Read a ``save_lpips_params`` file (no torch needed; local or gs://)."""
+  from safetensors.numpy import load
   path = os.fspath(path)
-  if not os.path.exists(path):
+  if not fileio.exists(path):
     raise FileNotFoundError(f'LPIPS weights not found: {path}')
-  flat = dict(load_file(path))
+  flat = dict(load(fileio.path(path).read_bytes()))
   _check_params(flat, path)
   return traverse_util.unflatten_dict(flat, sep='/')
 
