@@ -315,7 +315,9 @@ def test_cli_resumes_past_a_damaged_latest_checkpoint(straight, tmp_path):
   wd = tmp_path / 'wd'
   shutil.copytree(straight, wd)
   os.remove(wd / 'checkpoints' / '6' / 'state' / '_METADATA')
+  (wd / 'config.json').write_text('{"trunc')                 # the workdir's config copy, damaged too: rewritten
   r = _ok(_cli(wd, 6))
+  assert json.loads((wd / 'config.json').read_text())['total_steps'] == 6
   assert f'skipped damaged checkpoint(s) {wd}/checkpoints/6 (state/_METADATA is missing' in r.stdout, r.stdout
   assert 'resuming from step 3' in r.stdout and 'resumed from step 3' in r.stdout
   assert _losses(wd) == _losses(straight)                    # steps 4..6 trained again, bitwise the same

@@ -330,10 +330,6 @@ def _train(config, workdir: str, preempt: Preemption) -> Tuple[Any, Dict[str, fl
     state = task.init_state()
     if config.init_from:
       state = task.init_from(state, config.init_from)
-    if jax.process_index() == 0:
-      from var_jax import fileio
-      fileio.makedirs(workdir)
-      fileio.atomic_write_text(f'{workdir}/config.json', config.to_json_best_effort(indent=1))
     return state
 
   def save(step, state, force=False):
@@ -352,8 +348,11 @@ def _train(config, workdir: str, preempt: Preemption) -> Tuple[Any, Dict[str, fl
     state, _ = restore_or_init(ckpt, task.abstract, task.shardings, train_iter, fresh, where, config)
     logging.info('%s; %d steps (%d per epoch)', task.describe(state), total, task.schedule.steps_per_epoch)
     info = task.run_info(state)
-    if info and jax.process_index() == 0:
-      _write_json(workdir, 'run_info.json', info)   # what scaling-law fits read (var_jax.scaling)
+    if jax.process_index() == 0:        # this run's config (a resumed run replaces an earlier or damaged one)
+      from var_jax import fileio
+      fileio.atomic_write_text(f'{workdir}/config.json', config.to_json_best_effort(indent=1))
+      if info:
+        _write_json(workdir, 'run_info.json', info)   # what scaling-law fits read (var_jax.scaling)
 
     periodic = task.has_periodic_output and config.sample_every > 0
     step = int(jax.device_get(state.step))
