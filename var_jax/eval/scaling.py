@@ -43,6 +43,8 @@ import numpy as np
 from absl import logging
 from scipy import stats
 
+from var_jax import fileio
+
 PF_DAY = 1e15 * 86400.0           # FLOPs in one petaflop/s-day
 FIT_NAMES = ('loss_vs_N', 'err_vs_N', 'loss_vs_C', 'err_vs_C')
 PARAM_KEYS = ('n_params', 'n_params_non_embedding')
@@ -118,37 +120,53 @@ def _expand(dirs_or_globs: Union[str, os.PathLike, Iterable[Union[str, os.PathLi
     dirs_or_globs = [dirs_or_globs]
   out, seen = [], set()
   for pattern in dirs_or_globs:
-    pattern = os.path.expanduser(os.fspath(pattern))
+    pattern = os.fspath(pattern)
+    remote = fileio.is_remote(pattern)
+    pattern = pattern if remote else os.path.expanduser(pattern)
     if glob.has_magic(pattern):
-      matches = sorted(glob.glob(pattern))
+      matches = sorted(_glob(pattern))
       if not matches:
         raise RunError(f'no paths match {pattern!r}')
-      dirs = [m for m in matches if os.path.isdir(m)]
+      dirs = [m for m in matches if fileio.isdir(m)]
       if not dirs:
         raise RunError(f'{pattern!r} matches no directories (only {matches[:5]})')
       for m in matches:
-        if not os.path.isdir(m):
+        if m not in dirs:
           logging.debug('%s: not a directory, not a run', m)
     else:
-      if not os.path.isdir(pattern):
-        raise RunError(f'{pattern}: not a directory' if os.path.exists(pattern) else f'{pattern}: no such directory')
+      if not fileio.isdir(pattern):
+        raise RunError(f'{pattern}: not a directory' if fileio.exists(pattern) else f'{pattern}: no such directory')
       dirs = [pattern]
     for d in dirs:
-      key = os.path.realpath(d)
+      key = d.rstrip('/') if remote else os.path.realpath(d)
       if key not in seen:
         seen.add(key)
-        out.append(os.path.normpath(d))
+        out.append(d.rstrip('/') if remote else os.path.normpath(d))
+  return out
+
+
+def _glob(pattern: str) -> List[str]:
+  """``glob.glob`` locally; remote (gs://): epath's glob below the part of the pattern without wildcards."""
+  if not fileio.is_remote(pattern):
+    return glob.glob(pattern)
+  scheme, rest = pattern.split('://', 1)
+  parts = rest.split('/')
+  i = next(k for k, p in enumerate(parts) if glob.has_magic(p))
+  base = f'{scheme}://' + '/'.join(parts[:i])
+  out = []
+  for m in fileio.path(base).glob('/'.join(parts[i:])):
+    m = os.fspath(m)
+    out.append(m if '://' in m else f'{scheme}://{m}')
   return out
 
 
 def _read_run_info(run_dir: str) -> dict:
   path = os.path.join(run_dir, 'run_info.json')
-  if not os.path.isfile(path):
+  if not fileio.isfile(path):
     raise RunError(f'{run_dir}: no run_info.json (var_jax.train writes it when training starts; is this a run '
                    f'directory?)')
   try:
-    with open(path) as f:
-      info = json.load(f)
+    info = json.loads(fileio.path(path).read_text())
   except (json.JSONDecodeError, UnicodeDecodeError) as e:
     raise RunError(f'{path}: malformed JSON ({e})') from e
   if not isinstance(info, dict):
@@ -167,11 +185,11 @@ def _read_eval_lines(run_dir: str, tokens: str) -> Dict[int, Tuple[float, float]
   """{step: (loss, acc)} from the eval lines of metrics.jsonl; a step evaluated twice (a resumed run) keeps the
   later line."""
   path = os.path.join(run_dir, 'metrics.jsonl')
-  if not os.path.isfile(path):
+  if not fileio.isfile(path):
     raise RunError(f'{run_dir}: no metrics.jsonl (has the run started?)')
   loss_key, acc_key = _METRIC_KEYS[tokens]
   evals: Dict[int, Tuple[float, float]] = {}
-  with open(path) as f:
+  with fileio.path(path).open('r') as f:
     for lineno, line in enumerate(f, 1):
       line = line.strip()
       if not line:
@@ -533,9 +551,8 @@ def plot_scaling(records: Sequence[RunRecord], fits: Mapping[str, PowerLawFit], 
     ax.set_title(f'{sym} vs {"C (compute frontier)" if vs_c else "N (final eval)"}')
     ax.legend(fontsize=7, loc='best')
   fig.suptitle(title or f'VAR scaling: {len(records)} runs')
-  d = os.path.dirname(os.path.abspath(out_png))
-  os.makedirs(d, exist_ok=True)
-  fig.savefig(out_png, dpi=110)
+  fileio.makedirs(os.path.dirname(fileio.abspath(out_png)))
+  fileio.atomic_save(out_png, lambda f: fig.savefig(f, dpi=110, format=os.path.splitext(out_png)[1][1:] or 'png'))
   return out_png
 
 
@@ -593,9 +610,7 @@ def run(runs, *, out: Optional[str] = None, json_path: Optional[str] = None, par
                'runs': [r.to_dict() for r in records],
                'fits': {k: v.to_dict() for k, v in fits.items()},
                'frontier': {m: compute_frontier(records, m).to_dict() for m in ('loss', 'err')}}
-    d = os.path.dirname(os.path.abspath(json_path))
-    os.makedirs(d, exist_ok=True)
-    from var_jax import fileio
+    fileio.makedirs(os.path.dirname(fileio.abspath(json_path)))
     fileio.atomic_write_text(json_path, json.dumps(payload, indent=1))
     print(f'wrote {json_path}', file=stream)
   if out:
