@@ -7,12 +7,14 @@ Train (``make_train_dataset``), infinite and checkpointable::
     -> process blocks (below) -> filter(corrupt, counted) -> to_iter_dataset(read threads)
     -> batch(per_process_batch, drop_remainder=True) -> [mp_prefetch(num_workers)]
 
-yields ``{'image': float32 (b, S, S, 3) in [-1, 1], 'label': int32 (b,)}``. Everything up to the batch is a function
-of the element index (all MapDataset stages are lazy: a process only decodes its own elements), so
-``it.get_state()`` / ``it.set_state(state)`` resume bit-exactly. Every global batch of the shuffled stream is split
-between the processes in contiguous blocks: process ``p`` of ``P`` gets rows ``[p n, (p + 1) n)`` of the
-single-process batch (``n`` = the per-process batch), identically augmented, so the global batch — and everything
-keyed by a row's position in it (label dropout, Bernoulli bits) — does not depend on the process count.
+yields ``{'image': float32 (b, S, S, 3) in [-1, 1], 'label': int32 (b,)}`` (with ``data.token_cache``:
+``{'tokens': int32 (b, L), 'label'}``, the cached tokens of the same elements and flips; ``var_jax.data.token_cache``).
+Everything up to the batch is a function of the element index (all MapDataset stages are lazy: a process only
+decodes its own elements), so ``it.get_state()`` / ``it.set_state(state)`` resume bit-exactly. Every global batch
+of the shuffled stream is split between the processes in contiguous blocks: process ``p`` of ``P`` gets rows
+``[p n, (p + 1) n)`` of the single-process batch (``n`` = the per-process batch), identically augmented, so the
+global batch — and everything keyed by a row's position in it (label dropout, Bernoulli bits) — does not depend on
+the process count.
 
 Eval (``make_eval_dataset``), one pass in source order: process ``p`` reads elements ``p, p + P, p + 2P, ...``,
 padded to ``eval_steps(n, b, P, num_workers)`` full batches (the same count on every process) and yields
@@ -50,6 +52,9 @@ def default_data_config() -> ml_collections.ConfigDict:
       'image_size': 256,          # final resolution (the crop)
       'mid_reso': 1.125,          # resize the shorter side to round(mid_reso * image_size) first
       'hflip': False,             # random horizontal flip (train)
+      'train_crop': 'random',     # train crop: 'random' (the reference's RandomCrop) or 'center' (the eval crop)
+      'token_cache': '',          # a token cache dir (var_jax.data.token_cache; needs train_crop='center'): the
+                                  # train stream yields the frozen VQVAE's cached token ids instead of images
       'train_split': 'train',
       'eval_split': 'val',
       'num_workers': 0,           # grain worker processes (0: in-process)
@@ -119,13 +124,18 @@ def make_train_dataset(data_cfg, per_process_batch: int, seed: int, process_inde
   ``make_source(data_cfg, data_cfg.train_split)``; ``skip_monitor`` (default: a new one with
   ``data_cfg.max_skip_fraction``) counts unreadable images in this process."""
   _check_sharding(per_process_batch, process_index, process_count)
-  if source is None:
-    source = make_source(data_cfg, data_cfg.train_split)
+  cache = str(data_cfg.token_cache)
+  if cache:     # the same stream, with each element's cached tokens in place of its image (same flip draw)
+    from var_jax.data import token_cache
+    source = token_cache.CacheSource(cache, data_cfg) if source is None else source
+    transform = token_cache.TokenTransform(bool(data_cfg.hflip))
+  else:
+    source = make_source(data_cfg, data_cfg.train_split) if source is None else source
+    transform = TrainTransform(int(data_cfg.image_size), float(data_cfg.mid_reso), bool(data_cfg.hflip),
+                               str(data_cfg.train_crop))
   if len(source) == 0:
     raise ValueError(f'empty training source {source!r}')
   monitor = skip_monitor if skip_monitor is not None else SkipMonitor(float(data_cfg.max_skip_fraction))
-  transform = TrainTransform(int(data_cfg.image_size), float(data_cfg.mid_reso),
-                             bool(data_cfg.hflip))
   ds = grain.MapDataset.source(source).shuffle(seed=int(seed)).repeat(None)
   # The augmentation rng is keyed by the element's position in the global stream (random_map before the process
   # slice, both lazy), so an element's augmentation does not depend on process_count.

@@ -8,10 +8,11 @@ The reference (``VAR/utils/data.py``) builds, with ``mid = round(mid_reso * fina
 ``Resize(int)`` scales the shorter side to ``mid`` and the longer one to ``int(mid * long / short)``, with PIL's
 resampling (which antialiases). ``RandomCrop`` draws ``top`` uniformly in ``[0, h - final]`` and ``left`` in
 ``[0, w - final]``; ``CenterCrop`` uses ``top = int(round((h - final) / 2.0))``, ``left`` likewise. The flip is applied
-first (the reference inserts it at the front). Outputs are float32 HWC in [-1, 1], computed exactly as torch does
-(``float32(x) / 255``, then ``x + x - 1``). Randomness comes from the ``np.random.Generator`` grain hands
-``RandomMap.random_map`` (one per element, derived from the pipeline seed and the element's index), drawn in the
-order flip, top, left.
+first (the reference inserts it at the front). ``data.train_crop='center'`` trains on the eval crop instead (flip,
+resize, center crop: deterministic but for the flip, what ``var_jax.data.token_cache`` tokenizes once). Outputs are
+float32 HWC in [-1, 1], computed exactly as torch does (``float32(x) / 255``, then ``x + x - 1``). Randomness comes
+from the ``np.random.Generator`` grain hands ``RandomMap.random_map`` (one per element, derived from the pipeline
+seed and the element's index), drawn in the order flip, top, left.
 
 Unreadable images do not raise inside the pipeline: the transforms return a marker record (``is_corrupt``), which
 ``FilterCorrupt`` (train) drops and ``MaskCorrupt`` (eval) turns into a masked-out example, both counting it in a
@@ -130,10 +131,29 @@ def to_pm1(arr: np.ndarray) -> np.ndarray:
   return x + x - np.float32(1.0)
 
 
+TRAIN_CROPS = ('random', 'center')
+
+
+def draw_flip(hflip: bool, rng: np.random.Generator) -> bool:
+  """The train augmentation's flip choice: the element rng's first draw, ``rng.random() < 0.5`` (when ``hflip``)."""
+  return bool(hflip and rng.random() < 0.5)
+
+
+def train_view(img: Image.Image, final_reso: int, mid_reso: float, flip: bool) -> np.ndarray:
+  """The deterministic train view (``crop='center'``): [flip], resize the shorter side, center crop, to [-1, 1]."""
+  if flip:
+    img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+  return preprocess_eval(img, final_reso, mid_reso)
+
+
 def augment_train(img: Image.Image, final_reso: int, mid_reso: float, hflip: bool,
-                  rng: np.random.Generator) -> np.ndarray:
-  """[flip with p=0.5], resize shorter side to ``round(mid_reso * final_reso)``, random crop, to [-1, 1]."""
-  if hflip and rng.random() < 0.5:
+                  rng: np.random.Generator, crop: str = 'random') -> np.ndarray:
+  """[flip with p=0.5], resize shorter side to ``round(mid_reso * final_reso)``, random crop (``crop='random'``, the
+  reference) or center crop (``'center'``: no further draw), to [-1, 1]."""
+  flip = draw_flip(hflip, rng)
+  if crop == 'center':
+    return train_view(img, final_reso, mid_reso, flip)
+  if flip:
     img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
   img = resize_shorter(img, mid_size(final_reso, mid_reso))
   arr = np.asarray(img)
@@ -160,15 +180,18 @@ def is_corrupt(element: dict[str, Any]) -> bool:
 class TrainTransform(grain.transforms.RandomMap):
   """Record -> ``{'image': float32 (S, S, 3) in [-1, 1], 'label': int32}``, or a corrupt marker."""
 
-  def __init__(self, final_reso: int, mid_reso: float = 1.125, hflip: bool = False):
+  def __init__(self, final_reso: int, mid_reso: float = 1.125, hflip: bool = False, crop: str = 'random'):
     self.final_reso, self.mid_reso, self.hflip = int(final_reso), float(mid_reso), bool(hflip)
+    if crop not in TRAIN_CROPS:
+      raise ValueError(f'data.train_crop={crop!r}: expected one of {TRAIN_CROPS}')
+    self.crop = crop
     mid_size(self.final_reso, self.mid_reso)
 
   def random_map(self, element: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
     img = decode_or_marker(element)
     if isinstance(img, dict):
       return img
-    return {'image': augment_train(img, self.final_reso, self.mid_reso, self.hflip, rng),
+    return {'image': augment_train(img, self.final_reso, self.mid_reso, self.hflip, rng, self.crop),
             'label': np.int32(element['label'])}
 
 

@@ -1,8 +1,9 @@
 """VAR (stage 2): next-scale prediction on the tokens of a frozen multi-scale VQVAE.
 
-Step: tokens from the frozen VQVAE on device inside the step, teacher-forcing input, label-smoothed CE with 1/L
-token weights (progressive training: up to the stage's scale, the newest scale's weight ramped), class-label
-dropout and drop path from the step key, gradient accumulation, the reference AdamW recipe. Eval: CE / accuracy
+Step: tokens from the frozen VQVAE on device inside the step (or read from ``config.data.token_cache``, built once by
+``var_jax.data.token_cache``), teacher-forcing input, label-smoothed CE with 1/L token weights (progressive
+training: up to the stage's scale, the newest scale's weight ramped), class-label dropout and drop path from the
+step key, gradient accumulation, the reference AdamW recipe. Eval: CE / accuracy
 overall and at the last scale. Periodic output: a sample grid. Export: ``<workdir>/model`` (``VARPipeline.
 from_checkpoint`` / ``python -m var_jax.sample --checkpoint``) and ``run_info.json`` for scaling-law fits.
 """
@@ -141,6 +142,16 @@ def tokens(vae: VQVAE, vae_vars, images):
   return jnp.concatenate(idx, axis=1), jax.lax.stop_gradient(x_in)
 
 
+def batch_tokens(vae: VQVAE, vae_vars, batch):
+  """``tokens`` of a batch: its cached ``'tokens'`` (B, L) (``config.data.token_cache``: no encoder pass) or
+  its ``'image'`` encoded."""
+  if 'tokens' not in batch:
+    return tokens(vae, vae_vars, batch['image'])
+  bounds = np.cumsum([0] + [p * p for p in vae.config.patch_nums])
+  idx = [batch['tokens'][:, b:e] for b, e in zip(bounds[:-1], bounds[1:])]
+  return batch['tokens'], jax.lax.stop_gradient(vae.apply(vae_vars, idx, method=VQVAE.idx_to_var_input))
+
+
 def load_tokenizer(config, vae_cfg: VQVAEConfig, mesh):
   """The frozen VQVAE's variables, replicated: from a reference file, our checkpoint dir, or a seeded init."""
   from var_jax.interop import state_dict as sd_io
@@ -190,6 +201,9 @@ class VARTask(base.Task):
                        'the batch size and data settings)')
     super().__init__(config, mesh, rules)
     self.vae_cfg, self.var_cfg = model_configs(config)
+    if config.data.token_cache:                      # before any work: crop recipe, source, VQVAE config
+      from var_jax.data import token_cache
+      token_cache.check_config(config)
     self.schedule = sch = make_schedule(config, num_train_examples)
     dtype = parse_dtype(config.dtype, 'config.dtype')
     self.var = VAR(self.var_cfg, dtype=dtype)
@@ -207,7 +221,11 @@ class VARTask(base.Task):
     self._sampler = None
 
   def load_frozen(self):
-    return load_tokenizer(self.config, self.vae_cfg, self.mesh)
+    v = load_tokenizer(self.config, self.vae_cfg, self.mesh)
+    if self.config.data.token_cache:                 # the cache's tokens come from these weights
+      from var_jax.data import token_cache
+      token_cache.check_vae(self.config.data.token_cache, v)
+    return v
 
   def _init_boxed(self, rng):
     c = self.var_cfg
@@ -244,7 +262,7 @@ class VARTask(base.Task):
       scale = optim.loss_scale_of(state.opt_state)     # float16: differentiate loss x scale
 
       def micro(params, mb, key):
-        gt, x_in = tokens(self.vae, vae_vars, mb['image'])
+        gt, x_in = batch_tokens(self.vae, vae_vars, mb)
         gt, x_in = gt[:, :ed], x_in[:, :ed - cfg.first_l]
 
         def loss_fn(p):
