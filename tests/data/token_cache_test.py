@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests_helpers import quickstart_config
+from tests_helpers import load_config, quickstart_config
 from var_jax import sharding as shd
 from var_jax.data import pipeline as data_lib
 from var_jax.data import token_cache
@@ -119,6 +119,10 @@ def test_refusals(folder, tmp_path):
     token_cache.check_config(_with(config, data=dict(token_cache=str(tmp_path))))
   with pytest.raises(OSError, match='already holds a token cache'):
     token_cache.build(config, out)
+  tok = load_config('vqvae_quickstart')
+  tok.data.token_cache = out
+  with pytest.raises(errors.ConfigError, match="config.data.token_cache is for task='var'"):
+    tasks.build(tok)
 
 
 @pytest.fixture(scope='module')

@@ -27,6 +27,10 @@ def build(config, mesh=None, num_train_examples: int = None, rules=None):
   """The task ``config.task`` names, on ``mesh`` (default: ``config.mesh`` over all devices) for a training set of
   ``num_train_examples`` (default: the size of ``config.data``'s train split)."""
   from var_jax import sharding as shd
+  if config.task != 'var' and 'token_cache' in config.data and config.data.token_cache:
+    from var_jax.train.errors import ConfigError
+    raise ConfigError(f'config.data.token_cache is for task=\'var\' (VAR on a frozen VQVAE\'s tokens), but '
+                      f'config.task={config.task!r}: set --config.data.token_cache=')
   if mesh is None:
     mesh = shd.make_mesh(config.mesh.to_dict())
   if num_train_examples is None:
