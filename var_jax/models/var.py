@@ -9,6 +9,9 @@ Two ways to run it:
 - next-scale decoding (sampling): ``decode_scale`` runs one scale's tokens against a KV cache preallocated to the
   full sequence (static shapes). Scale k's keys/values are written at [begin_k, end_k) and its queries attend to
   [0, end_k), which is exactly the block-causal mask, so this path needs no mask at all.
+
+Attention runs through ``var_jax.ops.attention`` (``VARConfig.attn_impl``: 'auto' = cuDNN on GPU, splash on TPU,
+XLA elsewhere).
 """
 from __future__ import annotations
 
@@ -21,22 +24,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from var_jax.models.var_config import VARConfig
+from var_jax.ops.attention import BlockCausal, attention, block_causal_mask, level_ids  # noqa: F401 (re-exported)
 from var_jax.models.layers import ConfigModule, Dense, drop_labels, drop_path, l2_normalize, layer_norm_no_affine, logical, \
   scaled_rows_init, torch_trunc_normal
 
 Dtype = Any
 KVCache = Dict[str, jax.Array]   # {'k': (B, L, H, Dh), 'v': (B, L, H, Dh)} per block
-
-
-def level_ids(patch_nums) -> np.ndarray:
-  """Scale index of every position, (L,) int (the reference buffer ``lvl_1L``)."""
-  return np.concatenate([np.full((p * p,), i, np.int64) for i, p in enumerate(patch_nums)])
-
-
-def block_causal_mask(patch_nums) -> np.ndarray:
-  """(L, L) bool, True where query i may attend key j: level(j) <= level(i)."""
-  d = level_ids(patch_nums)
-  return d[:, None] >= d[None, :]
 
 
 def _zeros(key, shape, dtype=jnp.float32):
@@ -72,15 +65,14 @@ class SelfAttention(ConfigModule):
       scale = 0.25 / math.sqrt(dh)
 
     if cache is None:
-      mask = jnp.asarray(block_causal_mask(cfg.patch_nums)[:t, :t])[None, None]
-      out = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale)
+      out = attention(q, k, v, scale=scale, mask=BlockCausal(cfg.patch_nums), implementation=cfg.attn_impl)
       new_cache = None
     else:
       begin, end = span
       ck = jax.lax.dynamic_update_slice(cache['k'], k.astype(cache['k'].dtype), (0, begin, 0, 0))
       cv = jax.lax.dynamic_update_slice(cache['v'], v.astype(cache['v'].dtype), (0, begin, 0, 0))
-      out = jax.nn.dot_product_attention(q, ck[:, :end].astype(self.dtype), cv[:, :end].astype(self.dtype),
-                                         scale=scale)
+      out = attention(q, ck[:, :end].astype(self.dtype), cv[:, :end].astype(self.dtype), scale=scale,
+                      implementation=cfg.attn_impl)
       new_cache = {'k': ck, 'v': cv}
     out = out.reshape(b, t, c)
     out = Dense(c, kernel_axes=('qkv', 'embed'), name='proj', dtype=self.dtype,

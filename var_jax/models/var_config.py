@@ -8,6 +8,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Optional, Tuple
 
+from var_jax.ops.attention import IMPLEMENTATIONS as ATTN_IMPLS
+
 PATCH_NUMS_256 = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
 PATCH_NUMS_512 = (1, 2, 3, 4, 6, 9, 13, 18, 24, 32)
 STANDARD_PATCH_NUMS = (PATCH_NUMS_256, PATCH_NUMS_512)
@@ -89,11 +91,14 @@ class VARConfig:
   init_adaln: float = 0.5
   init_adaln_gamma: float = 1e-5
   remat: bool = False                       # rematerialise each block in training
+  attn_impl: str = 'auto'                   # var_jax.ops.attention: 'auto' | 'xla' | 'cudnn' | 'splash'
 
   def __post_init__(self):
     object.__setattr__(self, 'patch_nums', _as_tuple(self.patch_nums))
     if self.embed_dim % self.num_heads:
       raise ValueError(f'embed_dim={self.embed_dim} is not divisible by num_heads={self.num_heads}')
+    if self.attn_impl not in ATTN_IMPLS:
+      raise ValueError(f'attn_impl must be one of {ATTN_IMPLS}, got {self.attn_impl!r}')
     if self.attn_drop_rate:
       raise ValueError('attn_drop_rate > 0 is not supported (the fused attention kernels have no dropout); '
                        'the reference trains with 0.')
