@@ -27,6 +27,7 @@ setup(
         'tensorboardX>=2.6',
         'scikit-learn>=1.5',   # ships the digits data set of the quickstart (no download)
         'huggingface_hub>=0.24',   # released weights by name (var_jax.hub)
+        'tqdm>=4.66',   # progress bars (var_jax.progress)
     ],
     extras_require={
         # Reading/writing reference .pth checkpoints. Install the CPU wheel first (pip install torch==2.13.0)

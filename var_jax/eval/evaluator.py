@@ -159,14 +159,19 @@ class InceptionFeatures:
     return {'pool3': np.asarray(out['pool3'][:n], np.float32), 'logits': np.asarray(out['logits'][:n], np.float32)}
 
   def of_set(self, images: ImageSet, progress: Optional[Callable[[int, int], None]] = None) -> Dict[str, np.ndarray]:
+    """The features of every image of the set (a progress bar / log lines: ``var_jax.progress``; ``progress``
+    is also called with (done, total) after each batch)."""
+    from var_jax import progress as progress_lib
     pools, logits, done = [], [], 0
-    for batch in images.batches(self.batch_size):
-      out = self(_check_uint8_images(np.asarray(batch), images.name))
-      pools.append(out['pool3'])
-      logits.append(out['logits'])
-      done += len(batch)
-      if progress:
-        progress(done, len(images))
+    with progress_lib.Progress(len(images), f'Inception features of {images.name}', unit='images') as bar:
+      for batch in images.batches(self.batch_size):
+        out = self(_check_uint8_images(np.asarray(batch), images.name))
+        pools.append(out['pool3'])
+        logits.append(out['logits'])
+        done += len(batch)
+        bar.update(len(batch))
+        if progress:
+          progress(done, len(images))
     return {'pool3': np.concatenate(pools), 'logits': np.concatenate(logits)}
 
 

@@ -168,18 +168,17 @@ def dataset_features(pipe: BiGRPipeline, data_cfg, split: str, *, layer=None, co
     cfg = dict(data_cfg, image_size=pipe.image_size)
   ids = _layer_ids(pipe, layer)
   feats, labs = [], []
-  t0, done = time.perf_counter(), 0
-  for batch in make_eval_dataset(cfg, int(batch_size), source=src):
-    keep = np.asarray(batch['mask'], bool)
-    x = (np.asarray(batch['image'], np.float32) + 1.0) * 0.5                # [-1, 1] -> [0, 1]
-    y = np.asarray(batch['label'], np.int32)
-    cond = None if condition == 'null' else _condition_labels(pipe, y, condition, y.shape[0])
-    f = np.asarray(_batch_features(pipe, x, cond, layer, ids))
-    feats.append(f[keep])
-    labs.append(y[keep])
-    done += int(keep.sum())
-    if log is not None and len(feats) % 50 == 0:
-      log(f'  {split}: {done}/{len(src)} images ({done / (time.perf_counter() - t0):.1f} images/s)')
+  from var_jax import progress
+  with progress.Progress(len(src), f'{split} features', unit='images', log=log) as bar:
+    for batch in make_eval_dataset(cfg, int(batch_size), source=src):
+      keep = np.asarray(batch['mask'], bool)
+      x = (np.asarray(batch['image'], np.float32) + 1.0) * 0.5                # [-1, 1] -> [0, 1]
+      y = np.asarray(batch['label'], np.int32)
+      cond = None if condition == 'null' else _condition_labels(pipe, y, condition, y.shape[0])
+      f = np.asarray(_batch_features(pipe, x, cond, layer, ids))
+      feats.append(f[keep])
+      labs.append(y[keep])
+      bar.update(int(keep.sum()))
   if not feats:
     raise ValueError(f'no examples in split {split!r}')
   return np.concatenate(feats).astype(np.float32), np.concatenate(labs)

@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import contextlib
 import os
-import sys
 import time
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 from absl import logging
 
-from var_jax import fileio
+from var_jax import fileio, progress
 from var_jax.dtypes import parse_dtype
 from var_jax.images import intact_image, labelled_grid, read_rgb, to_uint8, write_png
 from var_jax.sampling.common import check_sampling_args, parse_class_labels
@@ -126,11 +125,6 @@ def _existing_samples(out_dir: str, names: Dict[int, str]) -> set:
   return intact
 
 
-def _progress(done: int, total: int, t0: float):
-  sys.stderr.write(f'\r[{done}/{total}] {done / max(time.time() - t0, 1e-9):.2f} images/s')
-  sys.stderr.flush()
-
-
 def _sample_share(pipe, labels: List[int], seed: int, opts: Dict[str, Any], batch_size: int, dtype: str,
                   out_dir: Optional[str], keep: bool, shard_index: int, shard_count: int, log=print
                   ) -> Tuple[int, Dict[int, np.ndarray]]:
@@ -146,19 +140,17 @@ def _sample_share(pipe, labels: List[int], seed: int, opts: Dict[str, Any], batc
     if len(todo) < n_mine:
       log(f'{out_dir}: {n_mine - len(todo)} of {n_mine} images exist already; sampling the other {len(todo)}')
   kept = {}
-  t0 = time.time()
-  for start in range(0, len(todo), batch_size):
-    ids = todo[start:start + batch_size]
-    imgs, _ = pipe.sample([labels[i] for i in ids], seed, batch_size=batch_size, dtype=jdtype, sample_ids=ids,
-                          **opts)
-    for i, im in zip(ids, to_uint8(imgs)):
-      if out_dir:
-        write_png(os.path.join(out_dir, image_name(i, labels[i])), im)
-      if keep:
-        kept[i] = im
-    _progress(min(start + batch_size, len(todo)), len(todo), t0)
-  if todo:
-    sys.stderr.write('\n')
+  with progress.Progress(len(todo), 'sampling', unit='images') as bar:
+    for start in range(0, len(todo), batch_size):
+      ids = todo[start:start + batch_size]
+      imgs, _ = pipe.sample([labels[i] for i in ids], seed, batch_size=batch_size, dtype=jdtype, sample_ids=ids,
+                            **opts)
+      for i, im in zip(ids, to_uint8(imgs)):
+        if out_dir:
+          write_png(os.path.join(out_dir, image_name(i, labels[i])), im)
+        if keep:
+          kept[i] = im
+      bar.update(len(ids))
   return len(todo), kept
 
 
