@@ -57,6 +57,14 @@ def isfile(p: PathLike) -> bool:
   return p.exists() and not p.is_dir()
 
 
+def listdir(p: PathLike) -> list:
+  """The sorted entry names of directory ``p``. A remote "directory" exists only while objects are below it, so an
+  empty (or just made) one lists as ``[]`` instead of raising ``FileNotFoundError``."""
+  if is_remote(p) and not path(p).exists():
+    return []
+  return sorted(x.name for x in path(p).iterdir())
+
+
 def makedirs(p: PathLike) -> str:
   """``mkdir -p`` (local or remote)."""
   path(p).mkdir(parents=True, exist_ok=True)
