@@ -37,7 +37,7 @@ _spec.loader.exec_module(common)   # configs are loaded by path (--config=config
 TASKS = ('elm_ar', 'elm_mlm', 'bigr')
 # VAR-only entries of common.base() that the bits trainer does not read
 _VAR_ONLY = ('vae', 'vae_ckpt', 'vae_dtype', 'model', 'init_from', 'optim', 'progressive', 'label_smoothing',
-             'sample_every', 'sample_classes', 'sample')
+             'sample')
 
 
 def _fields(cls, drop=(), **overrides):
@@ -105,6 +105,10 @@ def base(task: str) -> ml_collections.ConfigDict:
   c.ckpt_every = 10000
   c.eval_every = 10000
   c.eval_batches = 50                    # -1: the whole eval split
+  # sample grids every sample_every steps (and at the end; 0: none) of sample_classes (mod num_classes), to
+  # <workdir>/samples and TensorBoard: ELMPipeline / BiGRPipeline.sample with these keyword arguments over its
+  # release settings (e.g. cfg, top_k, num_iter)
+  c.sample = ml_collections.ConfigDict()
   c.export_name = 'model.pth' if elm else 'bigr.pt'   # reference layout; '.safetensors' works without torch
   c.mesh.update(data=-1, fsdp=1, tensor=1)
   return c
@@ -163,5 +167,6 @@ def tiny_quickstart(task: str) -> ml_collections.ConfigDict:
   c.ckpt_every = 100
   c.eval_every = 100
   c.eval_batches = 4
+  c.sample_every = 0                     # e.g. 100 for sample grids (each run compiles the sampler once)
   c.mesh.update(data=-1, fsdp=1, tensor=1)
   return c

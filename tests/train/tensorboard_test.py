@@ -28,7 +28,7 @@ def _vqvae(**kw):
   """vqvae_trainer_test's 8px tokenizer."""
   c = load_config('vqvae_quickstart')
   c.data.update(image_size=8, mid_reso=1.0)
-  c.vae.update(vocab_size=64, z_channels=8, ch=16, ch_mult=(1, 2), num_res_blocks=1, patch_nums=(1, 2, 4))
+  c.vae.update(vocab_size=64, z_channels=8, ch=32, ch_mult=(1, 2), num_res_blocks=1, patch_nums=(1, 2, 4))
   c.disc.update(ndf=8, n_layers=1, norm='none')
   c.global_batch_size = 16
   c.update(dict(total_steps=4, log_every=1, ckpt_every=2, sample_every=4), **kw)
@@ -39,7 +39,7 @@ def _bae(**kw):
   """bae_trainer_test's 8px binary autoencoder."""
   c = load_config('bae_quickstart')
   c.data.update(image_size=8, mid_reso=1.0)
-  c.bae.update(nf=16, ch_mult=(1, 1), res_blocks=1, attn_resolutions=(), resolution=8, codebook_size=8, emb_dim=16)
+  c.bae.update(nf=32, ch_mult=(1, 1), res_blocks=1, attn_resolutions=(), resolution=8, codebook_size=8, emb_dim=32)
   c.disc.update(ndf=8, n_layers=1, norm='batch')
   c.global_batch_size = 16
   c.update(dict(total_steps=4, log_every=1, ckpt_every=2, sample_every=4), **kw)
@@ -53,7 +53,8 @@ def _elm(**kw):
   c.bae.update(ch_mult=(1, 1), res_blocks=1, resolution=8, attn_resolutions=())
   c.model.update(dim=32, n_head=2, n_layer=1)
   c.global_batch_size = 16
-  c.update(dict(total_steps=4, log_every=1, ckpt_every=2, eval_every=4, eval_batches=1), **kw)
+  c.update(dict(total_steps=4, log_every=1, ckpt_every=2, eval_every=4, eval_batches=1, sample_every=4,
+                sample_classes=(0, 1)), **kw)
   return c
 
 
@@ -63,9 +64,9 @@ FAMILIES = {
                    'train/images_per_s', 'train/loss', 'eval/loss']),
     'vqvae': (_vqvae, ['reconstructions', 'codebook/usage_scale/00', 'codebook/usage_scale/02',
                        'train/usage_scale/02', 'train/lr_g', 'train/lr_d', 'train/images_per_s', 'train/l1']),
-    'bae': (_bae, ['reconstructions', 'codebook/bit_mean', 'codebook/bit_prob', 'train/bit_mean_per_channel/07',
+    'bae': (_bae, ['reconstructions', 'codebook/bit_mean', 'codebook/bit_prob', 'train/bit_mean/07',
                    'train/lr_g', 'train/codebook_loss']),
-    'elm_ar': (_elm, ['train/loss', 'train/lr', 'train/images_per_s', 'train/tokens_per_s', 'eval/loss']),
+    'elm_ar': (_elm, ['samples', 'train/loss', 'train/lr', 'train/images_per_s', 'train/tokens_per_s', 'eval/loss']),
 }
 KIND = {'samples': 'image', 'reconstructions': 'image', 'codebook': 'histogram'}
 
@@ -80,13 +81,15 @@ def _records(workdir):
 
 @pytest.mark.slow   # a few minutes each on a loaded 2-core machine (compiles a train, eval and sample step)
 @pytest.mark.parametrize('family', list(FAMILIES))
-def test_event_files_hold_images_histograms_text_and_curves(family, tmp_path):
+def test_event_files_hold_images_histograms_text_and_curves(family, tmp_path, monkeypatch):
   make, want = FAMILIES[family]
+  monkeypatch.setattr(metrics_lib, 'peak_flops_per_device', lambda: 1e12)    # as on a TPU / GPU: MFU reported
   _train(make(), tmp_path)
   ev = metrics_lib.read_events(tmp_path / 'tensorboard')
   text = ev['config/text_summary']
   assert len(text) == 1 and text[0][0] == 0
   assert json.loads(text[0][2].strip('`\n'))['total_steps'] == 4          # the run's config, as JSON
+  want = want + ['train/mfu']       # VAR: the analytic FLOP count, the others XLA's cost analysis
   for tag in want:
     assert tag in ev, (tag, sorted(ev))
     kind = KIND.get(tag.split('/')[0], 'scalar')
@@ -120,7 +123,7 @@ def test_resume_after_a_crash_logs_each_step_once(family, tmp_path):
   killed between the step-5 log line and that save): the resumed run drops steps 4-5 from metrics.jsonl and
   TensorBoard and logs them again, the values those of the uninterrupted run."""
   make, _ = FAMILIES[family]
-  config = make(total_steps=5, ckpt_every=3, eval_every=3, **({} if family == 'elm_ar' else {'sample_every': 0}))
+  config = make(total_steps=5, ckpt_every=3, eval_every=3, sample_every=0)
   _train(config, tmp_path)
   straight = _records(tmp_path)
   assert [(r['step'], r['split']) for r in straight] == [(1, 'train'), (2, 'train'), (3, 'train'), (3, 'eval'),
@@ -178,3 +181,38 @@ def test_compiled_flops_counts_a_matmul():
   f = jax.jit(lambda a, b: a @ b)
   flops = metrics_lib.compiled_flops(f, jnp.ones((8, 16)), jnp.ones((16, 4)))
   assert flops == pytest.approx(2 * 8 * 16 * 4, rel=0.05)
+
+
+def test_writer_on_a_fake_gcs_bucket(tmp_path, monkeypatch):
+  """A real ``gs://`` workdir (the local GCS emulator): metrics.jsonl and the event files land in the bucket, nothing
+  under the home directory; a resume truncates the bucket's metrics.jsonl."""
+  pytest.importorskip('gcp_storage_emulator')
+  from fake_gcs import FakeGCS
+  home = tmp_path / 'home'
+  home.mkdir()
+  monkeypatch.setenv('HOME', str(home))
+  with FakeGCS() as gcs:
+    gcs.activate(monkeypatch)
+    wd = gcs.root('run')
+    w = metrics_lib.MetricWriter(wd, enabled=True, start_step=0)
+    for s in (1, 2, 3):
+      w.write(s, {'loss': float(s)})
+    w.image(3, 'samples', np.zeros((4, 4, 3), np.uint8))
+    w.close()
+    metrics_lib.MetricWriter(wd, enabled=True, start_step=2).close()
+    lines = (fileio.path(wd) / 'metrics.jsonl').read_text().splitlines()
+    assert [json.loads(l)['step'] for l in lines] == [1, 2]
+    ev = metrics_lib.read_events(f'{wd}/tensorboard')
+    assert [s for s, _, _ in ev['train/loss']] == [1, 2] and ev['samples'] == []
+    assert len(list((fileio.path(wd) / 'tensorboard').iterdir())) == 2
+  assert list(home.iterdir()) == []
+
+
+def test_bits_sample_settings_are_checked_before_training():
+  from var_jax import sharding as shd
+  from var_jax.train import errors, tasks
+  c = _elm()
+  c.sample.topk = 5
+  with pytest.raises(errors.ConfigError, match=r'config.sample has topk: not a setting of ELMPipeline.sample \(it '
+                                               r'takes .*top_k'):
+    tasks.build(c, shd.make_mesh({'data': -1, 'fsdp': 1, 'tensor': 1}), 100)

@@ -98,7 +98,7 @@ def _existing_samples(out_dir: str, names: Dict[int, str]) -> set:
   naming them, so the image is sampled again."""
   intact = set()
   stray = {}
-  listing = {p.name for p in fileio.path(out_dir).iterdir()}        # one listing (local or gs://)
+  listing = set(fileio.listdir(out_dir))    # one listing (local or gs://: [] for an empty remote directory)
   for f in listing:
     for suffix in ('.tmp.png',):                      # the former writer's temporary name
       if f.endswith(suffix):

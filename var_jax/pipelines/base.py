@@ -194,6 +194,12 @@ class BinaryLatentPipeline(Pipeline):
   def _set_model(self, model_config, model_variables: Dict[str, Any]):
     raise NotImplementedError
 
+  def set_model_variables(self, model_variables: Mapping[str, Any]):
+    """Replace the generator's variables by others of the same shapes (the compiled samplers are kept), e.g. a
+    training run's params at each sample step."""
+    setattr(self, self.model_attr, jax.tree.map(jnp.asarray, dict(model_variables)))
+    self._param_cache.clear()
+
   @property
   def bits_per_cell(self) -> int:
     return self.bae_config.codebook_size

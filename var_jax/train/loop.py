@@ -370,9 +370,10 @@ def _train(config, workdir: str, preempt: Preemption) -> Tuple[Any, Dict[str, fl
             check_labels(host_batch['label'], num_classes, step + 1)
           batch = shd.host_local_to_global(host_batch, mesh)
           step_fn = task.jit_step(stage, watch.mode)
-          if peak and flops is None:    # no analytic count: XLA's, once (MFU is only reported where peak is known)
+          if peak and flops is None:    # no analytic count: XLA's, once (MFU is only reported where peak is known);
+            # it counts a scanned loop's body once: one micro-batch of the gradient accumulation
             flops = (metrics_lib.compiled_flops(step_fn, state, batch, task.frozen, *extra) or 0.0) / \
-                config.global_batch_size
+                (config.global_batch_size // int(config.grad_accum))
           state, m = step_fn(state, batch, task.frozen, *extra)
           m = watch.add(step + 1, m)
           step += 1

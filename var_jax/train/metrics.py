@@ -61,7 +61,8 @@ def var_train_flops_per_image(var_config) -> float:
 
 def compiled_flops(jitted, *args) -> Optional[float]:
   """FLOPs of one call of ``jitted(*args)`` from XLA's cost analysis of the lowered (unpartitioned, so global)
-  program, without compiling it; None when the backend gives none. For tasks without an analytic count."""
+  program, without compiling it; None when the backend gives none. For tasks without an analytic count. XLA counts
+  the body of a loop (``lax.scan``) once, whatever its trip count."""
   try:
     cost = jitted.lower(*args).cost_analysis()
   except Exception as e:  # noqa: BLE001 - an estimate only: never stop training for it

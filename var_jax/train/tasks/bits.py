@@ -24,6 +24,9 @@ Keys: ``k_bits, k_model = split(step_key(seed, step))``; with ``grad_accum`` > 1
 key per micro-batch. Eval: the same losses in eval mode on the eval split with keys from ``rng.eval_key`` (fixed, so
 evals at different steps are comparable); padded examples are excluded. ELM AR reports cross-entropy.
 
+Periodic output (``config.sample_every``): a grid of ``config.sample_classes`` sampled through the family's pipeline
+(``config.sample``: its sampling settings), to ``<workdir>/samples`` and TensorBoard.
+
 Export: the model in the reference layout (``<workdir>/model.pth`` / ``bigr.pt``; ``config.export_name``) holding
 the EMA weights when ``config.ema.decay`` > 0, plus ``model_args.json`` (the reference ``ModelArgs`` to reload it)
 and, for a random-init tokenizer, ``binaryae.th``.
@@ -37,6 +40,7 @@ from typing import Any, Dict, Tuple, Union
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import traverse_util
 
@@ -214,6 +218,7 @@ def reference_model_args(kind: str, cfg: ModelConfig) -> Dict[str, Any]:
 
 class BitsTask(base.Task):
   has_eval = True
+  has_periodic_output = True
 
   def __init__(self, config, mesh, num_train_examples: int, rules=None):
     super().__init__(config, mesh, rules)
@@ -232,6 +237,18 @@ class BitsTask(base.Task):
     self.lr_schedule = optim.lr_schedule(config.optim, config.global_batch_size, s.total_steps,
                                          float(config.optim.warmup_steps))
     self._set_state_shapes(boxed)
+    self._pipe = None
+    if config.sample_every > 0:                       # before any work: the sampler's keyword arguments
+      import inspect
+      from var_jax.pipelines.bigr import BiGRPipeline
+      from var_jax.pipelines.elm import ELMPipeline
+      sample = (BiGRPipeline if self.kind == 'bigr' else ELMPipeline).sample
+      ok = set(inspect.signature(sample).parameters) - {'self', 'labels', 'rng', 'noise', 'sample_ids', 'num_samples'}
+      bad = sorted(set(config.sample) - ok)
+      if bad:
+        from var_jax.train import errors
+        raise errors.ConfigError(f'config.sample has {", ".join(bad)}: not a setting of {sample.__qualname__} (it '
+                                 f'takes {", ".join(sorted(ok))})')
 
   def _init_boxed(self, rng):
     return self.model.init(rng, *dummy_inputs(self.kind, self.cfg))
@@ -323,6 +340,27 @@ class BitsTask(base.Task):
   def log_line(self, m):
     accs = ' '.join(f'{k} {m[k]:.2f}%' for k in ('acc', 'bit_acc') if k in m)
     return f'loss {m["loss"]:.4f} {accs} gnorm {m["grad_norm"]:.3f} lr {m["lr"]:.3g}'
+
+  def periodic_output(self, state, batch, step, workdir):
+    """A grid of ``config.sample_classes`` (mod num_classes) sampled from the params by the family's pipeline
+    (``ELMPipeline`` / ``BiGRPipeline``.sample with ``config.sample`` over its release settings), on process 0."""
+    from var_jax import images as images_lib
+    params = shd.to_host(state.params)                           # every process takes part
+    if jax.process_index() != 0:
+      return None
+    if self._pipe is None:
+      from var_jax.pipelines.bigr import BiGRPipeline
+      from var_jax.pipelines.elm import ELMPipeline
+      bae_vars = jax.tree.map(lambda a: np.asarray(a.addressable_data(0)), self.frozen)   # replicated: local copy
+      self._pipe = (BiGRPipeline if self.kind == 'bigr' else ELMPipeline)(self.bae_cfg, self.cfg, bae_vars,
+                                                                            {'params': params})
+    else:                                                        # the same compiled sampler, the new params
+      self._pipe.set_model_variables({'params': params})
+    labels = [int(c) % self.cfg.num_classes for c in self.config.sample_classes]
+    # unsharded: the loop's mesh is in effect here, not the pipeline's local one (a grid is a few images)
+    imgs, _ = self._pipe.sample(labels, rng=int(self.config.seed), **{'shard': False, **self.config.sample.to_dict()})
+    grid = images_lib.labelled_grid(images_lib.to_uint8(imgs), labels, cols=min(len(labels), 8))
+    return base.image_output(workdir, 'samples', step, grid)
 
   def export_tree(self, state):
     return {'params': state.ema if self._ema_fn() else state.params}
