@@ -11,6 +11,31 @@ import socketserver
 from tests_helpers import free_port
 
 
+def _add_generation_headers():
+  """The emulator's media downloads lack the ``x-goog-generation`` header real GCS sends, which tensorstore needs to
+  read an object it will update (orbax's OCDBT manifest: 'Malformed StorageGeneration'); add it (once)."""
+  from http import HTTPStatus
+  from gcp_storage_emulator import server
+  from gcp_storage_emulator.handlers import objects
+  if getattr(objects, '_var_jax_patched', False):
+    return
+
+  original = objects.download
+
+  def download(request, response, storage, *args, **kwargs):
+    original(request, response, storage, *args, **kwargs)
+    if response.status in (HTTPStatus.OK, HTTPStatus.PARTIAL_CONTENT):
+      obj = storage.get_file_obj(request.params['bucket_name'], request.params['object_id'])
+      response['x-goog-generation'] = str(obj['generation'])
+      response['x-goog-metageneration'] = str(obj['metageneration'])
+  for _, methods in server.HANDLERS:
+    for m, fn in list(methods.items()):
+      if fn is original:
+        methods[m] = download
+  objects.download = download      # objects.get (?alt=media) calls it too
+  objects._var_jax_patched = True   # pylint: disable=protected-access
+
+
 class FakeGCS:
   """``with FakeGCS('bkt') as gcs:`` serves bucket ``bkt``; ``gcs.env`` for subprocesses, ``gcs.activate()`` for
   this process (sets the variables and drops gcsfs's cached filesystems)."""
@@ -18,6 +43,7 @@ class FakeGCS:
   def __init__(self, bucket: str = 'var-jax-test'):
     from gcp_storage_emulator.server import create_server
     logging.getLogger('gcp_storage_emulator').setLevel(logging.CRITICAL)   # every 404 probe is logged as an error
+    _add_generation_headers()
     self.bucket = bucket
     self.port = free_port()
     self.url = f'http://127.0.0.1:{self.port}'
