@@ -108,6 +108,20 @@ def describe_jax_devices():
 
 
 # ----------------------------------------------------------------------------- statistics and output
+def jax_peak_memory_gib():
+  """Peak device memory of this process's JAX allocations (``memory_stats()['peak_bytes_in_use']``), or None."""
+  import jax
+  stats = [d.memory_stats() or {} for d in jax.local_devices()]
+  peaks = [st['peak_bytes_in_use'] for st in stats if 'peak_bytes_in_use' in st]
+  return max(peaks) / 2**30 if peaks else None
+
+
+def torch_peak_memory_gib():
+  """``torch.cuda.max_memory_allocated`` on CUDA, else None."""
+  import torch
+  return torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
+
+
 def timing_stats(first_s, times, batch_size, name='latency', plural='latencies'):
   """First call (compile + run) and the steady-state times: ``{name}_mean_s``, ``{name}_min_s``, ``{plural}_s``,
   images/s from the mean and from the best time."""

@@ -144,10 +144,12 @@ def main(argv):
 
   results = dict(device=device, config=config)
   results['ours'] = ours = time_ours(pipe, labels, FLAGS.dtype)
+  ours['peak_memory_gib'] = bc.jax_peak_memory_gib()
   print(_fmt_run('ours:', ours), flush=True)
 
   if FLAGS.reference_path:
     results['reference'] = refr = time_reference(pipe, labels, FLAGS.dtype)
+    refr['peak_memory_gib'] = bc.torch_peak_memory_gib()
     print(bc.reference_line(refr))
     print(_fmt_run('reference:', refr))
     results['ratio_ours_over_reference'] = ratio = ours['images_per_s'] / refr['images_per_s']
