@@ -15,7 +15,9 @@ first step (compilation + one run) is timed separately, then ``--num_steps`` ste
 FLOPs utilisation, ``var_train_flops_per_image(model) x images/s / (peak x devices)`` with the device's dense bf16
 peak (``var_jax.train.metrics``; 'n/a' where unknown, e.g. on CPU, and measured against the bf16 peak even with
 ``--dtype float32``). The step includes the tokenizer's encoding of the images (as in training), which the model
-FLOPs do not count.
+FLOPs do not count. ``--token_cache`` then times the same step on the batches a ``config.data.token_cache`` run
+reads (the token ids of the same images, encoded once beforehand): the transformer and the teacher-forcing input
+only, continuing from the state the first run left.
 
 With ``--reference_path`` (a checkout of FoundationVision/VAR) our initial random weights (the train state's params
 and the tokenizer) are exported with ``VARPipeline.save_torch``, loaded ``strict=True`` into the reference
@@ -37,6 +39,7 @@ Usage:
   python benchmarks/train_speed.py --depth 16 --batch_size 256 --grad_accum 4 --mesh_fsdp 8   # 8 devices, FSDP
   python benchmarks/train_speed.py --small --batch_size 8 --num_steps 3 --reference_path ~/src/VAR   # CPU smoke
   python benchmarks/train_speed.py --reference_path ~/src/VAR --dtype bfloat16       # side by side with PyTorch
+  python benchmarks/train_speed.py --reference_path ~/src/VAR --token_cache   # + ours on cached tokens (ratios)
 """
 from __future__ import annotations
 
@@ -69,6 +72,9 @@ flags.DEFINE_integer('mesh_fsdp', 1, 'Mesh axis "fsdp" size (-1: the devices lef
 flags.DEFINE_integer('mesh_tensor', 1, 'Mesh axis "tensor" size (-1: the devices left over).')
 flags.DEFINE_bool('remat', False, 'Rematerialise each transformer block in the backward pass (config.model.remat).')
 flags.DEFINE_bool('donate', True, 'Donate the train state to the step, as the trainer\'s loop does.')
+flags.DEFINE_bool('token_cache', False, 'Also time our step on cached tokens (config.data.token_cache: the batches '
+                  'carry the VQVAE\'s token ids of the same images, the step skips the encoder) and print the ratios '
+                  'cached / tokenized in the step (/ the reference).')
 
 RECIPE_DEPTHS = (16, 20, 24, 30, 36)
 # VARConfig fields that set the architecture / the training-time regularisation (taken from the model flags)
@@ -170,11 +176,24 @@ def time_ours(ours, config, host_batches):
       jax.block_until_ready(m['train_loss'])
       times.append(time.perf_counter() - t0)
       losses.append(float(m['train_loss']))
+  ours['state'] = state   # --token_cache: the cached-token steps continue from it
   if not np.isfinite(losses).all():
     raise RuntimeError(f'non-finite training loss: {losses}')
   out = bc.timing_stats(first, times, config.global_batch_size, name='step_time', plural='step_times')
   out.update(init_s=ours['init_s'], losses=losses, mesh=dict(mesh.shape), donate=FLAGS.donate)
   return out
+
+
+def cached_token_batches(config, ours, host_batches):
+  """The batches the trainer reads with ``config.data.token_cache``: the frozen VQVAE's token ids of the same images
+  (``var_jax.data.token_cache`` stores them per image and flip; encoded here once, untimed) and the labels."""
+  import jax
+  from var_jax.models.vqvae import VQVAE
+  from var_jax.models.var_config import VQVAEConfig
+  from var_jax.train.tasks import var as var_task
+  vae = VQVAE(VQVAEConfig(**config.vae.to_dict()))
+  enc = jax.jit(lambda v, x: var_task.tokens(vae, v, x)[0])
+  return [{'tokens': np.asarray(enc(ours['vae_vars'], b['image'])), 'label': b['label']} for b in host_batches]
 
 
 def time_reference(config, vae_cfg, var_cfg, params, vae_vars, host_batches):
@@ -329,6 +348,20 @@ def main(argv):
   ours['mfu'] = flops_img * ours['images_per_s'] / (peak * n_dev) if peak else None
   print(f'ours: train_loss {ours["losses"][0]:.4f} -> {ours["losses"][-1]:.4f}')
   print(_fmt_run('ours:', ours, var_cfg.seq_len, flops_img, peak), flush=True)
+  if FLAGS.token_cache:
+    results['ours_token_cache'] = cached = time_ours(ours_setup, config,
+                                                     cached_token_batches(config, ours_setup, host_batches))
+    cached['tokens_per_s'] = cached['images_per_s'] * var_cfg.seq_len
+    cached['mfu'] = flops_img * cached['images_per_s'] / (peak * n_dev) if peak else None
+    print(f'ours, cached tokens: train_loss {cached["losses"][0]:.4f} -> {cached["losses"][-1]:.4f}')
+    print(_fmt_run('cached:', cached, var_cfg.seq_len, flops_img, peak), flush=True)
+    results['ratio_cached_over_ours'] = r = cached['images_per_s'] / ours['images_per_s']
+    line = (f'ratio cached tokens / tokenized in the step (ours, images/s): {r:.2f}x '
+            f'(best step: {cached["images_per_s_best"] / ours["images_per_s_best"]:.2f}x)')
+    if FLAGS.reference_path:
+      results['ratio_cached_over_reference'] = rr = cached['images_per_s'] / refr['images_per_s']
+      line += f' | cached tokens / reference: {rr:.2f}x'
+    print(line)
 
   if FLAGS.reference_path:
     results['ratio_ours_over_reference'] = ratio = ours['images_per_s'] / refr['images_per_s']
