@@ -189,6 +189,35 @@ def require_integer(sd: Mapping[str, Any], key: str, what: str = 'checkpoint') -
   return a
 
 
+def _dtype_of(a: Any) -> np.dtype:
+  """The numpy dtype of a numpy array, a jax array or an in-memory torch tensor (``torch.float32`` -> float32;
+  torch's bfloat16 -> ml_dtypes' bfloat16)."""
+  dt = getattr(a, 'dtype', None)
+  if dt is None:
+    return np.asarray(a).dtype
+  try:
+    return np.dtype(dt)
+  except TypeError:
+    name = str(dt).rsplit('.', 1)[-1]       # 'torch.float32' -> 'float32'
+    if name == 'bfloat16':
+      import ml_dtypes
+      return np.dtype(ml_dtypes.bfloat16)
+    try:
+      return np.dtype(name)
+    except TypeError:
+      raise CheckpointMismatchError(f'unsupported tensor dtype {dt}') from None
+
+
+def _as_numpy(a: Any) -> np.ndarray:
+  """A numpy view of an array or an in-memory torch tensor (torch's bfloat16, which numpy cannot view, as float32)."""
+  if type(a).__module__.startswith('torch'):
+    a = a.detach().cpu()
+    if str(a.dtype) == 'torch.bfloat16':
+      a = a.float()
+    return a.numpy()
+  return np.asarray(a)
+
+
 def validate_tensors(sd: Mapping[str, Any], table: Sequence[Entry], what: str = 'checkpoint',
                      allow_cast: bool = False) -> Dict[str, Any]:
   """The values check of every import (the shapes are ``check_state_dict``'s): a stored parameter must be a
@@ -201,7 +230,7 @@ def validate_tensors(sd: Mapping[str, Any], table: Sequence[Entry], what: str = 
     if e.key not in sd or e.alias_of is not None:
       continue
     a = sd[e.key]
-    dt = np.asarray(a).dtype if not hasattr(a, 'dtype') else np.dtype(a.dtype)
+    dt = _dtype_of(a)
     want_float = _is_float(e.dtype)
     ok_kind = _is_float(dt) if want_float else np.issubdtype(dt, np.integer)
     if not ok_kind:
@@ -209,15 +238,16 @@ def validate_tensors(sd: Mapping[str, Any], table: Sequence[Entry], what: str = 
       if allow_cast and (np.issubdtype(dt, np.number) or dt == np.bool_):
         logging.warning('%s: casting %r from %s to %s (allow_cast)', what, e.key, dt,
                         'float32' if want_float else np.dtype(e.dtype).name)
-        cast[e.key] = np.asarray(a).astype(np.float32 if want_float else e.dtype)
+        cast[e.key] = _as_numpy(a).astype(np.float32 if want_float else e.dtype)
         continue
       problems.append(f'key {e.key!r} is stored as {dt}, expected {want}')
       continue
     if e.collection is not None and _is_float(dt):
-      bad = int(np.size(a) - np.count_nonzero(np.isfinite(np.asarray(a))))
+      arr = _as_numpy(a)
+      bad = int(arr.size - np.count_nonzero(np.isfinite(arr)))
       if bad:
         problems.append(f'key {e.key!r} holds {bad} non-finite value{"s" if bad > 1 else ""} (NaN/inf) among its '
-                        f'{np.size(a)} elements')
+                        f'{arr.size} elements')
   if problems:
     more = f'; and {len(problems) - 5} more keys' if len(problems) > 5 else ''
     hint = '' if not any('stored as' in p for p in problems) else ' (allow_cast=True / --allow_weight_cast casts)'
