@@ -270,7 +270,8 @@ ARGS = ['--config=configs/quickstart.py', '--config.model.depth=2', '--config.mo
 
 
 def _cli(workdir, steps, devices=2, *extra, processes=1):
-  cmd = [sys.executable, '-m', 'var_jax.train', f'--workdir={workdir}', f'--config.total_steps={steps}'] + ARGS + \
+  # --config.x overrides must follow --config (absl's config flags)
+  cmd = [sys.executable, '-m', 'var_jax.train', f'--workdir={workdir}'] + ARGS + [f'--config.total_steps={steps}'] + \
       list(extra)
   if processes == 1:
     return [subprocess.run(cmd, cwd=REPO, env=process_env(devices), capture_output=True, text=True, timeout=1200)]
@@ -369,7 +370,8 @@ def test_two_processes_agree_on_the_fallback_step(straight, tmp_path):
   _ok(_cli(wd, 6, 2, processes=2))
   victim = max(glob.glob(f'{wd}/checkpoints/6/state/ocdbt.process_*/d/*'), key=os.path.getsize)
   _truncate(victim)
-  runs = _ok(_cli(wd, 6, 2, processes=2))
+  runs = _cli(wd, 6, 2, processes=2)
+  _ok(runs)
   for r in runs:
     assert 'resumed from step 3' in r.stdout, r.stdout
   assert f'skipped damaged checkpoint(s) {wd}/checkpoints/6 (its arrays cannot be read' in runs[0].stdout
