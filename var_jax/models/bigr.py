@@ -85,9 +85,10 @@ class BiGRConfig(LlamaArgs):
     return cls(**kw)
 
   def model_args(self) -> Dict[str, Any]:
-    """The reference ``ModelArgs`` fields (without ``beta_type``)."""
+    """The reference ``ModelArgs`` fields (without ``beta_type`` and ``remat``, ours)."""
     d = dataclasses.asdict(self)
     d.pop('beta_type')
+    d.pop('remat')
     return d
 
 
@@ -247,7 +248,8 @@ class BiGR(ConfigModule):
     if cfg.use_adaLN:
       self.adaLN = Dense(6 * d, kernel_axes=('embed', 'adaln'), kernel_init=_zeros, bias_init=_zeros, dtype=self.dtype)
     dpr = np.linspace(0.0, cfg.drop_path_rate, cfg.n_layer) if cfg.n_layer > 1 else np.array([0.0])
-    self.layers = [BiGRBlock(cfg, float(dpr[i]), self.dtype) for i in range(cfg.n_layer)]
+    block_cls = nn.remat(BiGRBlock, static_argnums=(4,)) if cfg.remat else BiGRBlock   # (self, x, c, rope, det)
+    self.layers = [block_cls(cfg, float(dpr[i]), self.dtype) for i in range(cfg.n_layer)]
     self.norm = RMSNorm(cfg.norm_eps)
     self.diffusion_pos_embed_learned = self.param('diffusion_pos_embed_learned', logical(init, ('length', 'embed')),
                                                   (cfg.seq_len, d), jnp.float32)

@@ -212,9 +212,14 @@ class _ELMTransformer(ConfigModule):
   def _blocks(self, h, freqs, causal: bool, cond, train: bool):
     """Token dropout, then every block (no cache) -> (h, the list of block outputs)."""
     h = self.token_dropout(h, deterministic=not train)
+
+    def block(layer, h, freqs, cond):
+      return layer(h, freqs, causal=causal, cond=cond, train=train)[0]
+    if self.config.remat and train:
+      block = nn.remat(block)                # causal / train are closed over: static
     hidden = []
     for layer in self.layers:
-      h, _ = layer(h, freqs, causal=causal, cond=cond, train=train)
+      h = block(layer, h, freqs, cond)
       hidden.append(h)
     return h, hidden
 

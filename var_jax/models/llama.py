@@ -109,6 +109,9 @@ class LlamaArgs:
   block_size: int = 256
   max_batch_size: int = 32
   max_seq_len: int = 2048
+  # ours, not a reference field (never exported as ModelArgs): rematerialise each block in training (activation
+  # memory for recompute; python -m var_jax.aot --plan shows when a recipe needs it)
+  remat: bool = False
 
   def __post_init__(self):
     if self.dim % self.n_head:

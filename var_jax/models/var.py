@@ -215,7 +215,7 @@ class VAR(ConfigModule):
     x = nn.with_logical_constraint(x, ('activation_batch', 'activation_length', 'activation_embed'))
     bc = self._block_cond(cond).astype(self.dtype)
     for blk in self.blocks:
-      x, _ = blk(x, bc, deterministic)
+      x, _ = blk(x, bc, deterministic, None, None)   # every argument positional: remat's static_argnums (3, 5)
     return self.logits(x, cond)
 
   # ------------------------------------------------------------------ KV-cache decoding

@@ -211,7 +211,7 @@ def compute_loss(kind: str, model, cfg: ModelConfig, params, bits, labels, key, 
 def reference_model_args(kind: str, cfg: ModelConfig) -> Dict[str, Any]:
   """The ``ModelArgs`` keyword arguments that reload an exported file (``load_elm`` / ``load_bigr``)."""
   if kind == 'bigr':
-    return dataclasses.asdict(cfg)
+    return {k: v for k, v in dataclasses.asdict(cfg).items() if k != 'remat'}   # remat: ours, a training option
   allowed = elm_lib.AR_MODEL_ARGS if cfg.modeling == 'ar' else elm_lib.MLM_MODEL_ARGS
   return {k: v for k, v in dataclasses.asdict(cfg).items() if k in allowed}
 
