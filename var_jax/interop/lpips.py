@@ -70,6 +70,16 @@ def _hwio(torch_shape: Tuple[int, ...]) -> Tuple[int, ...]:
   return (torch_shape[2], torch_shape[3], torch_shape[1], torch_shape[0]) if len(torch_shape) == 4 else torch_shape
 
 
+def abstract_params() -> Params:
+  """The LPIPS-VGG params tree as ``jax.ShapeDtypeStruct`` leaves (float32, our layout), no weights read: what a
+  compile-only run (``var_jax.aot``) lowers against."""
+  import jax
+  tree: Dict[str, Any] = {}
+  for _, shape, path in param_table():
+    _set(tree, path, jax.ShapeDtypeStruct(_hwio(shape), np.float32))
+  return tree
+
+
 def _natural(k: str):
   return [int(p) if p.isdigit() else p for p in k.replace('.', ' . ').split()]
 

@@ -90,6 +90,12 @@ class Task:
   def load_frozen(self):
     return {}
 
+  def frozen_shapes(self):
+    """The frozen inputs as ``jax.ShapeDtypeStruct`` leaves without reading any weights file (what ``var_jax.aot``
+    compiles against): ``load_frozen`` traced by ``jax.eval_shape``; a task whose frozen inputs can only come from
+    a file overrides it."""
+    return jax.eval_shape(self.load_frozen)
+
   @property
   def frozen(self):
     if self._frozen is None:

@@ -526,6 +526,11 @@ class TokenizerTask(base.Task):
       logging.info('LPIPS from the perceptual.* tensors of %s', config.init_from)
     return {} if lpips is None else jax.device_put(lpips, shd.replicated(self.mesh))
 
+  def frozen_shapes(self):
+    """LPIPS-VGG's shapes from its layout table (no weights file needed), {} when LPIPS is off."""
+    from var_jax.interop import lpips as lpips_io
+    return lpips_io.abstract_params() if self.config.loss.lpips > 0 else {}
+
   def init_state(self):
     return state_lib.born_sharded(self._init, self.shardings, self.config.seed)
 
