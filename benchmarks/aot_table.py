@@ -1,0 +1,147 @@
+r"""The AOT table: VAR d16-d36 (256 / 512 px), ELM 2B and BiGR XXL compiled for TPU slices (``var_jax.aot``), one
+``python -m var_jax.aot`` process per (model, topology) cell, then one markdown table from their JSON.
+
+  /work/venv_tpu/bin/python benchmarks/aot_table.py --table=docs/aot.md --json_dir=docs/aot [--jobs=2]
+
+Every cell: the config's recipe (global batch, dtype) on an FSDP mesh (``mesh.data=1 mesh.fsdp=-1``: params and
+optimizer state sharded over every chip), ``--plan`` (remat when the recipe batch does not fit) and ``--bisect``
+(the largest power-of-two per-chip batch). Cells whose JSON exists are not recompiled (delete it to redo one);
+cells not started within ``--budget_s`` are listed as not run.
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import os
+import subprocess
+import sys
+import time
+
+from absl import app, flags
+
+flags.DEFINE_string('table', 'docs/aot.md', 'markdown output')
+flags.DEFINE_string('json_dir', 'docs/aot', 'one JSON report per cell')
+flags.DEFINE_string('python', sys.executable, 'interpreter with jax[tpu] (libtpu)')
+flags.DEFINE_integer('jobs', 1, 'cells compiled at once')
+flags.DEFINE_integer('budget_s', 3600, 'start no cell after this many seconds')
+flags.DEFINE_list('only', [], 'cell names to run (default: all)')
+flags.DEFINE_bool('sampler', False, 'also compile VAR\'s sampler in every cell')
+flags.DEFINE_bool('extra', False, 'also the other resolutions (VAR d36 at 256 px, d30 at 512 px)')
+flags.DEFINE_integer('max_compiles', 1, 'per cell: compiles spent verifying the bisection\'s predicted batch')
+FLAGS = flags.FLAGS
+
+P256 = '(1,2,3,4,5,6,8,10,13,16)'
+P512 = '(1,2,3,4,6,9,13,18,24,32)'
+RES256 = [f'--config.vae.patch_nums={P256}', f'--config.model.patch_nums={P256}', '--config.data.image_size=256']
+RES512 = [f'--config.vae.patch_nums={P512}', f'--config.model.patch_nums={P512}', '--config.data.image_size=512']
+MODELS = {   # name: (config, extra overrides); VAR d16-d30 at 256 px and d36 at 512 px, as released
+    'var_d16': ('configs/var_d16.py', []),
+    'var_d20': ('configs/var_d20.py', []),
+    'var_d24': ('configs/var_d24.py', []),
+    'var_d30': ('configs/var_d30.py', []),
+    'var_d36_512': ('configs/var_d36.py', []),
+    'elm_ar_2b': ('configs/elm_ar_2b.py', []),
+    'bigr_xxl': ('configs/bigr_xxl.py', []),
+}
+EXTRA_MODELS = {   # --extra: the other resolutions
+    'var_d36_256': ('configs/var_d36.py', RES256),
+    'var_d30_512': ('configs/var_d30.py', RES512),
+}
+TOPOLOGIES = {'v5e-256': 'v5e:16x16', 'v5e-64': 'v5e:8x8', 'v4-256': 'v4:4x4x8'}
+FSDP = ['--config.mesh.data=1', '--config.mesh.fsdp=-1', '--config.mesh.tensor=1']
+
+
+def models():
+  return {**MODELS, **EXTRA_MODELS} if FLAGS.extra else MODELS
+
+
+def cells():
+  return [(f'{m}__{t}', m, t) for m in models() for t in TOPOLOGIES]
+
+
+def run_cell(name, model, topo, out):
+  cfg, extra = models()[model]
+  cmd = [FLAGS.python, '-m', 'var_jax.aot', f'--config={cfg}', f'--topology={TOPOLOGIES[topo]}', *FSDP, *extra,
+         '--plan', '--bisect', f'--max_compiles={FLAGS.max_compiles}',
+         f'--{"" if FLAGS.sampler or name == "var_d16__v5e-64" else "no"}sampler',
+         f'--out={out}']
+  t0 = time.time()
+  p = subprocess.run(['nice', *cmd], capture_output=True, text=True)
+  dt = time.time() - t0
+  if p.returncode:
+    err = (p.stderr.strip().splitlines() or ['?'])[-1]
+    with open(out, 'w') as f:
+      json.dump({'compiled': False, 'error': err[:500], 'command': ' '.join(cmd), 'wall_s': round(dt, 1)}, f)
+  else:
+    with open(out) as f:
+      rep = json.load(f)
+    rep['command'], rep['wall_s'] = ' '.join(cmd), round(dt, 1)
+    with open(out, 'w') as f:
+      json.dump(rep, f, indent=1, sort_keys=True)
+  print(f'{name}: {dt:.0f} s, rc {p.returncode}', flush=True)
+
+
+def gib(b):
+  return '' if b is None else f'{b / 2 ** 30:.1f}'
+
+
+def row(model, topo, rep):
+  if rep is None:
+    return f'| {model} | {topo} | not run | | | | | | |'
+  if not rep.get('compiled'):
+    return f'| {model} | {topo} | compile failed: {rep.get("error", "")[:80]} | | | | | | |'
+  mesh = 'x'.join(f'{k}{v}' for k, v in rep['mesh'].items() if v > 1) or 'single'
+  b = rep.get('bisect') or {}
+  mx = b.get('max_global_batch')
+  verified = any(t['fits'] and t['global_batch'] == mx for t in b.get('tried', []))
+  best = '' if mx is None else f'{mx} ({mx // (rep["mesh"]["data"] * rep["mesh"]["fsdp"])}/chip)' + \
+      ('' if verified else ' pred.')
+  coll = rep.get('collectives', {})
+  short = {'all-gather': 'AG', 'reduce-scatter': 'RS', 'all-reduce': 'AR', 'all-to-all': 'A2A',
+           'collective-permute': 'CP', 'all-gather-via-all-reduce': 'AG-as-AR'}
+  c = ', '.join(f'{short.get(k, k)} {v["count"]} ({v["bytes"] / 2 ** 20:.0f})' for k, v in coll.items() if v['count'])
+  fits = 'yes' if rep.get('fits') else 'no'
+  mem = rep['memory']
+  return (f'| {model} | {topo} | {mesh} | {rep["global_batch"]} | {gib(rep["bytes_per_device"])} / '
+          f'{gib(rep["hbm_bytes_per_device"])} ({fits}) | {gib(mem["argument"])} / {gib(mem["temp"])} | '
+          f'{"yes" if rep.get("remat") else "no"} | {best} | {rep["flops_per_step"]:.2e} | {c} | '
+          f'{rep.get("compile_s", "")} |')
+
+
+def table(reports):
+  head = ('| model | slice | mesh | recipe batch | GiB/chip at recipe batch / HBM (fits) | args / temp GiB | remat | '
+          'largest batch that fits | FLOPs/step | collectives: count (MiB) | compile s |\n'
+          '|---|---|---|---|---|---|---|---|---|---|---|')
+  return head + '\n' + '\n'.join(row(m, t, reports.get(n)) for n, m, t in cells())
+
+
+def main(argv):
+  del argv
+  os.makedirs(FLAGS.json_dir, exist_ok=True)
+  todo = [(n, m, t) for n, m, t in cells() if (not FLAGS.only or n in FLAGS.only)
+          and not os.path.exists(os.path.join(FLAGS.json_dir, n + '.json'))]
+  t0 = time.time()
+  with concurrent.futures.ThreadPoolExecutor(FLAGS.jobs) as ex:
+    futs = []
+    for n, m, t in todo:
+      def job(n=n, m=m, t=t):
+        if time.time() - t0 > FLAGS.budget_s:
+          print(f'{n}: not run (budget)', flush=True)
+          return
+        run_cell(n, m, t, os.path.join(FLAGS.json_dir, n + '.json'))
+      futs.append(ex.submit(job))
+    for f in futs:
+      f.result()
+  reports = {}
+  for n, _, _ in cells():
+    p = os.path.join(FLAGS.json_dir, n + '.json')
+    if os.path.exists(p):
+      with open(p) as f:
+        reports[n] = json.load(f)
+  with open(FLAGS.table, 'w') as f:
+    f.write(table(reports) + '\n')
+  print(table(reports))
+
+
+if __name__ == '__main__':
+  app.run(main)
