@@ -48,16 +48,25 @@ def inject_parameters(nb, params):
   return nb
 
 
-def run_notebook(name, params, workdir: Path, kernel: str):
+def run_notebook(name, params, workdir: Path, kernel: str, env_extra=None):
   nb = nbformat.read(NOTEBOOKS / name, as_version=4)
   inject_parameters(nb, params)
-  env = dict(os.environ)
+  env = dict(os.environ, **(env_extra or {}))
   env['JAX_PLATFORMS'] = 'cpu'
   env['PYTHONPATH'] = os.pathsep.join([str(REPO)] + [p for p in [env.get('PYTHONPATH')] if p])
   client = nbclient.NotebookClient(nb, kernel_name=kernel, timeout=CELL_TIMEOUT_S,
                                    resources={'metadata': {'path': str(workdir)}})
   client.execute(env=env)   # raises CellExecutionError on the first failing cell
   return nb
+
+
+@pytest.fixture(scope='module')
+def hub(tmp_path_factory):
+  """A local hub cache holding the fixtures under released names, read offline: (environment, {name: model_args})."""
+  import hub_cache
+  cache = tmp_path_factory.mktemp('hub')
+  args = hub_cache.fixture_cache(cache)
+  return {'HF_HUB_CACHE': str(cache), 'HF_HUB_OFFLINE': '1'}, args
 
 
 def outputs_text(nb):
@@ -80,10 +89,20 @@ def test_stored_without_outputs(name):
   assert len(tagged) == 1
 
 
-def test_sampling_notebook(tmp_path, kernel_name):
-  params = dict(tiny_checkpoints(), DOWNLOAD=False, CLASSES=[1, 3, 5, 7], SAMPLES_PER_CLASS=1, BATCH_SIZE=4,
-                NUM_TIMED=8, OUTPUT_PNG='grid.png')
-  nb = run_notebook('sampling.ipynb', params, tmp_path, kernel_name)
+def test_notebooks_share_one_helper_module():
+  """No notebook re-defines what var_jax.notebook holds, or downloads by hand."""
+  for name in ('sampling.ipynb', 'zero_shot_edit.ipynb', 'elm_sampling.ipynb'):
+    src = '\n'.join(c.source for c in nbformat.read(NOTEBOOKS / name, as_version=4).cells if c.cell_type == 'code')
+    assert 'from var_jax import notebook as nb' in src and 'nb.load(' in src, name
+    for banned in ('def make_grid', 'def to_pil', 'def load_image', 'urllib', 'urlretrieve', 'huggingface.co'):
+      assert banned not in src, (name, banned)
+
+
+@pytest.mark.parametrize('weights', ['files', 'pretrained'])
+def test_sampling_notebook(tmp_path, kernel_name, hub, weights):
+  params = dict(CLASSES=[1, 3, 5, 7], SAMPLES_PER_CLASS=1, BATCH_SIZE=4, NUM_TIMED=8, OUTPUT_PNG='grid.png')
+  params.update(tiny_checkpoints() if weights == 'files' else {'PRETRAINED': 'var_d16'})
+  nb = run_notebook('sampling.ipynb', params, tmp_path, kernel_name, hub[0] if weights == 'pretrained' else None)
   png = tmp_path / 'grid.png'
   assert png.is_file()
   from PIL import Image
@@ -95,8 +114,7 @@ def test_sampling_notebook(tmp_path, kernel_name):
 @pytest.mark.parametrize('source', ['sampled', 'image_path'])
 def test_zero_shot_edit_notebook(tmp_path, kernel_name, source):
   from PIL import Image
-  params = dict(tiny_checkpoints(), DOWNLOAD=False, SOURCE_CLASS=1, EDIT_CLASS=3, NUM_VARIANTS=2, SEED=1,
-                OUTPUT_PNG='edits.png')
+  params = dict(tiny_checkpoints(), SOURCE_CLASS=1, EDIT_CLASS=3, NUM_VARIANTS=2, SEED=1, OUTPUT_PNG='edits.png')
   if source == 'image_path':   # a user's image: not square, not the model's size
     rng = np.random.default_rng(0)
     Image.fromarray(rng.integers(0, 256, (80, 100, 3), dtype=np.uint8)).save(tmp_path / 'input.png')
@@ -109,17 +127,20 @@ def test_zero_shot_edit_notebook(tmp_path, kernel_name, source):
   assert 'input (64, 64, 3)' in outputs_text(nb)
 
 
-@pytest.mark.parametrize('fixture', ['elm_ar_2x4', 'elm_mlm_1x8'])
-def test_elm_sampling_notebook(tmp_path, kernel_name, fixture):
+@pytest.mark.parametrize('fixture', ['elm_ar_2x4', 'elm_mlm_1x8', 'pretrained'])
+def test_elm_sampling_notebook(tmp_path, kernel_name, hub, fixture):
   import json
   from conftest import SHARED
   d = SHARED / 'fixtures' / 'elm_bigr_reference'
-  margs = json.loads((d / fixture / 'config.json').read_text())['model_args']
-  params = dict(BAE_CKPT=str((d / 'bae_k8' / 'binaryae.th').resolve()),
-                MODEL_CKPT=str((d / fixture / 'model.pth').resolve()), MODEL='tiny-' + fixture[-3:].replace('x', '-'),
-                MODEL_ARGS=margs, DOWNLOAD=False, CLASSES=[1, 3, 5], SAMPLES_PER_CLASS=1, BATCH_SIZE=4, NUM_TIMED=4,
-                TOP_K=5, NUM_ITER=4, OUTPUT_PNG='elm.png')
-  nb = run_notebook('elm_sampling.ipynb', params, tmp_path, kernel_name)
+  params = dict(CLASSES=[1, 3, 5], SAMPLES_PER_CLASS=1, BATCH_SIZE=4, NUM_TIMED=4, TOP_K=5, NUM_ITER=4,
+                OUTPUT_PNG='elm.png')
+  if fixture == 'pretrained':          # the AR 2x4 fixture as the release L-2-10 (+ its BAE) in the hub cache
+    params.update(PRETRAINED='L-2-10', MODEL_ARGS=hub[1]['L-2-10'])
+  else:
+    margs = json.loads((d / fixture / 'config.json').read_text())['model_args']
+    params.update(BAE_CKPT=str((d / 'bae_k8' / 'binaryae.th').resolve()),
+                  MODEL_CKPT=str((d / fixture / 'model.pth').resolve()), MODEL_ARGS=margs)
+  nb = run_notebook('elm_sampling.ipynb', params, tmp_path, kernel_name, hub[0] if fixture == 'pretrained' else None)
   from PIL import Image
   with Image.open(tmp_path / 'elm.png') as im:
     assert im.size == (3 * (64 + 2) + 2, 64 + 2 + 2)
