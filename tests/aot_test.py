@@ -58,7 +58,7 @@ def test_hlo_collective_parsing():
   %all-gather-done.1 = bf16[16,8]{1,0} all-gather-done((bf16[4,8]{1,0}, bf16[16,8]{1,0}) %all-gather-start.1)
   ROOT %all-reduce.2 = f32[10]{0} all-reduce(f32[10]{0} %x), to_apply=%add
   %rs = f32[2,3]{1,0} reduce-scatter(f32[8,3]{1,0} %y), dimensions={0}
-  %cc = f32[2]{0} custom-call(f32[2]{0} %z), custom_call_target="tpu_custom_call"
+  %splash_mha_fwd_residuals.2 = f32[2]{0} custom-call(f32[2]{0} %z), custom_call_target="tpu_custom_call"
   '''
   got = aot.collectives(hlo)
   assert got['all-gather-via-all-reduce']['count'] == 0
@@ -66,7 +66,7 @@ def test_hlo_collective_parsing():
   assert got['all-reduce'] == {'count': 1, 'bytes': 40}
   assert got['reduce-scatter'] == {'count': 1, 'bytes': 24}
   assert got['all-to-all']['count'] == 0
-  assert aot.custom_calls(hlo)['targets'] == {'tpu_custom_call': 1}
+  assert aot.custom_calls(hlo) == {'targets': {'tpu_custom_call': 1}, 'kernels': {'splash_mha_fwd_residuals': 1}}
 
 
 def test_hlo_tpu_collective_forms():

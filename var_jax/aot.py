@@ -213,11 +213,14 @@ def collectives(hlo: str) -> Dict[str, Dict[str, int]]:
 
 
 def custom_calls(hlo: str) -> Dict[str, Any]:
-  """{'targets': {target: count}, 'kernels': [Pallas/Mosaic kernel names]} of the HLO's custom calls."""
+  """{'targets': {target: count}, 'kernels': {Pallas/Mosaic kernel: count}} of the HLO's custom calls. A TPU
+  kernel is a ``tpu_custom_call`` named after its kernel (``%splash_mha_fwd_residuals.2 = ... custom-call(...)``:
+  the name without its ``.N`` suffix)."""
   targets = collections.Counter(re.findall(r'custom_call_target="([^"]+)"', hlo))
-  kernels = sorted(set(re.findall(r'"(?:kernel_name|name)"\s*:\s*"([^"]+)"', hlo)) |
-                   set(re.findall(r'kernel_name=\\?"?([\w.\-]+)', hlo)))
-  return {'targets': dict(targets), 'kernels': kernels[:50]}
+  kernels = collections.Counter(
+      re.sub(r'\.\d+$', '', m) for m in re.findall(
+          r'^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=.*custom_call_target="tpu_custom_call"', hlo, re.M))
+  return {'targets': dict(targets), 'kernels': dict(kernels)}
 
 
 def memory_report(compiled, hbm: Optional[int]) -> Dict[str, Any]:
