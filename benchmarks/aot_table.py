@@ -109,11 +109,38 @@ def row(model, topo, rep):
           f'{rep.get("compile_s", "")} |')
 
 
+PREAMBLE = """# AOT compilation for TPU slices
+
+Made by `{command}` ({versions}), from one JSON report per cell in `{json_dir}/`: each cell is `python -m var_jax.aot`
+on the model's training recipe (its global batch, bf16 compute, f32 params and AdamW state), compiled by libtpu's
+XLA TPU compiler for the slice's devices, on a CPU-only host.
+
+- **mesh**: FSDP over every chip (`mesh.data=1 mesh.fsdp=-1`): params, optimizer state and EMA sharded.
+- **GiB/chip**: the compiler's peak per device, argument + output - aliased (the donated state) + temp, against the
+  chip's HBM (v5e 16 GiB, v4 32 GiB); **args / temp**: its parts (args: the sharded state, the replicated frozen
+  tokenizer and this chip's images).
+- **remat**: `--plan` turns rematerialisation of the transformer blocks on only when the recipe does not fit without.
+- **largest batch that fits**: powers of two per chip; `pred.` = predicted from the recipe compile (state bytes fixed,
+  temp bytes scaled linearly with the batch: conservative), else compiled and seen to fit.
+- **collectives**: count and MiB in the optimized per-device program (static count; AG-as-AR: all-gathers the TPU
+  compiler emitted as an all-reduce of shard-filled buffers, RS: reduce-scatter fusions).
+- The train step includes the frozen tokenizer's encoding of the images (as `config.data.token_cache` off).
+
+"""
+
+
 def table(reports):
   head = ('| model | slice | mesh | recipe batch | GiB/chip at recipe batch / HBM (fits) | args / temp GiB | remat | '
           'largest batch that fits | FLOPs/step | collectives: count (MiB) | compile s |\n'
           '|---|---|---|---|---|---|---|---|---|---|---|')
   return head + '\n' + '\n'.join(row(m, t, reports.get(n)) for n, m, t in cells())
+
+
+def versions():
+  code = ('import importlib.metadata as m; print(", ".join(f"{p} {m.version(p)}" for p in ("jax", "jaxlib", '
+          '"libtpu")))')
+  p = subprocess.run([FLAGS.python, '-c', code], capture_output=True, text=True)
+  return p.stdout.strip() or 'versions unknown'
 
 
 def main(argv):
@@ -139,7 +166,10 @@ def main(argv):
     if os.path.exists(p):
       with open(p) as f:
         reports[n] = json.load(f)
+  command = 'python benchmarks/aot_table.py ' + ' '.join(
+      f'--{k}={FLAGS[k].value}' for k in ('table', 'json_dir') if FLAGS[k].present)
   with open(FLAGS.table, 'w') as f:
+    f.write(PREAMBLE.format(command=command.strip(), versions=versions(), json_dir=FLAGS.json_dir))
     f.write(table(reports) + '\n')
   print(table(reports))
 
