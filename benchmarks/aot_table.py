@@ -93,10 +93,11 @@ def row(model, topo, rep):
     return f'| {model} | {topo} | compile failed: {rep.get("error", "")[:80]} | | | | | | |'
   mesh = 'x'.join(f'{k}{v}' for k, v in rep['mesh'].items() if v > 1) or 'single'
   b = rep.get('bisect') or {}
-  mx = b.get('max_global_batch')
-  verified = any(t['fits'] and t['global_batch'] == mx for t in b.get('tried', []))
-  best = '' if mx is None else f'{mx} ({mx // (rep["mesh"]["data"] * rep["mesh"]["fsdp"])}/chip)' + \
-      ('' if verified else ' pred.')
+  dp = rep['mesh']['data'] * rep['mesh']['fsdp']
+  seen = max([t['global_batch'] for t in b.get('tried', []) if t['fits']], default=None)   # compiled and fits
+  pred = b.get('predicted')
+  mx, tag = (pred, ' pred.') if pred and (seen is None or pred > seen) else (seen, '')
+  best = '' if mx is None else f'{mx} ({mx // dp}/chip){tag}'
   coll = rep.get('collectives', {})
   short = {'all-gather': 'AG', 'reduce-scatter': 'RS', 'all-reduce': 'AR', 'all-to-all': 'A2A',
            'collective-permute': 'CP', 'all-gather-via-all-reduce': 'AG-as-AR'}
