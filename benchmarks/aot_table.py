@@ -13,6 +13,7 @@ from __future__ import annotations
 import concurrent.futures
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -104,9 +105,14 @@ def row(model, topo, rep):
   c = ', '.join(f'{short.get(k, k)} {v["count"]} ({v["bytes"] / 2 ** 20:.0f})' for k, v in coll.items() if v['count'])
   fits = 'yes' if rep.get('fits') else 'no'
   mem = rep['memory']
+  remat = 'yes' if rep.get('remat') else 'no'
+  first = (rep.get('plan') or [{}])[0]
+  if rep.get('remat') and first.get('variant') == 'config' and not first.get('fits'):
+    m = re.search(r'HLO temporaries \(([0-9.]+G)\)', first.get('error') or '')
+    remat += f' (without: {m.group(1)} temp)' if m else ' (without: does not fit)'
   return (f'| {model} | {topo} | {mesh} | {rep["global_batch"]} | {gib(rep["bytes_per_device"])} / '
           f'{gib(rep["hbm_bytes_per_device"])} ({fits}) | {gib(mem["argument"])} / {gib(mem["temp"])} | '
-          f'{"yes" if rep.get("remat") else "no"} | {best} | {rep["flops_per_step"]:.2e} | {c} | '
+          f'{remat} | {best} | {rep["flops_per_step"]:.2e} | {c} | '
           f'{rep.get("compile_s", "")} |')
 
 
