@@ -103,6 +103,19 @@ def test_tokenizer_compiles_without_lpips_weights():
   assert 'sampler' not in rep and rep['flops_per_step'] > 0
 
 
+def test_plan_variants_fsdp_remat_then_micro_batches():
+  c = load_config('var_d36')                                   # 768 images: 12 per device on 64 devices
+  names = [n for n, _ in aot.plan_variants(c, 64)]
+  assert names == ['fsdp', 'fsdp+remat', 'fsdp+remat+accum2', 'fsdp+remat+accum3', 'fsdp+remat+accum4',
+                   'fsdp+remat+accum6']
+  assert dict(aot.plan_variants(c, 64))['fsdp+remat+accum4'] == {'mesh.data': 1, 'mesh.fsdp': -1, 'mesh.tensor': 1,
+                                                                 'model.remat': True, 'grad_accum': 4}
+  c.mesh.update(data=1, fsdp=-1, tensor=1)
+  assert [n for n, _ in aot.plan_variants(c, 256)] == ['fsdp+remat', 'fsdp+remat+accum3']   # 3 per device
+  t = load_config('vqvae_f16')
+  assert [n for n, _ in aot.plan_variants(t, 8)] == ['fsdp']         # no remat option, no micro-batching
+
+
 def test_bad_topology_is_one_clear_error():
   with pytest.raises(aot.AOTError, match='v5e-256.*expected cpu or'):
     aot.topology_devices('v5e-256')

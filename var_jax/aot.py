@@ -27,8 +27,9 @@ compiled by the real XLA compiler. Reported (printed and written as JSON):
 * ``sampler`` (VAR): the same report for the KV-cache sampler at ``--sample_batch``;
 * ``bisect`` (``--bisect``, TPU): the largest global batch that fits, over powers of two of the per-device batch:
   predicted from the first compile's bytes (temp bytes linear in the batch), then compiled (``--max_compiles``);
-* ``plan`` (``--plan``): when the config does not fit at its batch, the first of (FSDP mesh, FSDP + remat) that
-  does, whose report and bisection then follow.
+* ``plan`` (``--plan``): when the config does not fit at its batch, the first of (FSDP mesh, FSDP + remat, FSDP +
+  remat + gradient accumulation over 2, 3, 4 ... micro-batches) that does, whose report and bisection then
+  follow.
 """
 from __future__ import annotations
 
@@ -412,14 +413,23 @@ def bisect_batch(config, devices, num_slices: int, start: Dict[str, Any], max_co
           'tried': [{'global_batch': g_, 'fits': f, 'bytes_per_device': b} for g_, (f, b) in sorted(tried.items())]}
 
 
-def plan_variants(config) -> List[Tuple[str, Dict[str, Any]]]:
-  """What ``--plan`` tries after the config as it is: FSDP over every device (unless the config's mesh is
-  already that), then FSDP with remat (where the model has a remat option)."""
+def plan_variants(config, num_devices: int) -> List[Tuple[str, Dict[str, Any]]]:
+  """What ``--plan`` tries after the config as it is, in order, until one fits: FSDP over every device (unless the
+  config's mesh is already that), FSDP with remat (where the model has a remat option), then that with gradient
+  accumulation over 2, 3, 4 ... micro-batches (the recipe's global batch kept; each divides the per-device batch,
+  at most 4 such tries)."""
   fsdp = {'mesh.data': 1, 'mesh.fsdp': -1, 'mesh.tensor': 1}
   m = config.mesh
   out = [] if (int(m.data), int(m.fsdp), int(m.tensor)) == (1, -1, 1) else [('fsdp', fsdp)]
+  name, last = 'fsdp', fsdp
   if 'model' in config and 'remat' in config.model:
-    out.append(('fsdp+remat', dict(fsdp, **{'model.remat': True})))
+    name, last = 'fsdp+remat', dict(fsdp, **{'model.remat': True})
+    out.append((name, last))
+  if config.task != 'tokenizer':                     # the tokenizer step does not micro-batch
+    accum = int(config.grad_accum)
+    per_device = int(config.global_batch_size) // (accum * num_devices)
+    splits = [k for k in range(2, per_device + 1) if per_device % k == 0][:4]
+    out += [(f'{name}+accum{accum * k}', dict(last, grad_accum=accum * k)) for k in splits]
   return out
 
 
@@ -436,7 +446,7 @@ def run(config, topology: str, num_slices: int = 1, chip_config: str = '', bisec
   tried_variants = [{'variant': 'config', 'fits': rep.get('fits'), 'bytes_per_device': rep.get('bytes_per_device'),
                      'error': rep.get('error')}]
   if plan and not rep.get('fits'):
-    for name, over in plan_variants(base_cfg):
+    for name, over in plan_variants(base_cfg, len(devices)):
       c = prepare_config(base_cfg, overrides=over)
       r = _try(compile_train, c, devices, num_slices, **kw)
       tried_variants.append({'variant': name, 'fits': r.get('fits'), 'bytes_per_device': r.get('bytes_per_device'),
@@ -499,7 +509,8 @@ def define_flags():
   flags.DEFINE_bool('bisect', False, 'find the largest global batch that fits (powers of two per device)')
   flags.DEFINE_integer('max_compiles', 2, '--bisect: at most this many extra compiles (the first is predicted '
                        'from the config\'s compile)')
-  flags.DEFINE_bool('plan', False, 'if the config does not fit: try FSDP over all devices, then FSDP + remat')
+  flags.DEFINE_bool('plan', False, 'if the config does not fit: try FSDP over all devices, then FSDP + remat, then '
+                    'that with gradient accumulation (the global batch kept)')
   flags.DEFINE_bool('sampler', True, 'VAR: also compile the KV-cache sampler')
   flags.DEFINE_integer('sample_batch', 0, 'sampler batch (0: one image per device)')
   flags.DEFINE_integer('num_train_examples', 1_281_167, 'training set size (only the schedule depends on it; '
