@@ -106,6 +106,9 @@ def row(model, topo, rep):
   fits = 'yes' if rep.get('fits') else 'no'
   mem = rep['memory']
   remat = 'yes' if rep.get('remat') else 'no'
+  accum = re.search(r'accum(\d+)', rep.get('variant') or '')
+  if accum:
+    remat += f', {accum.group(1)} micro-batches'
   first = (rep.get('plan') or [{}])[0]
   if rep.get('remat') and first.get('variant') == 'config' and not first.get('fits'):
     m = re.search(r'HLO temporaries \(([0-9.]+G)\)', first.get('error') or '')
@@ -126,7 +129,8 @@ XLA TPU compiler for the slice's devices, on a CPU-only host.
 - **GiB/chip**: the compiler's peak per device, argument + output - aliased (the donated state) + temp, against the
   chip's HBM (v5e 16 GiB, v4 32 GiB); **args / temp**: its parts (args: the sharded state, the replicated frozen
   tokenizer and this chip's images).
-- **remat**: `--plan` turns rematerialisation of the transformer blocks on only when the recipe does not fit without.
+- **remat**: `--plan` turns rematerialisation of the transformer blocks on only when the recipe does not fit
+  without, then, if still needed, gradient accumulation (N micro-batches, the recipe's global batch kept).
 - **largest batch that fits**: powers of two per chip; `pred.` = predicted from the recipe compile (state bytes fixed,
   temp bytes scaled linearly with the batch: conservative), else compiled and seen to fit.
 - **collectives**: count and MiB in the optimized per-device program (static count; AG-as-AR: all-gathers the TPU
