@@ -49,7 +49,8 @@ EXTRA_MODELS = {   # --extra: the other resolutions
     'var_d30_512': ('configs/var_d30.py', RES512),
 }
 TOPOLOGIES = {'v5e-64': 'v5e:8x8', 'v5e-256': 'v5e:16x16', 'v4-256': 'v4:4x4x8'}   # v4-256: 128 chips
-FSDP = ['--config.mesh.data=1', '--config.mesh.fsdp=-1', '--config.mesh.tensor=1']
+# every cell starts from FSDP without remat, whatever the config's defaults: --plan adds remat only where needed
+FSDP = ['--config.mesh.data=1', '--config.mesh.fsdp=-1', '--config.mesh.tensor=1', '--config.model.remat=False']
 
 
 def models():
