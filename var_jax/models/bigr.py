@@ -33,7 +33,8 @@ import numpy as np
 
 from var_jax.losses.diffusion import loss_terms
 from var_jax.models import bernoulli_diffusion as bd
-from var_jax.models.layers import ConfigModule, Dense, drop_labels, layer_norm_no_affine, logical
+from var_jax.models.layers import (BATCH_EMBED, BATCH_LENGTH_EMBED, ConfigModule, Dense, drop_labels,
+                                   layer_norm_no_affine, logical, lookup)
 from var_jax.models.llama import (LlamaArgs, RMSNorm, TransformerBlock, modulate, normal_init, precompute_rope_2d,
                                   zeros_init)
 
@@ -152,6 +153,12 @@ def timestep_embedding(t, dim: int, max_period: float = 10000.0):
   return emb
 
 
+# the transcoder works on one row per token (B*N, ...), batch-major: rows stay sharded like the batch (its Dense
+# kernels shard their 'embed' output axis over fsdp too; unconstrained, the partitioner gathered the global
+# (B*N, 256) timestep features and (B*N, 1536) embeddings onto every chip: 4.6 GiB of all-gathers per BiGR-XXL step)
+ROWS = BATCH_EMBED
+
+
 class TimestepEmbedder(nn.Module):
   hidden_dim: int
   frequency_embedding_size: int = 256
@@ -163,9 +170,9 @@ class TimestepEmbedder(nn.Module):
     e = timestep_embedding(t, self.frequency_embedding_size).astype(self.dtype)
     init = normal_init(self.init_std)
     e = Dense(self.hidden_dim, kernel_axes=(None, 'embed'), kernel_init=init, bias_init=_zeros, name='mlp_0',
-              dtype=self.dtype)(e)
+              dtype=self.dtype, out_axes=ROWS)(e)
     return Dense(self.hidden_dim, kernel_axes=('embed', 'mlp'), kernel_init=init, bias_init=_zeros, name='mlp_2',
-                 dtype=self.dtype)(jax.nn.silu(e))
+                 dtype=self.dtype, out_axes=ROWS)(jax.nn.silu(e))
 
 
 class DenoiseBlock(nn.Module):
@@ -177,13 +184,13 @@ class DenoiseBlock(nn.Module):
   def __call__(self, x, c):
     hdim, init = self.hidden_dim, normal_init(self.init_std)
     mods = Dense(3 * hdim, kernel_axes=('embed', 'adaln'), kernel_init=_zeros, bias_init=_zeros,
-                 name='adaLN_modulation', dtype=self.dtype)(jax.nn.silu(c))
+                 name='adaLN_modulation', dtype=self.dtype, out_axes=ROWS)(jax.nn.silu(c))
     shift, scale, gate = jnp.split(mods, 3, axis=-1)
     y = modulate(layer_norm_no_affine(x, 1e-6), shift, scale)
     y = Dense(hdim, kernel_axes=('embed', 'mlp'), kernel_init=init, bias_init=_zeros, name='mlp_0',
-              dtype=self.dtype)(y)
+              dtype=self.dtype, out_axes=ROWS)(y)
     y = Dense(hdim, kernel_axes=('mlp', 'embed'), kernel_init=init, bias_init=_zeros, name='mlp_2',
-              dtype=self.dtype)(jax.nn.silu(y))
+              dtype=self.dtype, out_axes=ROWS)(jax.nn.silu(y))
     return x + gate * y
 
 
@@ -195,11 +202,11 @@ class FinalLayer(nn.Module):
   @nn.compact
   def __call__(self, x, c):
     mods = Dense(2 * self.hidden_dim, kernel_axes=('embed', 'adaln'), kernel_init=_zeros, bias_init=_zeros,
-                 name='adaLN_modulation', dtype=self.dtype)(jax.nn.silu(c))
+                 name='adaLN_modulation', dtype=self.dtype, out_axes=ROWS)(jax.nn.silu(c))
     shift, scale = jnp.split(mods, 2, axis=-1)
     x = modulate(layer_norm_no_affine(x, 1e-6), shift, scale)
     return Dense(self.out_dim, kernel_axes=('embed', 'latent'), kernel_init=_zeros, bias_init=_zeros,
-                 name='linear', dtype=self.dtype)(x)
+                 name='linear', dtype=self.dtype, out_axes=ROWS)(x)
 
 
 class DenoiseModel(nn.Module):
@@ -219,9 +226,9 @@ class DenoiseModel(nn.Module):
     if self.rescale:
       x = (x * 1.0 - 0.5) * 2.0
     x = Dense(self.hidden_dim, kernel_axes=('latent', 'embed'), kernel_init=init, bias_init=_zeros,
-              name='x_embedder', dtype=self.dtype)(x.astype(self.dtype))
+              name='x_embedder', dtype=self.dtype, out_axes=ROWS)(x.astype(self.dtype))
     c = Dense(self.hidden_dim, kernel_axes=('embed', 'mlp'), kernel_init=init, bias_init=_zeros,
-              name='c_embedder', dtype=self.dtype)(c)
+              name='c_embedder', dtype=self.dtype, out_axes=ROWS)(c)
     c = TimestepEmbedder(self.hidden_dim, init_std=self.init_std, dtype=self.dtype, name='t_embedder')(time_steps) + c
     for i in range(self.num_blocks):
       x = DenoiseBlock(self.hidden_dim, self.init_std, self.dtype, name=f'blocks_{i}')(x, c)
@@ -246,7 +253,8 @@ class BiGR(ConfigModule):
     self.tok_embeddings = Dense(d, kernel_axes=('latent', 'embed'), kernel_init=init, bias_init=_zeros,
                                 dtype=self.dtype)
     if cfg.use_adaLN:
-      self.adaLN = Dense(6 * d, kernel_axes=('embed', 'adaln'), kernel_init=_zeros, bias_init=_zeros, dtype=self.dtype)
+      self.adaLN = Dense(6 * d, kernel_axes=('embed', 'adaln'), kernel_init=_zeros, bias_init=_zeros, dtype=self.dtype,
+                         out_axes=BATCH_LENGTH_EMBED)
     dpr = np.linspace(0.0, cfg.drop_path_rate, cfg.n_layer) if cfg.n_layer > 1 else np.array([0.0])
     block_cls = nn.remat(BiGRBlock, static_argnums=(4,)) if cfg.remat else BiGRBlock   # (self, x, c, rope, det)
     self.layers = [block_cls(cfg, float(dpr[i]), self.dtype) for i in range(cfg.n_layer)]
@@ -271,7 +279,7 @@ class BiGR(ConfigModule):
   def class_embedding(self, labels, force_drop_ids=None, label_drop_rng=None):
     """(B, C, D): C copies of the (dropped-out) class embedding."""
     labels = self.drop_labels(labels, force_drop_ids, label_drop_rng)
-    e = jnp.take(self.cls_embedding, labels, axis=0).astype(self.dtype)
+    e = lookup(self.cls_embedding, labels, BATCH_EMBED).astype(self.dtype)
     return jnp.repeat(e[:, None], self.config.cls_token_num, axis=1)
 
   def _run(self, inp, labels, token_all_mask, *, force_drop_ids, label_drop_rng, deterministic,
@@ -375,10 +383,14 @@ class BiGR(ConfigModule):
     targets = inp if targets is None else jnp.asarray(targets, jnp.float32)
     z = self.backbone(inp, labels, token_all_mask, force_drop_ids=force_drop_ids, label_drop_rng=label_drop_rng,
                       deterministic=deterministic)
-    x0 = targets.reshape(b * n, k)
-    t = jnp.asarray(t, jnp.int32).reshape(b * n)
-    x_t = bd.q_sample(x0, t, jnp.asarray(u).reshape(b * n, k), schedule)
-    logits = self.transcoder(x_t, t, z.reshape(b * n, cfg.dim))
+    # one row per token, batch-major: kept sharded like the batch (unconstrained, the partitioner gathered the
+    # global (B*N, D) timestep embeddings onto every device: 384 MiB per step for BiGR-XXL on 64 chips)
+    rows = ('activation_batch', None)
+    x0 = nn.with_logical_constraint(targets.reshape(b * n, k), rows)
+    t = nn.with_logical_constraint(jnp.asarray(t, jnp.int32).reshape(b * n), ('activation_batch',))
+    x_t = bd.q_sample(x0, t, nn.with_logical_constraint(jnp.asarray(u).reshape(b * n, k), rows), schedule)
+    z = nn.with_logical_constraint(z.reshape(b * n, cfg.dim), BATCH_EMBED)
+    logits = self.transcoder(x_t, t, z)
     terms = loss_terms(logits, x0, x_t, t, schedule, p_flip=cfg.p_flip, focal=cfg.focal, alpha=cfg.alpha, aux=cfg.aux)
     m = jnp.broadcast_to(jnp.asarray(token_all_mask, jnp.float32)[..., None], (b, n, k))
     loss_all = terms['loss_all'].reshape(b, n, k)

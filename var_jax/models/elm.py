@@ -27,7 +27,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from var_jax.models.layers import ConfigModule, Dense, drop_labels, layer_norm_no_affine, logical
+from var_jax.models.layers import (BATCH_EMBED, BATCH_LENGTH_EMBED, ConfigModule, Dense, drop_labels,
+                                   layer_norm_no_affine, logical, lookup)
 from var_jax.models.llama import (KVCache, LlamaArgs, RMSNorm, TransformerBlock, init_kv_cache, modulate, normal_init,
                                   ones_init, precompute_rope_2d, zeros_init)
 
@@ -207,7 +208,7 @@ class _ELMTransformer(ConfigModule):
     draw = force_drop_ids is None and train and cfg.class_dropout_prob > 0
     labels = drop_labels(labels, cfg.class_dropout_prob, cfg.null_class, self.make_rng('dropout') if draw else None,
                          force_drop_ids)
-    return jnp.take(self.cls_embedding, labels, axis=0)[:, None, :].astype(self.dtype)
+    return lookup(self.cls_embedding, labels, BATCH_EMBED)[:, None, :].astype(self.dtype)
 
   def _blocks(self, h, freqs, causal: bool, cond, train: bool):
     """Token dropout, then every block (no cache) -> (h, the list of block outputs)."""
@@ -263,7 +264,7 @@ class ELMAR(_ELMTransformer):
   def embed_tokens(self, idx):
     """(B, S, T) sub-tokens -> (B, S, D): T tables, concatenated and projected when T > 1."""
     idx = jnp.asarray(idx, jnp.int32)
-    embs = [jnp.take(tab, idx[..., i], axis=0).astype(self.dtype) for i, tab in enumerate(self.tok_embedder)]
+    embs = [lookup(tab, idx[..., i], BATCH_LENGTH_EMBED).astype(self.dtype) for i, tab in enumerate(self.tok_embedder)]
     if len(embs) == 1:
       return embs[0]
     return self.proj(jnp.concatenate(embs, axis=-1))
@@ -364,7 +365,8 @@ class ELMMLM(_ELMTransformer):
       raise ValueError(f'ELMMLM expects tokens (B, {cfg.seq_len}, {cfg.token_each}), got {idx.shape}')
     if token_all_mask is not None:
       idx = jnp.where(jnp.asarray(token_all_mask)[..., None] != 0, cfg.mask_token_id, idx)
-    tok = jnp.take(self.tok_embedder, idx, axis=0).astype(self.dtype)                  # (B, N, T, D)
+    tok = lookup(self.tok_embedder, idx, ('activation_batch', 'activation_length', None, 'activation_embed')
+                 ).astype(self.dtype)                                                   # (B, N, T, D)
     cond = self.class_embed(labels, train, force_drop_ids)                              # (B, 1, D)
     cls = jnp.broadcast_to(cond[:, :, None, :], (b, 1, t, cfg.dim))
     h = jnp.concatenate([cls, tok], axis=1).reshape(b, (n + 1) * t, cfg.dim)
