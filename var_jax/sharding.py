@@ -92,11 +92,46 @@ def mesh_context(mesh: Mesh, rules=LOGICAL_AXIS_RULES):
     yield
 
 
+class MeshDivisibilityError(ValueError):
+  """A parameter dimension is split over mesh axes whose size does not divide it (named, with the mesh sizes that
+  would); raised before anything is placed or compiled."""
+
+
+def check_divisible(abstract_tree, shardings):
+  """Every dimension of every leaf divides into the mesh axes its sharding splits it over, else one
+  ``MeshDivisibilityError`` naming the first such leaf, the dimension, and the largest split that divides all."""
+  bad, sizes = [], {}
+  flat = jax.tree_util.tree_flatten_with_path(abstract_tree)[0]
+  for (path, x), s in zip(flat, jax.tree.leaves(shardings)):
+    if not isinstance(s, NamedSharding):
+      continue
+    for dim, (n, axes) in enumerate(zip(getattr(x, 'shape', ()), tuple(s.spec) + (None,) * len(x.shape))):
+      axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+      k = math.prod(s.mesh.shape[a] for a in axes)
+      if axes:
+        sizes.setdefault(axes, []).append(n)
+      if k > 1 and n % k:
+        bad.append((jax.tree_util.keystr(path), dim, tuple(x.shape), axes, k))
+  if bad:
+    name, dim, shape, axes, k = bad[0]
+    g = math.gcd(*sizes[axes])
+    fits = max(d for d in range(1, k + 1) if k % d == 0 and g % d == 0)
+    err = MeshDivisibilityError(
+        f'{len(bad)} parameter(s) do not split over the mesh: {name} {shape} has dim {dim} of {shape[dim]} split '
+        f'{k} ways over mesh axis {"x".join(axes)}; the largest split of {"x".join(axes)} dividing every such dim '
+        f'is {fits}: e.g. --config.mesh.{axes[-1]}={fits} --config.mesh.data=-1')
+    err.axes, err.fits = axes, fits
+    raise err
+
+
 def logical_to_shardings(boxed_abstract_tree, mesh: Mesh, rules=LOGICAL_AXIS_RULES):
   """A tree holding ``nn.Partitioned`` boxes (e.g. ``jax.eval_shape`` of a Linen init) -> NamedShardings of the
-  unboxed tree; unannotated leaves are replicated."""
+  unboxed tree; unannotated leaves are replicated. A dimension the mesh cannot split evenly is a
+  ``MeshDivisibilityError`` (``check_divisible``)."""
   specs = nn.get_partition_spec(boxed_abstract_tree)
-  return nn.logical_to_mesh_sharding(specs, mesh, rules)
+  shardings = nn.logical_to_mesh_sharding(specs, mesh, rules)
+  check_divisible(nn.unbox(boxed_abstract_tree), shardings)
+  return shardings
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

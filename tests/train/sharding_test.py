@@ -64,3 +64,18 @@ def test_mesh_shapes_and_errors():
   mesh = shd.make_mesh({'data': 4, 'fsdp': 2})
   with pytest.raises(ValueError, match='not divisible by data x fsdp = 8'):
     shd.global_batch_size_ok(12, mesh)
+
+
+def test_a_mesh_that_cannot_split_a_parameter_is_one_clear_error():
+  """FSDP over 8 devices and a width of 36: one error naming a parameter, its dim and a mesh that works, before
+  anything is placed."""
+  import pytest
+  from tests_helpers import quickstart_config
+  from var_jax.train import tasks
+  c = quickstart_config()
+  c.model.update(embed_dim=36)
+  c.mesh.update(data=1, fsdp=8, tensor=1)
+  with pytest.raises(shd.MeshDivisibilityError, match=r"has dim 0 of 36 split 8 ways over mesh axis fsdp; the largest "
+                                                       r"split of fsdp dividing every such dim is 4: e\.g\. "
+                                                       r"--config\.mesh\.fsdp=4 --config\.mesh\.data=-1"):
+    tasks.build(c, shd.make_mesh(c.mesh.to_dict()), 1000)

@@ -43,5 +43,6 @@ if __name__ == '__main__':
   flags.DEFINE_bool('distributed', None, 'call jax.distributed.initialize() (default: auto-detect multi-host)')
   flags.mark_flags_as_required(['config', 'workdir'])
   from var_jax import cli
+  from var_jax.sharding import MeshDivisibilityError
   from var_jax.train.errors import TrainingError
-  cli.run(main, errors=(TrainingError,))
+  cli.run(main, errors=(TrainingError, MeshDivisibilityError))
