@@ -116,6 +116,16 @@ def test_plan_variants_fsdp_remat_then_micro_batches():
   assert [n for n, _ in aot.plan_variants(t, 8)] == ['fsdp']         # no remat option, no micro-batching
 
 
+def test_mesh_that_does_not_divide_the_width_becomes_hybrid():
+  """FSDP over 8 devices cannot split a width of 36 (VAR-d30's 1920 over 256 chips alike): the report compiles on
+  data 2 x fsdp 4 and says why."""
+  c = tiny_var(data=1, fsdp=-1, tensor=1)
+  c.model.update(embed_dim=36, num_heads=1)
+  rep = aot.run(c, 'cpu', sampler=False)
+  assert rep['compiled'] is True and rep['mesh'] == {'data': 2, 'fsdp': 4, 'tensor': 1}, rep.get('error')
+  assert rep['mesh_note'].startswith('fsdp shrunk to 4 (data takes the rest): ') and 'split 8 ways' in rep['mesh_note']
+
+
 def test_bad_topology_is_one_clear_error():
   with pytest.raises(aot.AOTError, match='v5e-256.*expected cpu or'):
     aot.topology_devices('v5e-256')

@@ -92,8 +92,10 @@ def topology_devices(topology: str, num_slices: int = 1, chip_config: str = '') 
   except ImportError as e:
     raise AOTError(f'--topology={topology} needs libtpu: pip install -e ".[tpu]" (in a separate environment: '
                    f'it slows every JAX start); {e}') from e
-  for k, v in (('TPU_WORKER_HOSTNAMES', 'localhost'), ('TPU_SKIP_MDS_QUERY', '1')):
-    os.environ.setdefault(k, v)          # no TPU VM metadata server here
+  # no TPU VM metadata server here; and the plugin is loaded for its compiler only (no chip is opened), so several
+  # AOT processes may load it at once (libtpu's /tmp/libtpu_lockfile otherwise admits one)
+  for k, v in (('TPU_WORKER_HOSTNAMES', 'localhost'), ('TPU_SKIP_MDS_QUERY', '1'), ('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')):
+    os.environ.setdefault(k, v)
   from jax.experimental import topologies
   kw = {'num_slices': num_slices} if num_slices > 1 else {}
   gen = topology.split(':')[0]
@@ -102,7 +104,7 @@ def topology_devices(topology: str, num_slices: int = 1, chip_config: str = '') 
   try:
     return list(topologies.get_topology_desc(topology_name=topology, platform='tpu', **kw).devices)
   except Exception as e:  # noqa: BLE001 - libtpu's message names the problem
-    raise AOTError(f'--topology={topology}: libtpu has no such topology ({str(e).splitlines()[0][:300]})') from e
+    raise AOTError(f'--topology={topology}: libtpu cannot describe it: {str(e).splitlines()[0][:300]}') from e
 
 
 # ----------------------------------------------------------------------------- the task's abstract arguments
@@ -413,14 +415,33 @@ def bisect_batch(config, devices, num_slices: int, start: Dict[str, Any], max_co
           'tried': [{'global_batch': g_, 'fits': f, 'bytes_per_device': b} for g_, (f, b) in sorted(tried.items())]}
 
 
-def plan_variants(config, num_devices: int) -> List[Tuple[str, Dict[str, Any]]]:
-  """What ``--plan`` tries after the config as it is, in order, until one fits: FSDP over every device (unless the
-  config's mesh is already that), FSDP with remat (where the model has a remat option), then that with gradient
-  accumulation over 2, 3, 4 ... micro-batches (the recipe's global batch kept; each divides the per-device batch,
-  at most 4 such tries)."""
-  fsdp = {'mesh.data': 1, 'mesh.fsdp': -1, 'mesh.tensor': 1}
+FSDP_ALL = {'mesh.data': 1, 'mesh.fsdp': -1, 'mesh.tensor': 1}
+
+
+def fit_mesh(config, devices, num_slices: int = 1):
+  """(config, note): ``config`` itself when its mesh splits every parameter evenly; else (e.g. FSDP over 256 chips
+  and VAR-d30's 1920 channels) a copy whose offending axis is the largest size that does, 'data' taking the rest
+  (a hybrid data x fsdp mesh), and a note saying so."""
+  try:
+    build_task(config, devices, num_slices)
+    return config, None
+  except shd.MeshDivisibilityError as e:
+    if len(e.axes) != 1 or e.axes[0] == 'data':
+      raise AOTError(str(e)) from None
+    fitted = prepare_config(config, overrides={f'mesh.{e.axes[0]}': e.fits, 'mesh.data': -1})
+    build_task(fitted, devices, num_slices)
+    return fitted, f'{e.axes[0]} shrunk to {e.fits} (data takes the rest): {e}'
+
+
+def plan_variants(config, num_devices: int, fsdp: Optional[Dict[str, Any]] = None) -> List[Tuple[str, Dict[str, Any]]]:
+  """What ``--plan`` tries after the config as it is, in order, until one fits: the FSDP mesh ``fsdp`` (default
+  FSDP over every device; unless the config's mesh is already that), FSDP with remat (where the model has a remat
+  option), then that with gradient accumulation over 2, 3, 4 ... micro-batches (the recipe's global batch kept;
+  each divides the per-device batch, at most 4 such tries)."""
+  fsdp = dict(fsdp or FSDP_ALL)
   m = config.mesh
-  out = [] if (int(m.data), int(m.fsdp), int(m.tensor)) == (1, -1, 1) else [('fsdp', fsdp)]
+  mesh_now = (int(m.data), int(m.fsdp), int(m.tensor))
+  out = [] if mesh_now == tuple(int(fsdp[f'mesh.{a}']) for a in ('data', 'fsdp', 'tensor')) else [('fsdp', fsdp)]
   name, last = 'fsdp', fsdp
   if 'model' in config and 'remat' in config.model:
     name, last = 'fsdp+remat', dict(fsdp, **{'model.remat': True})
@@ -439,14 +460,16 @@ def run(config, topology: str, num_slices: int = 1, chip_config: str = '', bisec
   """The whole report of ``config`` on ``topology`` (see the module docstring). ``sample_batch`` 0: one image per
   device."""
   devices = topology_devices(topology, num_slices, chip_config)
-  base_cfg = prepare_config(config)
+  base_cfg, mesh_note = fit_mesh(prepare_config(config), devices, num_slices)
   kw = dict(num_train_examples=num_train_examples)
   rep = _try(compile_train, base_cfg, devices, num_slices, **kw)
   variant, cfg = 'config', base_cfg
   tried_variants = [{'variant': 'config', 'fits': rep.get('fits'), 'bytes_per_device': rep.get('bytes_per_device'),
                      'error': rep.get('error')}]
   if plan and not rep.get('fits'):
-    for name, over in plan_variants(base_cfg, len(devices)):
+    fsdp_cfg, _ = fit_mesh(prepare_config(base_cfg, overrides=FSDP_ALL), devices, num_slices)
+    fsdp = {f'mesh.{a}': int(fsdp_cfg.mesh[a]) for a in ('data', 'fsdp', 'tensor')}
+    for name, over in plan_variants(base_cfg, len(devices), fsdp):
       c = prepare_config(base_cfg, overrides=over)
       r = _try(compile_train, c, devices, num_slices, **kw)
       tried_variants.append({'variant': name, 'fits': r.get('fits'), 'bytes_per_device': r.get('bytes_per_device'),
@@ -456,7 +479,8 @@ def run(config, topology: str, num_slices: int = 1, chip_config: str = '', bisec
       if r.get('fits'):
         break
   task = rep.pop('_task', None)
-  rep.update(topology=topology, num_slices=num_slices, config_task=str(cfg.task), variant=variant)
+  rep.update(topology=topology, num_slices=num_slices, config_task=str(cfg.task), variant=variant,
+             mesh_note=mesh_note)
   if plan:
     rep['plan'] = tried_variants
   if 'num_devices' not in rep:
