@@ -103,7 +103,15 @@ def var_recipe(depth: int, **kw) -> ml_collections.ConfigDict:
   }[depth]
   c.global_batch_size, c.epochs, c.optim.base_lr, c.model.init_adaln_gamma, c.optim.end_ratio, \
       c.optim.weight_decay_end = recipe
-  c.mesh.update(data=-1, fsdp=1, tensor=1)
+  # Defaults from the AOT table (docs/aot.md): d16/d20 replicate (3.5 / 6.7 GiB of f32 params + AdamW + EMA per
+  # chip), d24+ shard them over every chip (FSDP: 11.5-26.3 GiB replicated, more than a v5e's 16 GiB), and d30/d36
+  # rematerialise their blocks (on v5e-64 without remat the recipe's activations alone take 25 / 22+ GiB per chip).
+  # VAR-d30's 1920 channels do not split 256 ways: on 256 chips --config.mesh.fsdp=128 --config.mesh.data=-1.
+  if depth >= 24:
+    c.mesh.update(data=1, fsdp=-1, tensor=1)
+  else:
+    c.mesh.update(data=-1, fsdp=1, tensor=1)
+  c.model.remat = depth >= 30
   for k, v in kw.items():
     c[k] = v
   return c

@@ -2,7 +2,7 @@ r"""VAR-d24 on ImageNet 256x256, the reference recipe.
 
   python -m var_jax.train --config=configs/var_d24.py --workdir=gs://bucket/var_d24 \
       --config.data.path=/data/imagenet --config.vae_ckpt=/ckpt/vae_ch160v4096z32.pth
-FSDP over a pod slice: --config.mesh.data=1 --config.mesh.fsdp=-1.
+Params, AdamW state and EMA are sharded over every chip (FSDP, mesh.data=1 mesh.fsdp=-1): docs/aot.md.
 """
 import importlib.util
 import os

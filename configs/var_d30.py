@@ -2,7 +2,8 @@ r"""VAR-d30 on ImageNet 256x256, the reference recipe.
 
   python -m var_jax.train --config=configs/var_d30.py --workdir=gs://bucket/var_d30 \
       --config.data.path=/data/imagenet --config.vae_ckpt=/ckpt/vae_ch160v4096z32.pth
-FSDP over a pod slice: --config.mesh.data=1 --config.mesh.fsdp=-1.
+FSDP over every chip with rematerialised blocks (docs/aot.md); 1920 channels do not split 256 ways, so on 256
+chips: --config.mesh.fsdp=128 --config.mesh.data=-1.
 """
 import importlib.util
 import os

@@ -2,7 +2,8 @@ r"""VAR-d36 on ImageNet 512x512 (shared AdaLN), the reference recipe.
 
   python -m var_jax.train --config=configs/var_d36.py --workdir=gs://bucket/var_d36 \
       --config.data.path=/data/imagenet --config.vae_ckpt=/ckpt/vae_ch160v4096z32.pth
-FSDP over a pod slice: --config.mesh.data=1 --config.mesh.fsdp=-1.
+FSDP over every chip with rematerialised blocks (docs/aot.md); where the recipe batch still does not fit,
+micro-batch it: --config.grad_accum=2.
 """
 import importlib.util
 import os

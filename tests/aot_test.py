@@ -105,6 +105,8 @@ def test_tokenizer_compiles_without_lpips_weights():
 
 def test_plan_variants_fsdp_remat_then_micro_batches():
   c = load_config('var_d36')                                   # 768 images: 12 per device on 64 devices
+  c.mesh.update(data=-1, fsdp=1, tensor=1)                     # from data parallelism without remat
+  c.model.remat = False
   names = [n for n, _ in aot.plan_variants(c, 64)]
   assert names == ['fsdp', 'fsdp+remat', 'fsdp+remat+accum2', 'fsdp+remat+accum3', 'fsdp+remat+accum4',
                    'fsdp+remat+accum6']
@@ -112,6 +114,9 @@ def test_plan_variants_fsdp_remat_then_micro_batches():
                                                                  'model.remat': True, 'grad_accum': 4}
   c.mesh.update(data=1, fsdp=-1, tensor=1)
   assert [n for n, _ in aot.plan_variants(c, 256)] == ['fsdp+remat', 'fsdp+remat+accum3']   # 3 per device
+  d30 = load_config('var_d30')                                 # FSDP + remat already: only micro-batches left
+  assert [n for n, _ in aot.plan_variants(d30, 64)] == ['fsdp+remat+accum2', 'fsdp+remat+accum4',
+                                                         'fsdp+remat+accum8', 'fsdp+remat+accum16']
   t = load_config('vqvae_f16')
   assert [n for n, _ in aot.plan_variants(t, 8)] == ['fsdp']         # no remat option, no micro-batching
 

@@ -37,6 +37,10 @@ def test_reference_recipes():
   assert (d30.global_batch_size, d30.optim.base_lr, d30.optim.weight_decay_end) == (1024, 8e-5, 0.08)
   assert d36.model.shared_aln and d36.data.image_size == 512 and d36.model.patch_nums[-1] == 32
   np.testing.assert_allclose(d16.model.drop_path_rate, 0.1 * 16 / 24)
+  # defaults from docs/aot.md: d16/d20 data-parallel, d24+ FSDP over every chip, d30/d36 rematerialised
+  meshes = {d: (c.mesh.data, c.mesh.fsdp, c.model.remat) for d, c in
+            ((d, load_config(f'var_d{d}')) for d in (16, 20, 24, 30, 36))}
+  assert meshes == {16: (-1, 1, False), 20: (-1, 1, False), 24: (1, -1, False), 30: (1, -1, True), 36: (1, -1, True)}
 
 
 def test_progressive_schedule_matches_reference():

@@ -445,7 +445,8 @@ def plan_variants(config, num_devices: int, fsdp: Optional[Dict[str, Any]] = Non
   name, last = 'fsdp', fsdp
   if 'model' in config and 'remat' in config.model:
     name, last = 'fsdp+remat', dict(fsdp, **{'model.remat': True})
-    out.append((name, last))
+    if out or not config.model.remat:               # not the config itself again (e.g. var_d30: FSDP + remat)
+      out.append((name, last))
   if config.task != 'tokenizer':                     # the tokenizer step does not micro-batch
     accum = int(config.grad_accum)
     per_device = int(config.global_batch_size) // (accum * num_devices)
