@@ -1,5 +1,5 @@
-"""Progress of the long jobs a user watches (50k-sample FID runs, Inception features, probe features, conversions,
-token caches): a ``tqdm`` bar with rate and ETA in a terminal, plain periodic log lines otherwise, nothing on
+"""Progress of the long jobs a user watches (50k-sample FID runs, Inception features, probe features, token
+caches): a ``tqdm`` bar with rate and ETA in a terminal, plain periodic log lines otherwise, nothing on
 processes other than 0.
 
 The mode: the ``mode`` argument, else the ``VAR_JAX_PROGRESS`` environment variable, else 'auto':

@@ -1,7 +1,10 @@
 """Token cache (var_jax.data.token_cache): the cached tokens are the frozen VQVAE's tokens of the train views, and
 training on them gives the losses of tokenizing in the step (same examples, same flips)."""
 import json
+import logging
 import os
+import re
+from unittest import mock
 
 import jax
 import numpy as np
@@ -129,7 +132,20 @@ def test_refusals(folder, tmp_path):
 def built(folder, tmp_path_factory):
   out = str(tmp_path_factory.mktemp('cache') / 'tokens')
   config = _config(folder)
-  manifest = token_cache.build(config, out, batch_size=6, shard_size=8)   # 3 shards, padded last batches
+  lines = []                                     # the progress lines ('log' mode: no terminal under pytest)
+  handler = logging.Handler()
+  handler.emit = lambda r: lines.append(r.getMessage())
+  logger = logging.getLogger('var_jax.train')
+  logger.addHandler(handler)
+  old_level = logger.level
+  logger.setLevel(logging.INFO)
+  try:
+    with mock.patch.dict(os.environ, {'VAR_JAX_PROGRESS': 'log'}):
+      manifest = token_cache.build(config, out, batch_size=6, shard_size=8)   # 3 shards, padded last batches
+  finally:
+    logger.removeHandler(handler)
+    logger.setLevel(old_level)
+  assert any(re.fullmatch(rf'token cache: {N_IMAGES + 1} images in \S+, [0-9.]+ images/s', l) for l in lines), lines
   return config, out, manifest
 
 

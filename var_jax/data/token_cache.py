@@ -34,7 +34,7 @@ from typing import Any, Dict, Optional
 import grain
 import numpy as np
 
-from var_jax import fileio
+from var_jax import fileio, progress
 from var_jax.data import transforms
 from var_jax.train import errors
 
@@ -321,7 +321,8 @@ def build(config, out: str, *, source=None, batch_size: int = 64, shard_size: in
   logging.info('token cache: %d examples of %r in %d shard(s) (%s); process %d/%d encodes %d examples in %d '
                'shard(s), batch %d on %d local device(s)', n, source, num_shards, fmt, jax.process_index(),
                jax.process_count(), todo, len(mine), b, n_local)
-  done, t0, t_log = 0, time.time(), time.time()
+  done, t0 = 0, time.time()
+  bar = progress.Progress(todo, 'token cache', unit='images', log=logging.info, every_s=log_every_s)
   read = grain.ReadOptions(num_threads=int(data_cfg.read_threads), prefetch_buffer_size=int(data_cfg.read_buffer_size))
   for s in mine:
     lo, hi = s * shard_size, min(n, (s + 1) * shard_size)
@@ -340,13 +341,11 @@ def build(config, out: str, *, source=None, batch_size: int = 64, shard_size: in
       labels.append(batch['label'])
       oks.append(batch['ok'])
       done += k
-      if time.time() - t_log >= log_every_s:
-        t_log = time.time()
-        logging.info('token cache: process %d: %d/%d examples (%.1f images/s)', jax.process_index(), done, todo,
-                     done / max(t_log - t0, 1e-9))
+      bar.update(k)
     target = os.fspath(fileio.path(out) / shard_name(s, num_shards, fmt))
     _write_shard(target, fmt, np.concatenate(toks), np.concatenate(labels), np.concatenate(oks), dtype)
     logging.info('token cache: wrote %s (%d examples)', target, hi - lo)
+  bar.close()
   logging.info('token cache: process %d encoded %d examples in %.1f s', jax.process_index(), done, time.time() - t0)
 
   manifest = make_manifest(config, source, fmt, shard_size, digest)
