@@ -104,6 +104,8 @@ def row(model, topo, rep):
   short = {'all-gather': 'AG', 'reduce-scatter': 'RS', 'all-reduce': 'AR', 'all-to-all': 'A2A',
            'collective-permute': 'CP', 'all-gather-via-all-reduce': 'AG-as-AR'}
   c = ', '.join(f'{short.get(k, k)} {v["count"]} ({v["bytes"] / 2 ** 20:.0f})' for k, v in coll.items() if v['count'])
+  if rep.get('collectives_counted_by') != 'channel_id':
+    c = 'not counted (report from before the channel_id count)'
   fits = 'yes' if rep.get('fits') else 'no'
   mem = rep['memory']
   remat = 'yes' if rep.get('remat') else 'no'
@@ -134,8 +136,9 @@ XLA TPU compiler for the slice's devices, on a CPU-only host.
   without, then, if still needed, gradient accumulation (N micro-batches, the recipe's global batch kept).
 - **largest batch that fits**: powers of two per chip; `pred.` = predicted from the recipe compile (state bytes fixed,
   temp bytes scaled linearly with the batch: conservative), else compiled and seen to fit.
-- **collectives**: count and MiB in the optimized per-device program (static count; AG-as-AR: all-gathers the TPU
-  compiler emitted as an all-reduce of shard-filled buffers, RS: reduce-scatter fusions).
+- **collectives**: count and MiB in the optimized per-device program (static: one per channel_id, an op in a loop
+  body once; AG-as-AR: all-gathers the TPU compiler emitted as an all-reduce of shard-filled buffers, RS:
+  reduce-scatter fusions).
 - The train step includes the frozen tokenizer's encoding of the images (as `config.data.token_cache` off).
 
 """

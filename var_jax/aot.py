@@ -179,7 +179,9 @@ def _shape_bytes(shape: str) -> List[int]:
 def collectives(hlo: str) -> Dict[str, Dict[str, int]]:
   """{kind: {'count', 'bytes'}} of the collectives in optimized HLO text (result bytes; static counts: an op in a
   loop body counts once). Async pairs count once (at ``-start``, whose result tuple holds the operand and the
-  result: the larger is counted). Two forms of the TPU compiler are recognised:
+  result: the larger is counted). One collective is one ``channel_id``: the TPU compiler prints an asynchronous
+  collective's instruction up to three times (in its start, body and done fusions), counted once. Two forms of the
+  TPU compiler are recognised:
 
   * a reduce-scatter emitted as a fusion calling an ``all-reduce-scatter`` computation (an all-reduce followed by
     this device's slice) counts as one reduce-scatter of the fusion's (sliced) result, not as an all-reduce;
@@ -188,6 +190,7 @@ def collectives(hlo: str) -> Dict[str, Dict[str, int]]:
     bytes; all-reduce traffic).
   """
   out = {k: {'count': 0, 'bytes': 0} for k in COLLECTIVES + ('all-gather-via-all-reduce',)}
+  channels = {}                    # channel_id -> (kind, bytes) counted
   comp = ''
   for line in hlo.splitlines():
     c = _COMPUTATION.match(line)
@@ -210,8 +213,18 @@ def collectives(hlo: str) -> Dict[str, Dict[str, int]]:
       args = _OPERAND.findall(rest.split(')', 1)[0])
       if args and 2 * sum('dynamic-update-slice' in a for a in args) > len(args):
         base_op = 'all-gather-via-all-reduce'
+    nbytes = (max(sizes) if op.endswith('-start') else sum(sizes)) if sizes else 0
+    ch = re.search(r'\bchannel_id=(\d+)', rest)
+    if ch:                         # one collective, however many times its instruction is printed
+      if ch.group(1) in channels:
+        kind, seen = channels[ch.group(1)]
+        if nbytes > seen:
+          out[kind]['bytes'] += nbytes - seen
+          channels[ch.group(1)] = (kind, nbytes)
+        continue
+      channels[ch.group(1)] = (base_op, nbytes)
     out[base_op]['count'] += 1
-    out[base_op]['bytes'] += (max(sizes) if op.endswith('-start') else sum(sizes)) if sizes else 0
+    out[base_op]['bytes'] += nbytes
   return out
 
 
@@ -255,6 +268,7 @@ def analyse(compiled, num_devices: int, hbm: Optional[int], device_kind: str) ->
   out['min_step_s'] = flops / peak if peak and flops else None
   hlo = compiled.as_text()
   out['collectives'] = collectives(hlo)
+  out['collectives_counted_by'] = 'channel_id'      # (reports without it counted printed instructions)
   out['custom_calls'] = custom_calls(hlo)
   return out
 
