@@ -321,7 +321,7 @@ def build(config, out: str, *, source=None, batch_size: int = 64, shard_size: in
   logging.info('token cache: %d examples of %r in %d shard(s) (%s); process %d/%d encodes %d examples in %d '
                'shard(s), batch %d on %d local device(s)', n, source, num_shards, fmt, jax.process_index(),
                jax.process_count(), todo, len(mine), b, n_local)
-  done, t0 = 0, time.time()
+  t0 = time.time()
   bar = progress.Progress(todo, 'token cache', unit='images', log=logging.info, every_s=log_every_s)
   read = grain.ReadOptions(num_threads=int(data_cfg.read_threads), prefetch_buffer_size=int(data_cfg.read_buffer_size))
   for s in mine:
@@ -340,13 +340,12 @@ def build(config, out: str, *, source=None, batch_size: int = 64, shard_size: in
       toks.append(ids)
       labels.append(batch['label'])
       oks.append(batch['ok'])
-      done += k
       bar.update(k)
     target = os.fspath(fileio.path(out) / shard_name(s, num_shards, fmt))
     _write_shard(target, fmt, np.concatenate(toks), np.concatenate(labels), np.concatenate(oks), dtype)
     logging.info('token cache: wrote %s (%d examples)', target, hi - lo)
   bar.close()
-  logging.info('token cache: process %d encoded %d examples in %.1f s', jax.process_index(), done, time.time() - t0)
+  logging.info('token cache: process %d encoded %d examples in %.1f s', jax.process_index(), bar.n, time.time() - t0)
 
   manifest = make_manifest(config, source, fmt, shard_size, digest)
   distributed.barrier('token cache: shards written')
