@@ -13,22 +13,25 @@ FLAGS = flags.FLAGS
 
 
 def define_model_flags():
-  """The checkpoint flags of any family: VAR (reference weights or our checkpoint), ELM / BiGR (BAE + generator),
-  or a released model by name (``var_jax.hub``)."""
+  """The checkpoint flags of any family: a run directory of ours (VAR, ELM or BiGR), reference weights (VAR: VQVAE +
+  VAR; ELM / BiGR: BAE + generator), or a released model by name (``var_jax.hub``)."""
   flags.DEFINE_string('pretrained', None, 'a released model by name, fetched into the Hugging Face hub cache (e.g. '
                       'var_d16, L-2-10, bigr_L_d24; name@revision pins one; HF_HUB_OFFLINE=1: cached files only); '
                       'instead of the file flags. `python -m var_jax.hub` lists the names')
   flags.DEFINE_string('vae_ckpt', None, 'reference-layout VQVAE weights (.pth or .safetensors)')
   flags.DEFINE_string('var_ckpt', None, 'reference-layout VAR weights (.pth or .safetensors)')
-  flags.DEFINE_string('checkpoint', None, 'a var_jax model checkpoint directory (instead of --vae_ckpt/--var_ckpt)')
+  flags.DEFINE_string('checkpoint', None, 'a run directory of ours, any family: an ELM/BiGR training workdir (its '
+                      'model_args.json names the model, its ModelArgs and the BAE), or a VAR model checkpoint '
+                      'directory / training workdir; instead of the reference-weight flags')
   flags.DEFINE_list('patch_nums', None, 'override the inferred patch_nums (comma list)')
   flags.DEFINE_enum('model', 'auto', ['auto', 'var', 'elm', 'bigr'],
-                    'model family; auto: VAR for --vae_ckpt/--var_ckpt/--checkpoint, else ELM or BiGR from the keys '
-                    'of --model_ckpt')
+                    'model family; auto: from --checkpoint\'s run directory (ELM/BiGR: its model_args.json, else '
+                    'VAR), VAR for --vae_ckpt/--var_ckpt, ELM or BiGR from the keys of --model_ckpt')
   flags.DEFINE_string('bae_ckpt', None, 'ELM/BiGR: reference binary autoencoder weights (binaryae*.th)')
   flags.DEFINE_string('model_ckpt', None, 'ELM/BiGR: reference generator weights (ELM .pth, BiGR .pt)')
   flags.DEFINE_list('model_args', [], 'ELM/BiGR: reference ModelArgs fields as key=value (values parsed as JSON, e.g. '
-                    'n_head=16,p_flip=true)')
+                    'n_head=16,p_flip=true); unset: those of a model_args.json beside --model_ckpt naming it (a '
+                    'training run\'s export); with --checkpoint=<run> they update its model_args.json\'s')
   flags.DEFINE_bool('allow_weight_cast', False, 'accept reference weights stored as integers (cast to float32); '
                     'without it they are an error naming the key. NaN/inf weights are always an error')
 

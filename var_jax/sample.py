@@ -6,9 +6,12 @@ Examples:
       --classes=207,360,387,974,88,979,417,279 --cfg=4 --top_k=900 --top_p=0.95 --out=grid.png
   # 50 per class over all classes, one PNG each + an .npz for OpenAI's FID evaluator; rerunning resumes
   python -m var_jax.sample --checkpoint=workdir/model --num_per_class=50 --out_dir=samples --batch_size=64
+  # any family's training run directory: VAR's workdir (its model/), ELM's or BiGR's (model_args.json names the
+  # exported model, its ModelArgs and the tokenizer, so the images have the size the run trained on)
+  python -m var_jax.sample --checkpoint=/tmp/elm_q --num_per_class=2 --out_dir=elm_samples
 
   # ELM (AR or MLM, inferred from the keys) and BiGR: the binary autoencoder + the generator; --model_args takes the
-  # reference ModelArgs fields the tensors cannot tell
+  # reference ModelArgs fields the tensors cannot tell (unset: a model_args.json beside --model_ckpt gives them)
   python -m var_jax.sample --bae_ckpt=binaryae_ema.th --model_ckpt=L-2-10.pth --classes=207,360 --out=elm.png
   python -m var_jax.sample --bae_ckpt=bae_24.th --model_ckpt=bigr_L_d24.pt --model_args=p_flip=true --out=bigr.png
 

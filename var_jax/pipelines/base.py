@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import os
 from typing import Any, Callable, Dict, Mapping, NamedTuple, Optional, Sequence, Tuple
 
@@ -17,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from var_jax import fileio
 from var_jax import sharding as shd
 from var_jax.dtypes import parse_dtype
 from var_jax.interop import bae as ibae
@@ -33,6 +35,89 @@ def check_images(images, channels: int, size: int, why: str, what: str = 'images
   if x.shape[1:3] != (size, size):
     raise ValueError(f'{what} must be {size}x{size} ({why}), got {x.shape[1]}x{x.shape[2]}')
   return x.astype(jnp.float32)
+
+
+# ----------------------------------------------------------------------------- ELM / BiGR training runs
+RUN_FILE = 'model_args.json'           # written by ``var_jax.train.tasks.bits.export`` beside the exported model
+RUN_TASKS = {'elm_ar': 'elm', 'elm_mlm': 'elm', 'bigr': 'bigr'}      # config.task -> pipeline family
+_RUN_FAMILIES = {'elm': ('an ELM', 'ELMPipeline'), 'bigr': ('a BiGR', 'BiGRPipeline')}
+
+
+class BitsRun(NamedTuple):
+  """An ELM / BiGR training run directory as its ``model_args.json`` describes it, paths resolved."""
+  info_file: str                       # the model_args.json
+  task: str                            # 'elm_ar' | 'elm_mlm' | 'bigr'
+  model_file: str                      # the exported generator (its ``file``, in the run directory)
+  bae_file: str                        # its ``bae_file``: in the run directory when a bare name there, else as is
+  model_args: Dict[str, Any]           # the reference ModelArgs that reload model_file
+  bae_config: Dict[str, Any]           # its ``bae``: the trained BAEConfig's fields ({} in a json without them)
+  bae_resolution: Optional[int]        # its ``bae_resolution``: the image size the run trained on
+
+  @property
+  def family(self) -> str:
+    return RUN_TASKS[self.task]
+
+  def check_family(self, family: str, asked: str):
+    """A ValueError naming the json and its task unless the run is of ``family`` (``asked``: what was asked for)."""
+    if self.family != family:
+      name, loader = _RUN_FAMILIES[self.family]
+      raise ValueError(f'{self.info_file}: {name} run (task {self.task!r}), not {asked}; load it with '
+                       f'{loader}.from_checkpoint, or --checkpoint / load_pipeline(checkpoint=...) with --model=auto')
+
+  def check_image_size(self, pipe: 'BinaryLatentPipeline'):
+    """The loaded pipeline draws images of the size the run trained on (``bae_resolution``)."""
+    if self.bae_resolution is not None and pipe.image_size != int(self.bae_resolution):
+      raise ValueError(f"{self.info_file}: the model's {pipe.latent_size}x{pipe.latent_size} grid x BAE downsample "
+                       f"{pipe.bae_config.downsample} gives {pipe.image_size} px images, but the run trained on "
+                       f"bae_resolution={self.bae_resolution} px")
+
+
+def is_bits_run(run_dir) -> bool:
+  """True when ``run_dir`` holds an ELM / BiGR training run's ``model_args.json``."""
+  return fileio.isfile(os.path.join(os.fspath(run_dir), RUN_FILE))
+
+
+def read_bits_run(run_dir) -> BitsRun:
+  """Read ``<run_dir>/model_args.json`` (local or remote); errors name the directory or the file and what is
+  wrong."""
+  d = os.fspath(run_dir)
+  path = os.path.join(d, RUN_FILE)
+  if not fileio.isfile(path):
+    if not fileio.exists(d):
+      raise FileNotFoundError(f'{d}: no such ELM/BiGR run directory')
+    raise ValueError(f'{d} is not an ELM/BiGR training run directory: it has no {RUN_FILE} (expected the workdir of '
+                     f'`python -m var_jax.train` with an elm_*/bigr config, where the end of training writes '
+                     f'{RUN_FILE} beside the exported model.pth / bigr.pt; reference checkpoints load with '
+                     f'--bae_ckpt/--model_ckpt)')
+  try:
+    info = json.loads(fileio.path(path).read_text())
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise ValueError(f'{path}: not valid JSON ({e})') from None
+  task = info.get('task') if isinstance(info, dict) else None
+  if task not in RUN_TASKS:
+    raise ValueError(f'{path}: task {task!r} is not an ELM/BiGR task ({", ".join(RUN_TASKS)})')
+  missing = [k for k in ('file', 'model_args', 'bae_file') if info.get(k) in (None, '')]
+  if missing:
+    raise ValueError(f'{path}: no {", ".join(missing)} (an ELM/BiGR run\'s {RUN_FILE} names the model file, its '
+                     f'ModelArgs and the BAE file)')
+  if not isinstance(info['model_args'], dict) or not isinstance(info.get('bae') or {}, dict):
+    raise ValueError(f'{path}: model_args and bae must be JSON objects')
+  bae = str(info['bae_file'])
+  beside = os.path.join(d, bae)
+  if os.path.basename(bae) == bae and fileio.isfile(beside):
+    bae = beside
+  res = info.get('bae_resolution')
+  return BitsRun(path, task, os.path.join(d, str(info['file'])), bae, dict(info['model_args']),
+                 dict(info.get('bae') or {}), None if res is None else int(res))
+
+
+def bits_run_beside(model_file) -> Optional[BitsRun]:
+  """The run whose ``model_args.json`` sits beside ``model_file`` and names it as its model, else None."""
+  d = os.path.dirname(os.fspath(model_file))
+  if not is_bits_run(d or '.'):
+    return None
+  run = read_bits_run(d or '.')
+  return run if os.path.basename(run.model_file) == os.path.basename(os.fspath(model_file)) else None
 
 
 class BAEFile(NamedTuple):
@@ -204,6 +289,24 @@ class BinaryLatentPipeline(Pipeline):
   def bits_per_cell(self) -> int:
     return self.bae_config.codebook_size
 
+  @classmethod
+  def from_checkpoint(cls, run_dir, *, allow_cast: bool = False, **model_args) -> 'BinaryLatentPipeline':
+    """A training run directory of this family (``python -m var_jax.train`` with an elm_* / bigr config; local or
+    remote): its ``model_args.json`` names the exported generator (``model.pth`` / ``bigr.pt`` / ``.safetensors``),
+    the reference ``ModelArgs`` that reload it and the tokenizer (``bae_file``: the random-init ``binaryae.th``
+    exported beside it, or the ``config.bae_ckpt`` the run used) with its trained config, so the pipeline draws
+    images at the run's size. ``model_args`` update the json's (e.g. ``infer_steps``). A run of the other family,
+    or a directory without ``model_args.json``, is a ValueError saying so."""
+    run = read_bits_run(run_dir)
+    run.check_family(cls.family, f'{_RUN_FAMILIES[cls.family][0]} run ({cls.__name__}.from_checkpoint)')
+    if not fileio.isfile(run.bae_file):
+      raise FileNotFoundError(f'{run.info_file}: its bae_file {run.bae_file!r} is neither in {os.fspath(run_dir)} '
+                              f'nor at that path')
+    pipe = cls.from_torch(run.bae_file, run.model_file, bae_overrides=run.bae_config, allow_cast=allow_cast,
+                          **{**run.model_args, **model_args})
+    run.check_image_size(pipe)
+    return pipe
+
   @staticmethod
   def _read_bae(bae_path) -> 'BAEFile':
     """Read ``binaryae*.th`` (``ae.``-prefixed or plain) and infer its config; errors name the file. Loaders call
@@ -219,10 +322,11 @@ class BinaryLatentPipeline(Pipeline):
   @classmethod
   def _load_bae(cls, bae_path, latent_size: int, overrides: Optional[Dict[str, Any]] = None, allow_cast: bool = False):
     """(config, variables) of ``binaryae*.th`` (a path or ``_read_bae``'s result); its ``resolution`` (only naming
-    the attention levels) is the image size that the generator's grid implies."""
+    the attention levels) is the image size that the generator's grid implies unless ``overrides`` give one."""
     f = cls._read_bae(bae_path)
     with named_mismatch(f.path):
-      cfg = ibae.bae_config_from_state_dict(f.own, resolution=latent_size * f.config.downsample, **(overrides or {}))
+      kw = {'resolution': latent_size * f.config.downsample, **(overrides or {})}
+      cfg = ibae.bae_config_from_state_dict(f.own, **kw)
       return cfg, ibae.import_bae(f.own, cfg, allow_cast=allow_cast)
 
   @staticmethod

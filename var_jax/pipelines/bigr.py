@@ -13,6 +13,7 @@ Usage::
 
   pipe = BiGRPipeline.from_torch('binaryae_ema_1000000.th', 'bigr_L_d24.pt', p_flip=True, focal=0.0,
                                  use_adaLN=True, n_head=16)
+  pipe = BiGRPipeline.from_checkpoint('/tmp/bigr_q')  # a training run directory (its model_args.json)
   bits = pipe.encode(images)                       # (B, 16, 16, 24) uint8, threshold p > 0.5
   recon = pipe.decode(bits)                        # (B, 256, 256, 3), not clamped
   feats = pipe.features(images)                    # (B, 24, 1024): token-mean after every layer, null class

@@ -12,6 +12,7 @@ bits of a cell split into T chunks of code_dim bits, most significant bit first 
 Usage::
 
   pipe = ELMPipeline.from_torch('binaryae_ema_k20.th', 'L-2-10.pth')          # AR or MLM from the keys
+  pipe = ELMPipeline.from_checkpoint('/tmp/elm_q')   # a training run directory (its model_args.json)
   bits = pipe.encode(images)                        # (B, 16, 16, 20) uint8, threshold p > 0.5
   tokens = pipe.tokenize(images)                    # (B, 256, 2) int32
   logits = pipe.logits(labels, tokens)              # (B, 512, 1024) teacher-forced

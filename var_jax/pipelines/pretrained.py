@@ -1,13 +1,14 @@
 """Any family's pipeline from files: reference checkpoints (VAR ``.pth``/``.safetensors``, ELM / BiGR generator +
-binary autoencoder) or a var_jax model checkpoint directory; the family of a generator checkpoint from its keys; the
-reference ``ModelArgs`` overrides as the CLIs spell them."""
+binary autoencoder) or a run directory of ours (VAR: a model checkpoint directory or a training workdir holding one;
+ELM / BiGR: a training workdir with its ``model_args.json``); the family of a generator checkpoint from its keys;
+the reference ``ModelArgs`` overrides as the CLIs spell them."""
 from __future__ import annotations
 
 import ast
 import json
 from typing import Any, Dict, Optional, Sequence, Union
 
-from var_jax.pipelines.base import BinaryLatentPipeline, Pipeline
+from var_jax.pipelines.base import BinaryLatentPipeline, Pipeline, bits_run_beside, is_bits_run, read_bits_run
 from var_jax.pipelines.bigr import BiGRPipeline
 from var_jax.pipelines.elm import ELMPipeline
 from var_jax.pipelines.var import VARPipeline
@@ -57,14 +58,34 @@ def detect_family(model_ckpt: str) -> str:
   raise ValueError(f'{model_ckpt}: neither an ELM nor a BiGR checkpoint (first keys: {keys[:5]})')
 
 
+def _load_bits_run(checkpoint: str, model: str, model_args: Dict[str, Any], allow_cast: bool, given) -> Pipeline:
+  """An ELM / BiGR training run directory (``--checkpoint``) through its family's ``from_checkpoint``."""
+  others = [f for f, v in given if v]
+  if others:
+    raise ValueError(f'give either --checkpoint (a run directory) or {"/".join(others)}, not both')
+  run = read_bits_run(checkpoint)           # --model=elm/bigr on another directory: says what it expects
+  if model != 'auto':
+    run.check_family(model, f'--model={model}')
+  return PIPELINES[run.family].from_checkpoint(checkpoint, allow_cast=allow_cast, **model_args)
+
+
 def load_pipeline(vae_ckpt: Optional[str] = None, var_ckpt: Optional[str] = None, checkpoint: Optional[str] = None,
                   patch_nums: Optional[Sequence] = None, *, model: str = 'auto', bae_ckpt: Optional[str] = None,
                   model_ckpt: Optional[str] = None, model_args=None, allow_cast: bool = False,
                   pretrained: Optional[str] = None, cache_dir: Optional[str] = None) -> Pipeline:
-  """VAR from ``vae_ckpt`` + ``var_ckpt`` (reference weights) or ``checkpoint`` (ours); ELM / BiGR from ``bae_ckpt``
-  + ``model_ckpt`` with ``model_args`` (``parse_model_args``); any family from ``pretrained``, a released name
-  (``var_jax.hub``; ``name@revision`` pins one; ``model_args`` / ``patch_nums`` update its table entry). ``model``:
-  'auto' (from which files are given and, for ELM / BiGR, from the generator's keys), 'var', 'elm' or 'bigr'.
+  """A pipeline of any family from:
+
+  * ``checkpoint``, a run directory of ours: an ELM / BiGR training workdir (it holds ``model_args.json``:
+    ``ELMPipeline`` / ``BiGRPipeline.from_checkpoint``; ``model_args`` update its ``ModelArgs``), else a VAR model
+    checkpoint directory or training workdir (``VARPipeline.from_checkpoint``);
+  * ``vae_ckpt`` + ``var_ckpt``: VAR reference weights;
+  * ``bae_ckpt`` + ``model_ckpt``: ELM / BiGR reference weights with ``model_args`` (``parse_model_args``); without
+    ``model_args``, a ``model_args.json`` beside ``model_ckpt`` that names it (a training run's export) gives them;
+  * ``pretrained``, a released name (``var_jax.hub``; ``name@revision`` pins one; ``model_args`` / ``patch_nums``
+    update its table entry).
+
+  ``model``: 'auto' (from which files are given, the run directory's ``model_args.json`` and, for ELM / BiGR
+  reference weights, the generator's keys), 'var', 'elm' or 'bigr' (a run of another family is an error).
   ``allow_cast``: accept integer-stored weights, cast to float32 (NaN/inf weights are always an error)."""
   if model not in ('auto', *PIPELINES):
     raise ValueError(f'model must be auto, var, elm or bigr, got {model!r}')
@@ -84,14 +105,25 @@ def load_pipeline(vae_ckpt: Optional[str] = None, var_ckpt: Optional[str] = None
     if patch_nums:
       model_args['patch_nums'] = [int(p) for p in patch_nums]
     return PIPELINES[kind].from_pretrained(pretrained, cache_dir=cache_dir, allow_cast=allow_cast, **model_args)
+  if checkpoint and (model in ('elm', 'bigr') or is_bits_run(checkpoint)):
+    return _load_bits_run(checkpoint, model, model_args, allow_cast,
+                          (('--vae_ckpt', vae_ckpt), ('--var_ckpt', var_ckpt), ('--bae_ckpt', bae_ckpt),
+                           ('--model_ckpt', model_ckpt), ('--patch_nums', patch_nums)))
   if model in ('elm', 'bigr') or (model == 'auto' and (bae_ckpt or model_ckpt)):
     if vae_ckpt or var_ckpt or checkpoint:
-      raise ValueError('give either --bae_ckpt/--model_ckpt (ELM, BiGR) or --vae_ckpt/--var_ckpt/--checkpoint (VAR)')
+      raise ValueError('give either --bae_ckpt/--model_ckpt (ELM, BiGR reference files) or --vae_ckpt/--var_ckpt '
+                       '(VAR) or --checkpoint (a run directory)')
     if not (bae_ckpt and model_ckpt):
-      raise ValueError('ELM/BiGR sampling needs both --bae_ckpt and --model_ckpt')
-    bae = BinaryLatentPipeline._read_bae(bae_ckpt)    # first: a bad --bae_ckpt is named, not hidden behind a model error
+      raise ValueError('ELM/BiGR sampling needs both --bae_ckpt and --model_ckpt (or --checkpoint=<run directory>)')
+    bae = BinaryLatentPipeline._read_bae(bae_ckpt)    # first: a bad --bae_ckpt is named, not hidden by a model error
     family = detect_family(model_ckpt) if model == 'auto' else model
-    return PIPELINES[family].from_torch(bae, model_ckpt, allow_cast=allow_cast, **model_args)
+    run = None if model_args else bits_run_beside(model_ckpt)       # a training run's export: its json's ModelArgs
+    run = run if run is not None and run.family == family else None
+    args = run.model_args if run is not None else model_args
+    pipe = PIPELINES[family].from_torch(bae, model_ckpt, allow_cast=allow_cast, **args)
+    if run is not None:
+      run.check_image_size(pipe)                                    # the image size the run trained on
+    return pipe
   if model_args:
     raise ValueError('--model_args applies to ELM/BiGR checkpoints only')
   if checkpoint:
