@@ -9,6 +9,11 @@ for how the numbers relate to OpenAI's evaluator (whose input, ``samples.npz``, 
   python -m var_jax.evaluate --vae_ckpt=vae_ch160v4096z32.pth --var_ckpt=var_d16.pth \
       --out_dir=eval_d16 --ref=VIRTUAL_imagenet256_labeled.npz --inception=pt_inception-2015-12-05-6726825d.pth \
       --ref_cache=imagenet256_ref_stats.npz
+  # an ELM / BiGR training run directory (its model_args.json); the family's release sampling settings
+  python -m var_jax.evaluate --checkpoint=/tmp/bigr_q --num_per_class=50 --out_dir=eval_bigr_q --ref=... \
+      --inception=...
+  # a model trained on the built-in digits (configs/digits.py): the digits quality score, no Inception
+  python -m var_jax.evaluate --digits --checkpoint=/tmp/digits/var/model --out_dir=eval_digits
   # an existing folder or .npz of samples
   python -m var_jax.evaluate --samples=eval_d16/samples.npz --ref=... --inception=...
   # tokenizer rFID (+ PSNR) on a data split, and VAR's test loss / token accuracy (scaling-law quantities)
@@ -51,6 +56,9 @@ def define_flags():
   flags.DEFINE_integer('max_batches', -1, '--test_loss: at most this many batches (-1: the whole split)')
   flags.DEFINE_string('split', None, 'data split for --rfid/--test_loss (default: config.data.eval_split)')
   flags.DEFINE_string('out_dir', None, 'samples (PNGs + samples.npz) and metrics.json go here')
+  flags.DEFINE_bool('digits', False, 'the digits quality score (var_jax.eval.digits: class accuracy by a classifier of '
+                    'the real training split, Frechet distance in its PCA space; not FID, no Inception) of a model '
+                    'trained on the built-in digits; the data view from --config, else from the run\'s config.json')
   config_flags.DEFINE_config_file('config', None, 'training config (its data section) for --rfid / --test_loss',
                                   lock_config=False)
 
@@ -62,6 +70,10 @@ def main():
   cli.check_sampling_flags()                 # flags and the destination checked before a model is loaded
   if f.out_dir:
     fileio.check_output_dir(f.out_dir, '--out_dir')
+  view = None
+  if f.digits:                               # the view the model trained on, before any model is loaded
+    from var_jax.eval import digits
+    view = digits.view_of(f.config, f.checkpoint or f.samples)
   pipe = cli.load_pipeline_from_flags() if not f.samples or f.rfid or f.test_loss else None
   evaluator.evaluate(
       pipe, out_dir=f.out_dir, samples=f.samples, ref=f.ref, ref_cache=f.ref_cache, inception=f.inception,
@@ -69,7 +81,7 @@ def main():
       data_config=f.config.data if f.config is not None else None, split=f.split, max_images=f.max_images,
       max_batches=f.max_batches, classes=f.classes, num_per_class=f.num_per_class, cfg=f.cfg, top_k=f.top_k,
       top_p=f.top_p, seed=f.seed, batch_size=f.batch_size, dtype=f.dtype, is_split=f.is_split,
-      pr_distance_dtype=f.pr_distance_dtype, log=lambda msg: print(msg, flush=True))
+      pr_distance_dtype=f.pr_distance_dtype, digits_view=view, log=lambda msg: print(msg, flush=True))
 
 
 if __name__ == '__main__':

@@ -28,8 +28,9 @@ import dataclasses
 import json
 import math
 import os
+import re
 import time
-from typing import Any, Callable, Dict, Iterator, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -369,6 +370,54 @@ def write_metrics(out_dir: str, results: Dict[str, Any], log: Callable[[str], No
   return path
 
 
+_CLASS_IN_NAME = re.compile(r'_class(\d+)\.[a-zA-Z]+$')
+
+
+def _labels_from_names(folder: str) -> List[int]:
+  files = fileio.find_files(folder, IMAGE_EXTENSIONS)
+  out = []
+  for f in files:
+    m = _CLASS_IN_NAME.search(f)
+    if not m:
+      raise ValueError(f'{f}: --digits needs each sample\'s class in its file name (<index>_class<c>.png, as '
+                       f'`python -m var_jax.sample --out_dir` writes them)')
+    out.append(int(m.group(1)))
+  return out
+
+
+def _evaluate_digits(pipe, view, *, out_dir, samples, classes, num_per_class, cfg, top_k, top_p, seed, batch_size,
+                     dtype, log) -> Dict[str, Any]:
+  """The digits quality score of ``samples`` (a folder) or of the protocol's samples of ``pipe``."""
+  from var_jax.eval import digits
+  from var_jax.eval import protocol
+  if samples and not fileio.isdir(samples):
+    raise ValueError(f'--samples={samples}: --digits reads a folder of <index>_class<c>.png samples (the labels are '
+                     f'in the names)')
+  if not out_dir and not samples:
+    raise ValueError('give --out_dir (where samples and metrics.json go) or --samples')
+  out_dir = out_dir or fileio.abspath(samples)
+  fileio.makedirs(out_dir)
+  scorer = digits.scorer(*view)                     # fit before sampling: a bad view fails before any work
+  opts = {}
+  if not samples:
+    labels = protocol.sample_plan(pipe.num_classes, classes, num_per_class)
+    protocol.generate_samples(pipe, os.path.join(out_dir, 'samples'), labels, seed=seed, cfg=cfg, top_k=top_k,
+                              top_p=top_p, batch_size=batch_size, dtype=dtype, log=log)
+    opts = protocol.sampling_options(pipe.family, cfg=cfg, top_k=top_k, top_p=top_p)
+    samples = os.path.join(out_dir, 'samples')
+  if jax.process_index() != 0:
+    return {}
+  labels = _labels_from_names(samples)
+  images = np.concatenate(list(ImageSet.from_folder(samples).batches(256))).astype(np.float32) / 255.0
+  score = scorer.score(images, labels)
+  log(digits.format_score(score))
+  results = {f'digits_{k}': v for k, v in score.items()}
+  results['protocol'] = {**opts, 'seed': seed, 'num_per_class': num_per_class, 'samples': samples,
+                         'features': f'digits: grayscale 8x8 pooled view of {view[0]}px, mid_reso {view[1]}'}
+  write_metrics(out_dir, results, log)
+  return results
+
+
 def evaluate(pipe=None, *, out_dir: Optional[str] = None, samples: Optional[str] = None, ref: Optional[str] = None,
              ref_cache: Optional[str] = None, inception: Optional[str] = None, inception_batch: int = 200,
              pr_k: int = 3, rfid: bool = False, test_set_loss: bool = False, data_config=None,
@@ -376,13 +425,25 @@ def evaluate(pipe=None, *, out_dir: Optional[str] = None, samples: Optional[str]
              num_per_class: int = 50, cfg: Optional[float] = None, top_k: Optional[int] = None,
              top_p: Optional[float] = None, seed: int = 0, batch_size: int = 64, dtype: str = 'float32',
              is_split: str = metrics.DEFAULT_IS_SPLIT, pr_distance_dtype: str = 'float16',
+             digits_view: Optional[Tuple[int, float]] = None,
              log: Callable[[str], None] = print) -> Dict[str, Any]:
   """Sample quality (FID / IS / precision-recall of ``samples``, or of the protocol's samples of ``pipe`` generated
   into ``out_dir/samples``; against the reference batch ``ref``, IS only without one), tokenizer rFID + PSNR
   (``rfid``) and VAR's test loss (``test_set_loss``) over ``split`` of ``data_config``; returns the metrics and
-  writes them to ``out_dir/metrics.json`` (on process 0)."""
+  writes them to ``out_dir/metrics.json`` (on process 0).
+
+  ``digits_view`` ((image_size, mid_reso) of a model trained on the built-in digits): the digits quality score
+  (``var_jax.eval.digits``: class accuracy, Frechet distance; ``digits_*`` keys) instead of the Inception metrics;
+  the labels are the sampling plan's, or the ``_class<c>`` of each file name in a ``samples`` folder."""
   from var_jax.eval import protocol
   results: Dict[str, Any] = {}
+  if digits_view is not None:
+    if rfid or test_set_loss or ref:
+      raise ValueError('--digits scores samples of a digits model: it does not combine with --rfid, --test_loss or '
+                       '--ref (no Inception network)')
+    return _evaluate_digits(pipe, digits_view, out_dir=out_dir, samples=samples, classes=classes,
+                            num_per_class=num_per_class, cfg=cfg, top_k=top_k, top_p=top_p, seed=seed,
+                            batch_size=batch_size, dtype=dtype, log=log)
   if (rfid or test_set_loss) and pipe is not None and pipe.family != 'var':
     raise ValueError('--rfid and --test_loss are implemented for VAR checkpoints (VQVAE tokenizer) only')
   if (rfid or test_set_loss) and data_config is None:
