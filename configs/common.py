@@ -81,6 +81,9 @@ def base() -> ml_collections.ConfigDict:
   c.sample_every = 5000
   c.sample_classes = (207, 360, 387, 974, 88, 979, 417, 279)
   c.sample = ml_collections.ConfigDict(dict(cfg=1.5, top_k=900, top_p=0.96))
+  # the digits quality score (var_jax.eval.digits: class accuracy, Frechet distance) of this many samples per class
+  # at every sample_every step, in metrics.jsonl / TensorBoard as quality/*; 0: off. Built-in digits only
+  c.quality_per_class = 0
   return c
 
 
@@ -123,7 +126,7 @@ def tokenizer_base() -> ml_collections.ConfigDict:
   c.task = 'tokenizer'
   c.tokenizer = 'vqvae'         # the generator: 'vqvae' (config.vae) or 'bae' (config.bae)
   for k in ('model', 'init_from', 'vae_ckpt', 'vae_dtype', 'optim', 'progressive', 'label_smoothing',
-            'sample_classes', 'sample', 'eval_every', 'eval_batches', 'reference_args'):
+            'sample_classes', 'sample', 'eval_every', 'eval_batches', 'reference_args', 'quality_per_class'):
     del c[k]
   c.grad_accum = 1              # the tokenizer step takes the whole batch (no micro-batching)
   c.init_from = ''              # a reference VQVAE .pth/.safetensors to fine-tune (e.g. vae_ch160v4096z32.pth)

@@ -289,7 +289,9 @@ def train(config, workdir: str) -> Tuple[Any, Dict[str, float]]:
   Non-finite steps (``config.nonfinite``, ``var_jax.train.nonfinite``): 'stop' raises ``NonFiniteError`` naming
   the first step whose loss / grad norm was not finite (the step count after it, as logged) — found at the next log
   step, eval / output step, checkpoint save or export, whichever comes first — and saves nothing from then on; 'skip'
-  drops those updates and counts them. A state is checked leaf by leaf before every save and the export."""
+  drops those updates and counts them. A state is checked leaf by leaf before every save and the export.
+  ``finished`` in the returned metrics is 1.0 when the run reached its last step (and exported), 0.0 when it stopped
+  early (a preemption)."""
   from var_jax.train import reference_args
   from var_jax.train import workdir as workdir_lib
   config = reference_args.resolve(config)      # a reference train.py command line, if given, before anything reads it
@@ -405,6 +407,8 @@ def _train(config, workdir: str, preempt: Preemption) -> Tuple[Any, Dict[str, fl
             out = task.periodic_output(state, batch, step, workdir)     # images / histograms (process 0)
             for path in out.files if out else ():
               logging.info('wrote %s', path)
+            for split, values in (out.scalars if out else {}).items():
+              logging.info('%s step %d: %s', split, step, task.scalars_line(split, values))
             writer.summaries(step, out)
           stop = preempt.should_stop(ckpt, step)
           if save(step, state, force=step == total or stop):
@@ -429,4 +433,5 @@ def _train(config, workdir: str, preempt: Preemption) -> Tuple[Any, Dict[str, fl
     ckpt.wait()
     ckpt.close()
   last['wall_time_s'] = time.time() - t_start
+  last['finished'] = float(step >= total)      # 0.0: stopped early (preempted); the export was not written
   return state, last

@@ -77,10 +77,12 @@ def compiled_flops(jitted, *args) -> Optional[float]:
 @dataclasses.dataclass
 class Summaries:
   """What a task's periodic output step produced (on process 0; ``None`` elsewhere): ``images`` {tag: uint8
-  (H, W, C)} (also written as PNG ``files``), ``histograms`` {tag: values}."""
+  (H, W, C)} (also written as PNG ``files``), ``histograms`` {tag: values}, ``scalars`` {split: {name: float}}
+  (``metrics.jsonl`` records of that split and TensorBoard scalars ``split/name``, e.g. the digits quality score)."""
   images: Dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
   histograms: Dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
   files: List[str] = dataclasses.field(default_factory=list)
+  scalars: Dict[str, Dict[str, float]] = dataclasses.field(default_factory=dict)
 
 
 def _vector_patterns(vector_metrics: Optional[Mapping[str, str]]):
@@ -197,13 +199,16 @@ class MetricWriter:
       self._tb.add_text(tag, text, int(step))
 
   def summaries(self, step: int, s: Optional[Summaries]):
-    """A task's periodic ``Summaries`` (None: nothing) to TensorBoard, then ``sync()``."""
+    """A task's periodic ``Summaries`` (None: nothing) to TensorBoard (and its scalars to the JSON lines too), then
+    ``sync()``."""
     if s is None or not self.enabled:
       return
     for tag, img in s.images.items():
       self.image(step, tag, img)
     for tag, v in s.histograms.items():
       self.histogram(step, tag, v)
+    for split, values in s.scalars.items():
+      self.write(step, values, prefix=split)
     self.sync()
 
   def sync(self):

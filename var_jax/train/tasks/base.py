@@ -194,6 +194,13 @@ class Task:
   def log_line(self, m: Dict[str, float]) -> str:
     return f'loss {m["loss"]:.4f}'
 
+  def scalars_line(self, split: str, values: Dict[str, float]) -> str:
+    """The log line of a periodic output's scalars (``Summaries.scalars[split]``)."""
+    if split == 'quality':
+      from var_jax.eval import digits
+      return digits.format_score(values)
+    return ' '.join(f'{k} {v:.4g}' for k, v in values.items())
+
   def periodic_output(self, state, batch, step: int, workdir: str):
     """Every ``config.sample_every`` steps, on every process (sampling is collective): -> a
     ``var_jax.train.metrics.Summaries`` (images, also as PNG files in the workdir, histograms) on process 0, None
@@ -212,12 +219,42 @@ class Task:
     return []
 
 
-def image_output(workdir: str, tag: str, step: int, image, histograms=None):
+def check_quality_config(config, num_classes: int):
+  """``config.quality_per_class`` > 0 scores samples with the digits quality score (``var_jax.eval.digits``): only
+  for a 10-class model of the built-in digits; checked before any work."""
+  n = int(config.quality_per_class)
+  if n < 0:
+    from var_jax.train import errors
+    raise errors.ConfigError(f'config.quality_per_class={n}: give 0 (off) or the samples per class to score')
+  if n and (config.data.name != 'digits' or int(num_classes) != 10):
+    from var_jax.train import errors
+    raise errors.ConfigError(f'config.quality_per_class={n} scores samples of the built-in digits (var_jax.eval.digits)'
+                             f', but data.name={config.data.name!r} and the model has {num_classes} classes: set '
+                             f'--config.quality_per_class=0')
+
+
+def quality_scalars(config, sample: Callable) -> Dict[str, Dict[str, float]]:
+  """The digits quality score of ``config.quality_per_class`` samples of each class (``{}`` when 0):
+  ``sample(labels) -> images`` in [0, 1] on process 0 (None elsewhere; it may be collective) -> ``Summaries.scalars``
+  ``{'quality': score}``."""
+  n = int(config.quality_per_class)
+  if n <= 0:
+    return {}
+  from var_jax.eval import digits
+  labels = digits.balanced_labels(n)
+  images = sample(labels)
+  if images is None:
+    return {}
+  return {'quality': digits.scorer(config.data.image_size, config.data.mid_reso).score(images, labels)}
+
+
+def image_output(workdir: str, tag: str, step: int, image, histograms=None, scalars=None):
   """``image`` (uint8 (H, W, C)) as ``<workdir>/<tag>/step_XXXXXXXX.png`` and as TensorBoard image ``tag``
-  (+ ``histograms`` {tag: values}): the ``Summaries`` a ``periodic_output`` returns."""
+  (+ ``histograms`` {tag: values}, ``scalars`` {split: {name: value}}): the ``Summaries`` a ``periodic_output``
+  returns."""
   from var_jax.train.metrics import Summaries
   path = write_png(f'{workdir}/{tag}', step, image)
-  return Summaries(images={tag: image}, histograms=dict(histograms or {}), files=[path])
+  return Summaries(images={tag: image}, histograms=dict(histograms or {}), files=[path], scalars=dict(scalars or {}))
 
 
 def write_png(directory: str, step: int, image) -> str:

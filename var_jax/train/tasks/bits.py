@@ -153,11 +153,15 @@ def step_keys(seed: int, step) -> Tuple[jax.Array, jax.Array]:
   return k[0], k[1]
 
 
-def image_bits(bae: BinaryAutoEncoder, bae_vars, images, key):
-  """Pipeline images ([-1, 1], NHWC) -> Bernoulli-sampled BAE bits (B, h, w, K) uint8 (the BAE works on [0, 1])."""
+BITS_MODES = ('bernoulli', 'threshold')
+
+
+def image_bits(bae: BinaryAutoEncoder, bae_vars, images, key, mode: str = 'bernoulli'):
+  """Pipeline images ([-1, 1], NHWC) -> BAE bits (B, h, w, K) uint8 (the BAE works on [0, 1]): Bernoulli-sampled
+  (``mode='bernoulli'``, the references) or ``p > 0.5`` ('threshold': the same bits for an image at every step)."""
   x01 = (jnp.asarray(images, jnp.float32) + 1.0) * 0.5
-  return jax.lax.stop_gradient(bae.apply({'params': bae_vars['params']}, x01, 'bernoulli', key,
-                                         method=BinaryAutoEncoder.bits))
+  return jax.lax.stop_gradient(bae.apply({'params': bae_vars['params']}, x01, mode, key if mode == 'bernoulli'
+                                         else None, method=BinaryAutoEncoder.bits))
 
 
 def _token_bit_acc(pred, tokens, code_dim: int):
@@ -238,6 +242,11 @@ class BitsTask(base.Task):
                                          float(config.optim.warmup_steps))
     self._set_state_shapes(boxed)
     self._pipe = None
+    base.check_quality_config(config, self.cfg.num_classes)
+    self.bits_mode = str(config.bae_bits)
+    if self.bits_mode not in BITS_MODES:
+      from var_jax.train import errors
+      raise errors.ConfigError(f'config.bae_bits={self.bits_mode!r}: give one of {BITS_MODES}')
     if config.sample_every > 0:                       # before any work: the sampler's keyword arguments
       import inspect
       from var_jax.pipelines.bigr import BiGRPipeline
@@ -280,7 +289,7 @@ class BitsTask(base.Task):
     def step_fn(state, batch, bae_vars):
       def micro(params, mb, keys):
         k_bits, k_model = keys
-        bits = image_bits(self.bae, bae_vars, mb['image'], k_bits)
+        bits = image_bits(self.bae, bae_vars, mb['image'], k_bits, self.bits_mode)
         (_, m), grads = jax.value_and_grad(
             lambda p: compute_loss(self.kind, self.model, self.cfg, p, bits, mb['label'], k_model, hm_dist=hm_dist,
                                    schedule=self.diffusion), has_aux=True)(params)
@@ -297,7 +306,7 @@ class BitsTask(base.Task):
 
     def eval_fn(params, batch, bae_vars, key):
       k_bits, k_model = jax.random.split(key)
-      bits = image_bits(self.bae, bae_vars, batch['image'], k_bits)
+      bits = image_bits(self.bae, bae_vars, batch['image'], k_bits, self.bits_mode)
       labels = jnp.asarray(batch['label'], jnp.int32)
       valid = batch['mask'].astype(bool)
       b = bits.shape[0]
@@ -342,10 +351,11 @@ class BitsTask(base.Task):
     return f'loss {m["loss"]:.4f} {accs} gnorm {m["grad_norm"]:.3f} lr {m["lr"]:.3g}'
 
   def periodic_output(self, state, batch, step, workdir):
-    """A grid of ``config.sample_classes`` (mod num_classes) sampled from the params by the family's pipeline
-    (``ELMPipeline`` / ``BiGRPipeline``.sample with ``config.sample`` over its release settings), on process 0."""
+    """A grid of ``config.sample_classes`` (mod num_classes) and (``config.quality_per_class`` > 0) the digits quality
+    score, sampled from the exported weights (the EMA when kept) by the family's pipeline (``ELMPipeline`` /
+    ``BiGRPipeline``.sample with ``config.sample`` over its release settings), on process 0."""
     from var_jax import images as images_lib
-    params = shd.to_host(state.params)                           # every process takes part
+    params = shd.to_host(self.export_tree(state)['params'])     # every process takes part
     if jax.process_index() != 0:
       return None
     if self._pipe is None:
@@ -356,11 +366,15 @@ class BitsTask(base.Task):
                                                                             {'params': params})
     else:                                                        # the same compiled sampler, the new params
       self._pipe.set_model_variables({'params': params})
+
+    def sample(labels):
+      # unsharded: the loop's mesh is in effect here, not the pipeline's local one
+      kw = {'shard': False, **self.config.sample.to_dict()}
+      return self._pipe.sample([int(c) % self.cfg.num_classes for c in labels], rng=int(self.config.seed), **kw)[0]
+
     labels = [int(c) % self.cfg.num_classes for c in self.config.sample_classes]
-    # unsharded: the loop's mesh is in effect here, not the pipeline's local one (a grid is a few images)
-    imgs, _ = self._pipe.sample(labels, rng=int(self.config.seed), **{'shard': False, **self.config.sample.to_dict()})
-    grid = images_lib.labelled_grid(images_lib.to_uint8(imgs), labels, cols=min(len(labels), 8))
-    return base.image_output(workdir, 'samples', step, grid)
+    grid = images_lib.labelled_grid(images_lib.to_uint8(sample(labels)), labels, cols=min(len(labels), 8))
+    return base.image_output(workdir, 'samples', step, grid, scalars=base.quality_scalars(self.config, sample))
 
   def export_tree(self, state):
     return {'params': state.ema if self._ema_fn() else state.params}

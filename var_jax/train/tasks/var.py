@@ -219,6 +219,7 @@ class VARTask(base.Task):
     self.tokens_per_example = self.var_cfg.seq_len
     self._set_state_shapes(jax.eval_shape(self._init_boxed, jax.random.key(0))['params'])
     self._sampler = None
+    base.check_quality_config(config, self.var_cfg.num_classes)
 
   def load_frozen(self):
     v = load_tokenizer(self.config, self.vae_cfg, self.mesh)
@@ -319,21 +320,31 @@ class VARTask(base.Task):
             f'gnorm {m["grad_norm"]:.3f} lr {m["lr"]:.3g}')
 
   def periodic_output(self, state, batch, step, workdir):
+    """A grid of ``config.sample_classes`` and (``config.quality_per_class`` > 0) the digits quality score of the
+    exported weights (the EMA when kept), both at the ``config.sample`` settings with keys ``fold_in(seed, i)``."""
     from var_jax import images as images_lib
     from var_jax.sampling import var as sampling
     config = self.config
-    labels = np.asarray(config.sample_classes, np.int32) % self.var_cfg.num_classes
     if self._sampler is None:
       opts = sampling.SamplingOptions(cfg=config.sample.cfg, top_k=config.sample.top_k, top_p=config.sample.top_p)
       self._sampler = sampling.make_sampler(self.vae_cfg, self.var_cfg, opts)
-    keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(config.seed), i))(jnp.arange(len(labels)))
-    imgs, _ = self._sampler(self.frozen, {'params': state.params}, jnp.asarray(labels), keys)
-    imgs = shd.to_host(imgs)                                   # every process takes part
+    variables = self.export_tree(state)
+
+    def sample(labels):
+      labels = np.asarray(labels, np.int32) % self.var_cfg.num_classes
+      keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(config.seed), i))(jnp.arange(len(labels)))
+      imgs, _ = self._sampler(self.frozen, variables, jnp.asarray(labels), keys)
+      imgs = shd.to_host(imgs)                                 # every process takes part
+      return imgs if jax.process_index() == 0 else None
+
+    labels = np.asarray(config.sample_classes, np.int32) % self.var_cfg.num_classes
+    imgs = sample(labels)
+    scalars = base.quality_scalars(config, sample)
     if jax.process_index() != 0:
       return None
     grid = images_lib.labelled_grid(images_lib.to_uint8(imgs), labels.tolist(),
                                     cols=min(len(labels), 8))
-    return base.image_output(workdir, 'samples', step, grid)
+    return base.image_output(workdir, 'samples', step, grid, scalars=scalars)
 
   def run_info(self, state):
     leaves = jax.tree_util.tree_leaves_with_path(state.params)
