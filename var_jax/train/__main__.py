@@ -1,6 +1,8 @@
-r"""Train any task: ``python -m var_jax.train --config=configs/quickstart.py --workdir=/tmp/var_quickstart``.
+r"""Train any task: ``python -m var_jax.train --config=configs/digits.py --workdir=/tmp/digits`` (README's main job).
 
 ``config.task`` picks it (``var_jax.train.tasks``): 'var', 'tokenizer' (VQVAE or BAE), 'elm_ar', 'elm_mlm', 'bigr'.
+A multi-stage config (``configs/digits.py``: a tokenizer, then a generator) trains its stages in order, each in
+``<workdir>/<stage>`` (``var_jax.train.stages``).
 Every config value can be overridden: ``--config.optim.base_lr=8e-5 --config.mesh.fsdp=-1``. Run the same command
 on every host of a TPU VM slice (or every GPU node): JAX's distributed runtime is initialised from the environment
 when there is more than one process (or with ``--distributed``). Re-running a command resumes from the workdir.
@@ -33,6 +35,10 @@ def main():
   initialize_from_env(FLAGS.distributed)
   std_logging.getLogger('var_jax').info('process %d/%d, %d local / %d global devices', jax.process_index(),
                                         jax.process_count(), jax.local_device_count(), jax.device_count())
+  from var_jax.train import stages
+  if stages.is_multistage(FLAGS.config):      # e.g. configs/digits.py: a tokenizer, then a generator
+    stages.run(FLAGS.config, FLAGS.workdir)
+    return
   from var_jax.train import loop
   loop.train(FLAGS.config, FLAGS.workdir)
 
