@@ -1,9 +1,23 @@
-r"""Quickstart: a tiny VAR on scikit-learn's bundled digits (no download), trains on a laptop CPU in minutes.
+r"""Quickstart VAR: a tiny VAR on scikit-learn's bundled digits (no download); the generator stage of
+``configs/digits.py`` (README's main job), which trains its tokenizer (``configs/vqvae_quickstart.py``) first.
 
-  python -m var_jax.train --config=configs/quickstart.py --workdir=/tmp/var_quickstart
+  python -m var_jax.train --config=configs/digits.py --workdir=/tmp/digits            # tokenizer, then this
+  python -m var_jax.train --config=configs/quickstart.py --workdir=/tmp/var_q \
+      --config.vae_ckpt=/tmp/digits/tokenizer/vqvae.safetensors                       # this stage alone
 
-Images are upsampled 8x8 -> 32x32; tokenizer: a small random-init VQVAE (train one with the tokenizer trainer for
-better samples); transformer: depth 4, width 128. Writes metrics, checkpoints and sample grids to the workdir.
+Images are upsampled 8x8 -> 32x32 (4 scales: 1, 2, 3, 4); transformer: depth 4, width 128. Without ``vae_ckpt`` the
+tokenizer is a random-init VQVAE (the machinery runs, the samples are noise).
+
+The recipe, chosen by the digits quality score (``var_jax.eval.digits``; 50 samples per class, class accuracy and
+Frechet distance / the real data's, on one trained tokenizer; README's quality table has the final numbers):
+  the first quickstart (base_lr 1e-3 = lr 2.5e-4 at batch 64, 8 epochs; cfg 1.5, top-k 50)    12.8%  2.63x
+  base_lr 4e-3 (lr 1e-3), 8 epochs                                                             63.2%  2.35x
+  base_lr 4e-3, 24 epochs                                                                      99.8%  2.41x
+  base_lr 8e-3 (lr 2e-3), 24 epochs                                                           100.0%  2.18x
+  + sampling at cfg 0.5, no top-k (guidance sharpens and narrows: cfg 0 97.2% 1.81x, 1.0 99.8% 2.06x)  99.6%  1.91x
+The learning rate was what kept the first quickstart from learning the class (a 4-layer, 128-wide model wants a
+~10x larger rate than the reference's ImageNet recipe gives it at this batch); the rest of the distance to the real
+digits is mostly the tokenizer's (its reconstructions of real digits score ~1.5x).
 """
 import importlib.util
 import os
@@ -26,14 +40,14 @@ def get_config():
                  drop_path_rate=0.0, patch_nums=pn)
   c.dtype = 'float32'
   c.global_batch_size = 64
-  c.epochs = 8.0
-  c.optim.update(base_lr=1e-3, end_ratio=0.1, warmup_epochs=0.5)
+  c.epochs = 24.0                      # 576 steps, ~2.5 minutes on a 2-core CPU
+  c.optim.update(base_lr=8e-3, end_ratio=0.1, warmup_epochs=0.5)   # lr = 8e-3 x 64 / 256 = 2e-3
   c.log_every = 10
   c.ckpt_every = 100
   c.eval_every = 100
   c.eval_batches = 4
-  c.sample_every = 200
+  c.sample_every = 192
   c.sample_classes = tuple(range(10))
-  c.sample.update(cfg=1.5, top_k=50, top_p=0.0)
+  c.sample.update(cfg=0.5, top_k=0, top_p=0.0)   # the quality table above
   c.mesh.update(data=-1, fsdp=1, tensor=1)
   return c

@@ -7,8 +7,9 @@ VAR's rule ties width and heads to depth (width = 64 * depth, heads = depth); he
 (32 * depth, 32 channels per head) so that depths 2..6 each train on a 2-core CPU in about a minute or two. Every
 depth sees the same data, batch and schedule; the eval split is evaluated a few times during training (points
 for the loss-vs-compute frontier) and at the last step (the final test loss / error rate for loss-vs-size).
-The tokenizer is the quickstart's random-init VQVAE unless ``--config.vae_ckpt`` names a trained one: fine for
-exercising the machinery, not for quotable exponents.
+``launch/scaling_sweep.sh`` gives it a trained tokenizer (the main job's, ``configs/digits.py``, or one it trains
+first); alone, the tokenizer is the quickstart's random-init VQVAE unless ``--config.vae_ckpt`` names one (fine for
+exercising the machinery, not for quotable exponents).
 """
 import importlib.util
 import os
@@ -32,8 +33,8 @@ def get_config(arg=None):
   c = quickstart.get_config()
   c.model.update(depth=depth, embed_dim=WIDTH_PER_DEPTH * depth, num_heads=depth)
   c.global_batch_size = 64
-  c.epochs = 5.0                      # 1500 train images / 64 -> 24 steps per epoch, 120 steps
-  c.optim.update(base_lr=2e-3, warmup_epochs=0.25)
+  c.epochs = 8.0                      # 1500 train images / 64 -> 24 steps per epoch, 192 steps
+  c.optim.update(base_lr=4e-3, warmup_epochs=0.25)   # lr 1e-3: half the quickstart's, for the widest depths
   c.log_every = 10
   steps = int(round(c.epochs * -(-DIGITS_TRAIN // c.global_batch_size)))
   c.eval_every = max(steps // EVALS_PER_RUN, 1)   # and at the last step (the trainer always evaluates there)

@@ -1,9 +1,7 @@
 r"""Tokenizer quickstart: a small multi-scale VQVAE on scikit-learn's bundled digits, on a laptop CPU in minutes.
 
-  python -m var_jax.train --config=configs/vqvae_quickstart.py --workdir=/tmp/vqvae_quickstart
-then train VAR on its tokens:
-  python -m var_jax.train --config=configs/quickstart.py --workdir=/tmp/var_quickstart \
-      --config.vae_ckpt=/tmp/vqvae_quickstart/vqvae.safetensors
+  python -m var_jax.train --config=configs/digits.py --workdir=/tmp/digits     # this, then VAR on its tokens
+  python -m var_jax.train --config=configs/vqvae_quickstart.py --workdir=/tmp/vqvae_quickstart   # this alone
 LPIPS is off here (its VGG weights are a user-given file); the GAN loss starts at step 300.
 
 Codebook collapse mitigation, chosen by measurement (benchmarks/codebook_usage.py, 300 steps, final per-scale usage
@@ -13,6 +11,10 @@ Codebook collapse mitigation, chosen by measurement (benchmarks/codebook_usage.p
   cosine lookup (using_znorm)    0.4 / 65.6 / 100.0 / 100.0   L1 0.156
   cosine lookup + restart        0.8 / 69.1 /  99.6 / 100.0   L1 0.149   <- used here
 The 1x1 scale stays collapsed in every variant (one global-mean code per image on digits).
+
+Generator lr 1e-3 (was 3e-4): PSNR 20.4 instead of 19.0 after the same 376 steps, and its reconstructions of 50 real
+training digits per class score a Frechet distance (var_jax.eval.digits) of 1.34x the real data's instead of 1.54x:
+the floor under the VAR stage's samples (configs/quickstart.py).
 """
 import importlib.util
 import os
@@ -33,7 +35,7 @@ def get_config():
   c.epochs = 8.0
   c.loss.update(lpips=0.0, gan=0.1, disc_start=300)
   c.disc.update(ndf=32, n_layers=2, norm='group')
-  c.optim_g.update(lr=3e-4, b1=0.9, b2=0.99, warmup_steps=20)
+  c.optim_g.update(lr=1e-3, b1=0.9, b2=0.99, warmup_steps=20)
   c.optim_d.update(lr=3e-4, b1=0.5, b2=0.9)
   c.codebook.restart_every = 50
   c.log_every = 20
