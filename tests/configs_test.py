@@ -14,7 +14,17 @@ CONFIGS = sorted(p.stem for p in (REPO / 'configs').glob('*.py') if p.stem not i
 
 @pytest.mark.parametrize('name', CONFIGS)
 def test_config_loads_and_validates(name):
+  from var_jax.train import stages
   c = load_config(name)
+  if stages.is_multistage(c):                      # configs/digits.py: every stage, its references resolved
+    stages.check(c)
+    for stage in c.stage_order:
+      _validate(stages.resolve(c.stages[stage], stages.stage_dirs(c, '/workdir')))
+  else:
+    _validate(c)
+
+
+def _validate(c):
   assert c.global_batch_size > 0
   tasks.task_class(c.task)                         # a known task
   if c.task == 'tokenizer':

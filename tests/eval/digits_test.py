@@ -105,3 +105,18 @@ def test_evaluate_digits_needs_the_view(tmp_path):
                      timeout=300)
   assert p.returncode == 1
   assert p.stderr.strip().splitlines()[-1].startswith('error: --digits needs the data view'), p.stderr[-1000:]
+
+
+def test_view_of_a_run(tmp_path):
+  """The view a digits model trained on: --config's data, else the training config.json of the run (VAR's
+  <run>/model holds a config.json of its own, without a data section: the run's one above it is read)."""
+  (tmp_path / 'model').mkdir()
+  (tmp_path / 'model' / 'config.json').write_text(json.dumps({'vae': {}, 'var': {}}))
+  (tmp_path / 'config.json').write_text(json.dumps({'data': {'name': 'digits', 'image_size': 32, 'mid_reso': 1.125}}))
+  assert digits.view_of(None, str(tmp_path / 'model')) == (32, 1.125)
+  assert digits.view_of(None, str(tmp_path)) == (32, 1.125)
+  (tmp_path / 'config.json').write_text(json.dumps({'data': {'name': 'folder', 'image_size': 32, 'mid_reso': 1.0}}))
+  with pytest.raises(ValueError, match="data.name is 'folder'"):
+    digits.view_of(None, str(tmp_path / 'model'))
+  with pytest.raises(ValueError, match='no training config.json with a data section'):
+    digits.view_of(None, str(tmp_path / 'model' / 'nowhere'))

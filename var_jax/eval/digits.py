@@ -155,12 +155,13 @@ def view_of(config=None, run_path: Optional[str] = None) -> Tuple[int, float]:
     for d in ([run_path, f'{run_path}/..'] if run_path else []):
       path = f'{fileio.abspath(d)}/config.json'
       tried.append(path)
-      if fileio.exists(path):
+      if fileio.exists(path):            # a training run's config (VAR's model/ has a config.json without data)
         data = json.loads(fileio.path(path).read_text()).get('data')
-        break
+        if data is not None:
+          break
     if data is None:
       raise ValueError(f'--digits needs the data view the model trained on: give --config=<its config> (no '
-                       f'config.json found{" at " + ", ".join(tried) if tried else ""})')
+                       f'training config.json with a data section at {" or ".join(tried) if tried else "--checkpoint"})')
   if data['name'] != 'digits':
     raise ValueError(f'--digits scores models of the built-in digits, but the config\'s data.name is '
                      f'{data["name"]!r}')
