@@ -33,9 +33,10 @@ QUICKSTART = {'elm_ar': 'elm_quickstart', 'elm_mlm': 'elm_mlm_quickstart', 'bigr
 PIPELINE = {'elm_ar': ELMPipeline, 'elm_mlm': ELMPipeline, 'bigr': BiGRPipeline}
 MODEL_FILE = {'elm_ar': 'model.pth', 'elm_mlm': 'model.pth', 'bigr': 'bigr.pt'}
 # what a user had to type before (the ModelArgs the weights cannot tell, for the quickstart models)
-HAND_ARGS = {'elm_ar': dict(n_head=4, block_size=16, multiple_of=32),
-             'elm_mlm': dict(n_head=4, multiple_of=32, smoothing=0.0, pause_num=0),
-             'bigr': dict(n_head=4, multiple_of=32, token_dropout_p=0.0, p_flip=True, infer_steps=16)}
+_NO_DROPOUT = dict(token_dropout_p=0.0, resid_dropout_p=0.0, ffn_dropout_p=0.0)   # the digits quickstarts' recipe
+HAND_ARGS = {'elm_ar': dict(n_head=4, block_size=16, multiple_of=32, **_NO_DROPOUT),
+             'elm_mlm': dict(n_head=4, multiple_of=32, smoothing=0.0, pause_num=0, **_NO_DROPOUT),
+             'bigr': dict(n_head=4, multiple_of=32, p_flip=True, infer_steps=16, **_NO_DROPOUT)}
 FAST_SAMPLING = {'elm_ar': dict(top_k=5), 'elm_mlm': dict(top_k=5, num_iter=2), 'bigr': dict(num_iter=2, infer_steps=2)}
 CLI_SAMPLING = {'elm_ar': ['--top_k=5'], 'bigr': ['--num_iter=2', '--infer_steps=2']}
 
