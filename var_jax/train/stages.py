@@ -123,6 +123,9 @@ def run(config, workdir: str):
       fileio.atomic_write_text(f'{dirs[name]}/{STAGE_RECORD}', json.dumps(
           {'stage': name, 'wall_time_s': last.get('wall_time_s'), 'config': json.loads(_record(cfg))}, indent=1))
   last_name = config.stage_order[-1]
+  if jax.process_count() > 1:          # process 0 wrote the exports: every process reads them below
+    from var_jax import distributed
+    distributed.barrier('stages: exports written')
   score = final(config.final, resolve(config.stages[last_name], dirs), dirs[last_name], workdir)
   logging.info('all stages done in %s (%.0f s this run)', workdir, time.time() - t0)
   return score

@@ -355,9 +355,15 @@ class BitsTask(base.Task):
     score, sampled from the exported weights (the EMA when kept) by the family's pipeline (``ELMPipeline`` /
     ``BiGRPipeline``.sample with ``config.sample`` over its release settings), on process 0."""
     from var_jax import images as images_lib
-    params = shd.to_host(self.export_tree(state)['params'])     # every process takes part
-    if jax.process_index() != 0:
+    if jax.process_count() > 1:
+      # the pipeline's sampler on process 0 alone, under the loop's global mesh, returns arrays that span every
+      # process's devices and hangs in their all-gather: multi-process runs skip the grid and the score for now
+      if not getattr(self, '_warned_multiprocess', False):
+        base.logging.warning('%s: sample grids and the digits quality score are written by single-process runs '
+                             'only (config.sample_every is ignored with %d processes)', self.kind, jax.process_count())
+        self._warned_multiprocess = True
       return None
+    params = shd.to_host(self.export_tree(state)['params'])
     if self._pipe is None:
       from var_jax.pipelines.bigr import BiGRPipeline
       from var_jax.pipelines.elm import ELMPipeline
