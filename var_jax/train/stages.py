@@ -46,7 +46,7 @@ def check(config):
   if missing:
     raise errors.ConfigError(f'config.stage_order names {missing} but config.stages has only {sorted(config.stages)}')
   for i, name in enumerate(order):
-    for key, value in _string_fields(config.stages[name]):
+    for key, _, _, value in _string_fields(config.stages[name]):
       for ref in _references(value):
         if ref not in order[:i]:
           raise errors.ConfigError(f'config.stages.{name}.{key}={value!r} refers to stage {{{ref}}}, which is not an '
@@ -54,12 +54,13 @@ def check(config):
 
 
 def _string_fields(cfg, prefix=''):
+  """(dotted key, the ConfigDict holding it, its name there, value) of every string field, depth first."""
   for k in cfg.keys():
     v = cfg[k]
     if hasattr(v, 'keys'):
       yield from _string_fields(v, f'{prefix}{k}.')
     elif isinstance(v, str):
-      yield prefix + k, v
+      yield prefix + k, cfg, k, v
 
 
 def _references(value: str) -> List[str]:
@@ -70,14 +71,9 @@ def _references(value: str) -> List[str]:
 def resolve(stage_cfg, dirs: Dict[str, str]):
   """A stage's config with ``{name}`` references replaced by those stages' directories (a copy)."""
   out = stage_cfg.copy_and_resolve_references()
-  for key, value in list(_string_fields(out)):
+  for _, parent, name, value in list(_string_fields(out)):
     if _references(value):
-      node, *path = key.split('.')[::-1]
-      sub = out
-      for k in reversed(path):
-        sub = sub[k]
-      with sub.ignore_type():
-        sub[node] = value.format(**dirs)
+      parent[name] = value.format(**dirs)
   return out
 
 
