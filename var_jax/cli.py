@@ -47,6 +47,9 @@ def define_sampling_flags(num_per_class: int, batch_size: int):
   flags.DEFINE_integer('seed', 0, 'PRNG seed (image i uses fold_in(seed, i))')
   flags.DEFINE_integer('batch_size', batch_size, 'images per compiled call (split over local devices)')
   flags.DEFINE_enum('dtype', 'float32', ['float32', 'bfloat16'], 'compute dtype')
+  flags.DEFINE_bool('overwrite', False, 'start the samples folder over: delete the sample PNGs, samples.npz and '
+                    'sample_plan.json an earlier run left there (nothing else), instead of refusing a folder '
+                    'sampled with another plan (model, settings, seed, classes, dtype)')
 
 
 def check_sampling_flags():

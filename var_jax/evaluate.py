@@ -70,6 +70,12 @@ def main():
   cli.check_sampling_flags()                 # flags and the destination checked before a model is loaded
   if f.out_dir:
     fileio.check_output_dir(f.out_dir, '--out_dir')
+  if f.out_dir and not f.samples:            # the samples folder's recorded plan vs the flags (eval.protocol)
+    import os
+    from var_jax.eval import protocol
+    protocol.check_folder_request(os.path.join(f.out_dir, 'samples'), seed=f.seed, dtype=f.dtype, classes=f.classes,
+                                  num_per_class=f.num_per_class, overwrite=f.overwrite,
+                                  settings={'cfg': f.cfg, 'top_k': f.top_k, 'top_p': f.top_p})
   view = None
   if f.digits:                               # the view the model trained on, before any model is loaded
     from var_jax.eval import digits
@@ -81,7 +87,8 @@ def main():
       data_config=f.config.data if f.config is not None else None, split=f.split, max_images=f.max_images,
       max_batches=f.max_batches, classes=f.classes, num_per_class=f.num_per_class, cfg=f.cfg, top_k=f.top_k,
       top_p=f.top_p, seed=f.seed, batch_size=f.batch_size, dtype=f.dtype, is_split=f.is_split,
-      pr_distance_dtype=f.pr_distance_dtype, digits_view=view, log=lambda msg: print(msg, flush=True))
+      pr_distance_dtype=f.pr_distance_dtype, digits_view=view, overwrite=f.overwrite,
+      log=lambda msg: print(msg, flush=True))
 
 
 if __name__ == '__main__':

@@ -22,6 +22,12 @@ Every image i draws from fold_in(PRNGKey(seed), i), so a resumed run (existing P
 the images an uninterrupted one would, whatever the batch size or device count. Run the same command on every
 process of a multi-host job (``var_jax.distributed``): image i is sampled on process i % count, --out_dir must be
 a folder all processes share, and process 0 writes the grid and samples.npz once all are done.
+
+An --out_dir records what its images are (sample_plan.json: the model's configs and a fingerprint of its weights,
+every sampling setting, seed, dtype, labels). A rerun with the same plan resumes; any other (another checkpoint,
+--cfg, --seed, --classes, --num_per_class, ...) is refused with one line naming the difference, before any image
+is sampled; --overwrite deletes the folder's earlier samples (PNGs, samples.npz, plan; nothing else) and starts
+over. PNGs outside the plan are never put into samples.npz.
 """
 from __future__ import annotations
 
@@ -50,13 +56,19 @@ def main():
   f = cli.FLAGS
   cli.check_sampling_flags()                 # every flag and destination checked before a model is loaded
   protocol.check_destinations(f.out, f.out_dir)
-  pipe = cli.load_pipeline_from_flags()
-  labels = protocol.sample_plan(pipe.num_classes, f.classes, f.num_per_class)
   extra = {k: getattr(f, k) for k in ('cfg_schedule', 'temperature', 'num_iter', 'infer_steps', 'gumbel_temp',
                                       'gumbel_schedule')}
+  # the folder's recorded plan against what the flags decide, before loading (the rest once the model is loaded)
+  protocol.check_folder_request(f.out_dir, seed=f.seed, dtype=f.dtype, classes=f.classes,
+                                num_per_class=f.num_per_class, overwrite=f.overwrite,
+                                settings={'cfg': f.cfg, 'top_k': f.top_k, 'top_p': f.top_p,
+                                          'more_smooth': f.more_smooth, **extra})
+  pipe = cli.load_pipeline_from_flags()
+  labels = protocol.sample_plan(pipe.num_classes, f.classes, f.num_per_class)
   protocol.generate_samples(pipe, f.out_dir, labels, seed=f.seed, cfg=f.cfg, top_k=f.top_k, top_p=f.top_p,
                             more_smooth=f.more_smooth, options=extra, batch_size=f.batch_size, dtype=f.dtype,
-                            out=f.out, grid_cols=f.grid_cols, log=lambda msg: print(msg, flush=True))
+                            out=f.out, grid_cols=f.grid_cols, log=lambda msg: print(msg, flush=True),
+                            overwrite=f.overwrite)
 
 
 if __name__ == '__main__':

@@ -134,7 +134,8 @@ def test_sharded_generation_partitions_ids(tmp_path):
   out = str(tmp_path / 's')
   n = protocol.write_samples(pipe, labels, 0, 1.5, 10, 0.9, False, 4, 'float32', out_dir=out, shard_index=1,
                              shard_count=2, write_outputs=False)
-  assert n == 3 and sorted(os.listdir(out)) == [protocol.image_name(i, labels[i]) for i in (1, 3, 5)]
+  assert n == 3 and sorted(os.listdir(out)) == [protocol.image_name(i, labels[i]) for i in (1, 3, 5)] + [
+      protocol.PLAN_FILE]
   with pytest.raises(FileNotFoundError, match=r'3 of 6 samples are missing'):
     protocol.write_npz(out, labels)
   assert protocol.write_samples(pipe, labels, 0, 1.5, 10, 0.9, False, 4, 'float32', out_dir=out,

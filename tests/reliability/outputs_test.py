@@ -54,7 +54,7 @@ def test_resume_regenerates_damaged_pngs_and_drops_stray_temp_files(tmp_path, ca
   log = caplog.text
   assert f'{out_dir / names[1]} is damaged' in log and f'{out_dir / names[4]} is damaged' in log, log
   assert f'.{names[2]}.tmp-123-abcdef01' in log and f'{names[3]}.tmp.png' in log, log
-  assert sorted(os.listdir(out_dir)) == sorted(names + ['samples.npz'])
+  assert sorted(os.listdir(out_dir)) == sorted(names + ['samples.npz', protocol.PLAN_FILE])
   np.testing.assert_array_equal(np.load(out_dir / 'samples.npz')['arr_0'], good)
 
 

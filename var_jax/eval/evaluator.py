@@ -386,7 +386,7 @@ def _labels_from_names(folder: str) -> List[int]:
 
 
 def _evaluate_digits(pipe, view, *, out_dir, samples, classes, num_per_class, cfg, top_k, top_p, seed, batch_size,
-                     dtype, log) -> Dict[str, Any]:
+                     dtype, log, overwrite=False) -> Dict[str, Any]:
   """The digits quality score of ``samples`` (a folder) or of the protocol's samples of ``pipe``."""
   from var_jax.eval import digits
   from var_jax.eval import protocol
@@ -398,17 +398,20 @@ def _evaluate_digits(pipe, view, *, out_dir, samples, classes, num_per_class, cf
   out_dir = out_dir or fileio.abspath(samples)
   fileio.makedirs(out_dir)
   scorer = digits.scorer(*view)                     # fit before sampling: a bad view fails before any work
-  opts = {}
+  opts, labels, npz = {}, None, None
   if not samples:
     labels = protocol.sample_plan(pipe.num_classes, classes, num_per_class)
-    protocol.generate_samples(pipe, os.path.join(out_dir, 'samples'), labels, seed=seed, cfg=cfg, top_k=top_k,
-                              top_p=top_p, batch_size=batch_size, dtype=dtype, log=log)
+    npz = protocol.generate_samples(pipe, os.path.join(out_dir, 'samples'), labels, seed=seed, cfg=cfg, top_k=top_k,
+                                    top_p=top_p, batch_size=batch_size, dtype=dtype, log=log, overwrite=overwrite)
     opts = protocol.sampling_options(pipe.family, cfg=cfg, top_k=top_k, top_p=top_p)
     samples = os.path.join(out_dir, 'samples')
   if jax.process_index() != 0:
     return {}
-  labels = _labels_from_names(samples)
-  images = np.concatenate(list(ImageSet.from_folder(samples).batches(256))).astype(np.float32) / 255.0
+  if npz:        # the plan's images (samples.npz), not whatever else lies in the folder
+    images = np.concatenate(list(ImageSet.from_npz(npz).batches(256))).astype(np.float32) / 255.0
+  else:
+    labels = _labels_from_names(samples)
+    images = np.concatenate(list(ImageSet.from_folder(samples).batches(256))).astype(np.float32) / 255.0
   score = scorer.score(images, labels)
   log(digits.format_score(score))
   results = {f'digits_{k}': v for k, v in score.items()}
@@ -425,7 +428,7 @@ def evaluate(pipe=None, *, out_dir: Optional[str] = None, samples: Optional[str]
              num_per_class: int = 50, cfg: Optional[float] = None, top_k: Optional[int] = None,
              top_p: Optional[float] = None, seed: int = 0, batch_size: int = 64, dtype: str = 'float32',
              is_split: str = metrics.DEFAULT_IS_SPLIT, pr_distance_dtype: str = 'float16',
-             digits_view: Optional[Tuple[int, float]] = None,
+             digits_view: Optional[Tuple[int, float]] = None, overwrite: bool = False,
              log: Callable[[str], None] = print) -> Dict[str, Any]:
   """Sample quality (FID / IS / precision-recall of ``samples``, or of the protocol's samples of ``pipe`` generated
   into ``out_dir/samples``; against the reference batch ``ref``, IS only without one), tokenizer rFID + PSNR
@@ -434,7 +437,10 @@ def evaluate(pipe=None, *, out_dir: Optional[str] = None, samples: Optional[str]
 
   ``digits_view`` ((image_size, mid_reso) of a model trained on the built-in digits): the digits quality score
   (``var_jax.eval.digits``: class accuracy, Frechet distance; ``digits_*`` keys) instead of the Inception metrics;
-  the labels are the sampling plan's, or the ``_class<c>`` of each file name in a ``samples`` folder."""
+  the labels are the sampling plan's, or the ``_class<c>`` of each file name in a ``samples`` folder.
+
+  ``out_dir/samples`` records its plan (``protocol.generate_samples``): rerunning resumes it, another plan is an
+  error naming the difference, ``overwrite`` starts it over."""
   from var_jax.eval import protocol
   results: Dict[str, Any] = {}
   if digits_view is not None:
@@ -443,7 +449,7 @@ def evaluate(pipe=None, *, out_dir: Optional[str] = None, samples: Optional[str]
                        '--ref (no Inception network)')
     return _evaluate_digits(pipe, digits_view, out_dir=out_dir, samples=samples, classes=classes,
                             num_per_class=num_per_class, cfg=cfg, top_k=top_k, top_p=top_p, seed=seed,
-                            batch_size=batch_size, dtype=dtype, log=log)
+                            batch_size=batch_size, dtype=dtype, log=log, overwrite=overwrite)
   if (rfid or test_set_loss) and pipe is not None and pipe.family != 'var':
     raise ValueError('--rfid and --test_loss are implemented for VAR checkpoints (VQVAE tokenizer) only')
   if (rfid or test_set_loss) and data_config is None:
@@ -464,7 +470,8 @@ def evaluate(pipe=None, *, out_dir: Optional[str] = None, samples: Optional[str]
     if not samples:
       labels = protocol.sample_plan(pipe.num_classes, classes, num_per_class)
       samples = protocol.generate_samples(pipe, os.path.join(out_dir, 'samples'), labels, seed=seed, cfg=cfg,
-                                          top_k=top_k, top_p=top_p, batch_size=batch_size, dtype=dtype, log=log)
+                                          top_k=top_k, top_p=top_p, batch_size=batch_size, dtype=dtype, log=log,
+                                          overwrite=overwrite)
       opts = protocol.sampling_options(pipe.family, cfg=cfg, top_k=top_k, top_p=top_p)
     else:
       opts = {}

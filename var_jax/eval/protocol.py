@@ -4,7 +4,9 @@ resumable generation loop (split over processes: image i on process i % count) t
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import re
 import time
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -62,6 +64,10 @@ def write_npz(out_dir: str, labels: List[int]) -> str:
   protocol): exactly what OpenAI's evaluator reads. Written atomically (``fileio``)."""
   paths = [os.path.join(out_dir, image_name(i, l)) for i, l in enumerate(labels)]
   present = set(fileio.find_files(out_dir, ('.png',)))     # one listing (local or gs://), not a call per file
+  stray = _stray_pngs(out_dir, labels)
+  if stray:
+    logging.warning('%s: %d sample PNGs are not in its plan (e.g. %s); they are left out of samples.npz', out_dir,
+                    len(stray), stray[0])
   missing = [p for p in paths if p not in present]
   if missing:
     raise FileNotFoundError(f'{out_dir}: {len(missing)} of {len(paths)} samples are missing (first: {missing[0]}); '
@@ -123,6 +129,229 @@ def _existing_samples(out_dir: str, names: Dict[int, str]) -> set:
       with contextlib.suppress(OSError):
         fileio.path(p).unlink()
   return intact
+
+
+# ----------------------------------------------------------------------------- a sample folder's identity
+PLAN_FILE = 'sample_plan.json'
+PLAN_VERSION = 1
+_SAMPLE_NAME = re.compile(r'^(\d{6})_class(\d{4,})\.png$')       # image_name's pattern
+
+
+def _jsonable(x):
+  """``x`` as JSON gives it back (tuples -> lists, numpy scalars -> Python, anything else -> its str), so a
+  recorded plan and a new one compare equal exactly when they are the same."""
+  return json.loads(json.dumps(x, sort_keys=True, default=lambda o: o.item() if isinstance(o, np.generic) else str(o)))
+
+
+def _label_runs(labels: Sequence[int]) -> List[List[int]]:
+  """[[label, count], ...] of consecutive equal labels (a plan of 50 x 1000 classes is 1000 pairs)."""
+  runs: List[List[int]] = []
+  for l in labels:
+    if runs and runs[-1][0] == int(l):
+      runs[-1][1] += 1
+    else:
+      runs.append([int(l), 1])
+  return runs
+
+
+def _model_identity(pipe) -> Dict[str, Any]:
+  ident = getattr(pipe, 'identity', None)
+  return ident() if callable(ident) else {'family': getattr(pipe, 'family', type(pipe).__name__)}
+
+
+def _image_size(pipe) -> Optional[int]:
+  size = getattr(pipe, 'image_size', None)
+  if size is None:
+    size = getattr(getattr(pipe, 'vae_config', None), 'image_size', None)
+  return None if size is None else int(size)
+
+
+def folder_plan(pipe, labels: Sequence[int], seed: int, opts: Dict[str, Any], dtype: str) -> Dict[str, Any]:
+  """What decides the images of a sample folder: the model (``pipe.identity()``: family, configs, a fingerprint of
+  the weights), the image size, every setting ``pipe.sample`` gets (``opts``, whatever keys a family has), the
+  seed, the compute dtype and every image's label. Not the batch size, the device or process count (the images do
+  not depend on them)."""
+  return _jsonable({'plan_version': PLAN_VERSION, 'model': _model_identity(pipe), 'image_size': _image_size(pipe),
+                    'sampling': dict(opts), 'seed': int(seed), 'dtype': _dtype_name(dtype), 'labels': _label_runs(labels)})
+
+
+def _dtype_name(dtype) -> str:
+  import jax.numpy as jnp
+  return jnp.dtype(parse_dtype(dtype, '--dtype')).name
+
+
+def read_plan(out_dir: str) -> Optional[Dict[str, Any]]:
+  """The plan recorded in ``out_dir`` (None if there is none); an unreadable one is an error naming it."""
+  path = os.path.join(out_dir, PLAN_FILE)
+  if not fileio.isfile(path):
+    return None
+  try:
+    plan = json.loads(fileio.path(path).read_text())
+  except (ValueError, UnicodeDecodeError) as e:
+    raise ValueError(f'{path}: not a readable sample plan ({e}); rerun with --overwrite to start the folder over') \
+        from None
+  if not isinstance(plan, dict) or 'labels' not in plan:
+    raise ValueError(f'{path}: not a sample plan (no labels); rerun with --overwrite to start the folder over')
+  return plan
+
+
+def _classes_text(classes: List[int]) -> str:
+  if len(classes) > 2 and classes == list(range(classes[0], classes[0] + len(classes))):
+    return f'{classes[0]}..{classes[-1]}'
+  text = ','.join(map(str, classes[:8]))
+  return text + (f',... ({len(classes)} classes)' if len(classes) > 8 else '')
+
+
+def _labels_diff(old, new) -> List[str]:
+  """The difference of two label plans in the CLI's terms (--classes, --num_per_class) where they are of that form
+  (each class the same number of times), else in images."""
+  if old == new:
+    return []
+  counts = ({n for _, n in old}, {n for _, n in new})
+  if all(len(c) == 1 for c in counts):
+    out = []
+    oc, nc = [c for c, _ in old], [c for c, _ in new]
+    if oc != nc:
+      out.append(f'classes: {_classes_text(oc)} -> {_classes_text(nc)}')
+    if counts[0] != counts[1]:
+      out.append(f'num_per_class: {counts[0].pop()} -> {counts[1].pop()}')
+    return out
+  return [f'labels: {sum(n for _, n in old)} images ({len(old)} runs) -> {sum(n for _, n in new)} images '
+          f'({len(new)} runs)']
+
+
+def _short(v) -> str:
+  text = json.dumps(v, sort_keys=True) if not isinstance(v, str) else v
+  if isinstance(v, str) and v.startswith('sha256:'):
+    return v[:19]
+  return text if len(text) <= 60 else text[:57] + '...'
+
+
+def plan_differences(old: Dict[str, Any], new: Dict[str, Any], prefix: str = '') -> List[str]:
+  """``key: old -> new`` for every leaf that differs (nested keys dotted; a key on one side only: ``(none)``)."""
+  out = []
+  for k in sorted(set(old) | set(new), key=lambda k: (k != 'model', k)):
+    a, b = old.get(k, '(none)'), new.get(k, '(none)')
+    if a == b:
+      continue
+    if k == 'labels' and not prefix:
+      out += _labels_diff(a, b)
+    elif isinstance(a, dict) and isinstance(b, dict):
+      out += plan_differences(a, b, f'{prefix}{k}.')
+    else:
+      out.append(f'{prefix}{k}: {_short(a)} -> {_short(b)}')
+  return out
+
+
+def _sample_pngs(out_dir: str) -> List[str]:
+  return sorted(f for f in fileio.listdir(out_dir) if _SAMPLE_NAME.match(f))
+
+
+def _refuse(out_dir: str, diffs: List[str]):
+  shown = '; '.join(diffs[:4]) + (f'; and {len(diffs) - 4} more' if len(diffs) > 4 else '')
+  raise ValueError(f'--out_dir {out_dir} holds samples of another plan ({shown}); rerun with the same settings to '
+                   f'resume, use another --out_dir, or add --overwrite to delete its samples and start over')
+
+
+def _check_unplanned(out_dir: str):
+  """A folder with sample PNGs and no plan (an older var_jax, or a copy): what they were drawn with is unknown."""
+  pngs = _sample_pngs(out_dir) if fileio.isdir(out_dir) else []
+  if pngs:
+    raise ValueError(f'--out_dir {out_dir} holds {len(pngs)} sample PNGs (e.g. {pngs[0]}) but no {PLAN_FILE}: what '
+                     f'they were sampled with is unknown; use another --out_dir, or add --overwrite to delete them '
+                     f'and start over')
+
+
+def check_folder_request(out_dir: Optional[str], *, seed: int, dtype: str, classes: Optional[Sequence],
+                         num_per_class: int, settings: Dict[str, Any], overwrite: bool = False):
+  """Before any model is loaded: the part of ``out_dir``'s plan that the command line decides alone (seed, dtype,
+  --classes, --num_per_class, every sampling setting given, ``settings`` with None for unset) against the plan
+  recorded there; a difference is one error naming it. What needs the model (its weights, a family's default
+  settings, "every class") is checked by ``generate_samples`` once it is loaded, before any image is sampled."""
+  if not out_dir or overwrite or not fileio.isdir(out_dir):
+    return
+  old = read_plan(out_dir)
+  if old is None:
+    _check_unplanned(out_dir)
+    return
+  given = {'seed': int(seed), 'dtype': _dtype_name(dtype)}
+  recorded_sampling = old.get('sampling') or {}
+  given['sampling'] = _jsonable({k: v for k, v in settings.items() if v is not None and k in recorded_sampling})
+  diffs = plan_differences({k: old.get(k) if k != 'sampling' else {s: recorded_sampling[s]
+                                                                   for s in given['sampling']} for k in given}, given)
+  n = int(num_per_class)
+  if classes is not None:
+    labels = [c for c in parse_class_labels(classes, None, '--classes') for _ in range(n)]
+    diffs += _labels_diff(old['labels'], _label_runs(labels))
+  else:
+    counts = {c for _, c in old['labels']}
+    if counts != {n}:
+      diffs.append(f'num_per_class: {counts.pop() if len(counts) == 1 else "mixed"} -> {n}')
+  if diffs:
+    _refuse(out_dir, diffs)
+
+
+def _delete_samples(out_dir: str):
+  """What a sampling run wrote in ``out_dir`` — its plan first (so an interrupted deletion leaves PNGs without a
+  plan, which are refused, never taken for the next plan's), then the sample PNGs, their temporary files and
+  ``samples.npz`` — and nothing else."""
+  plan_path = os.path.join(out_dir, PLAN_FILE)
+  if fileio.isfile(plan_path):
+    fileio.path(plan_path).unlink()
+  removed = 0
+  for f in fileio.listdir(out_dir):
+    tmp_of = f[1:f.index('.tmp-')] if f.startswith('.') and '.tmp-' in f else None    # fileio's temporary names
+    target = tmp_of or (f[:-len('.tmp.png')] if f.endswith('.tmp.png') else f)
+    if _SAMPLE_NAME.match(target) or target == 'samples.npz':
+      with contextlib.suppress(FileNotFoundError):
+        fileio.path(os.path.join(out_dir, f)).unlink()
+      removed += 1
+  if removed:
+    logging.warning('%s: --overwrite: deleted %d files of the earlier samples', out_dir, removed)
+
+
+def prepare_folder(out_dir: str, plan: Dict[str, Any], overwrite: bool = False, write: bool = True):
+  """``out_dir`` ready for ``plan``, before any image is sampled: with a recorded plan, the same one (else one
+  error naming the differences, nothing changed); without one, no sample PNGs of unknown origin there; then
+  ``plan`` recorded (``write``; False: only check, as the other processes of a job do). ``overwrite`` (with
+  ``write``): first delete what an earlier sampling run wrote there (``_delete_samples``); without ``write`` it
+  checks nothing (process 0 starts over)."""
+  fileio.makedirs(out_dir)
+  if overwrite:
+    if not write:
+      return
+    _delete_samples(out_dir)
+  old = read_plan(out_dir)
+  if old is not None:
+    diffs = plan_differences(old, plan)
+    if diffs:
+      _refuse(out_dir, diffs)
+    return
+  _check_unplanned(out_dir)
+  if write:
+    fileio.atomic_write_text(os.path.join(out_dir, PLAN_FILE), json.dumps(plan, indent=1, sort_keys=True))
+
+
+def _prepare_folder_all(out_dir: str, plan: Dict[str, Any], overwrite: bool):
+  """``prepare_folder`` in a job of several processes: every process checks the recorded plan (all refuse alike,
+  nothing changed), process 0 starts over (``overwrite``) and records it, then every process checks it (a process
+  holding another model refuses)."""
+  import jax
+  from var_jax import distributed
+  if jax.process_count() == 1:
+    return prepare_folder(out_dir, plan, overwrite)
+  prepare_folder(out_dir, plan, overwrite, write=False)
+  distributed.barrier('var_jax.eval.protocol: plan checked')
+  if jax.process_index() == 0:
+    prepare_folder(out_dir, plan, overwrite)
+  distributed.barrier('var_jax.eval.protocol: plan written')
+  if jax.process_index() != 0:
+    prepare_folder(out_dir, plan)
+
+
+def _stray_pngs(out_dir: str, labels: List[int]) -> List[str]:
+  mine = {image_name(i, l) for i, l in enumerate(labels)}
+  return [f for f in _sample_pngs(out_dir) if f not in mine]
 
 
 def _sample_share(pipe, labels: List[int], seed: int, opts: Dict[str, Any], batch_size: int, dtype: str,
@@ -198,7 +427,8 @@ def _write_outputs(out, out_dir, labels, imgs, grid_cols: int, log) -> str:
 def write_samples(pipe, labels: List[int], seed: int, cfg: Optional[float], top_k: Optional[int],
                   top_p: Optional[float], more_smooth: bool, batch_size: int, dtype: str, out: Optional[str] = None,
                   out_dir: Optional[str] = None, grid_cols: int = 8, shard_index: int = 0, shard_count: int = 1,
-                  write_outputs: bool = True, options: Optional[Dict[str, Any]] = None) -> int:
+                  write_outputs: bool = True, options: Optional[Dict[str, Any]] = None,
+                  overwrite: bool = False) -> int:
   """Sample ``labels`` and write the grid and/or the per-image PNGs + npz (one process; ``generate_samples``
   splits the work over processes). Returns the number of new images.
 
@@ -208,8 +438,13 @@ def write_samples(pipe, labels: List[int], seed: int, cfg: Optional[float], top_
 
   ``shard_index``/``shard_count``: sample only images ``i % shard_count == shard_index`` (one share per process of a
   multi-host job writing to a shared folder); ``write_outputs=False`` skips the grid and npz (written once, by one
-  process, after all shares are done)."""
+  process, after all shares are done).
+
+  ``out_dir`` records its plan (``folder_plan``: model, settings, seed, dtype, labels) in ``sample_plan.json``; a
+  folder of another plan is an error naming the difference, unless ``overwrite`` (its samples deleted first)."""
   opts = _checked_options(pipe, out, out_dir, cfg, top_k, top_p, more_smooth, options)
+  if out_dir:
+    prepare_folder(out_dir, folder_plan(pipe, labels, seed, opts, dtype), overwrite)
   n_new, imgs = _sample_share(pipe, labels, seed, opts, batch_size, dtype, out_dir, bool(out), shard_index,
                               shard_count)
   if write_outputs:
@@ -220,14 +455,20 @@ def write_samples(pipe, labels: List[int], seed: int, cfg: Optional[float], top_
 def generate_samples(pipe, out_dir: Optional[str], labels: List[int], *, seed: int = 0, cfg=None, top_k=None,
                      top_p=None, more_smooth: bool = False, options: Optional[Dict[str, Any]] = None,
                      batch_size: int = 64, dtype: str = 'float32', out: Optional[str] = None, grid_cols: int = 8,
-                     log=print) -> str:
+                     log=print, overwrite: bool = False) -> str:
   """The samples of ``labels`` split over processes (image i on process i % count, each on its local devices;
   keys per image, so the images are those of one process), resumable: PNGs in ``out_dir`` (shared by all
   processes), and, on process 0 once all processes are done, ``samples.npz`` and the ``out`` grid (from the PNGs,
-  or all-gathered without ``out_dir``). Every process must call it. Returns the npz path on process 0, else ''."""
+  or all-gathered without ``out_dir``). Every process must call it. Returns the npz path on process 0, else ''.
+
+  ``out_dir``'s identity: its ``sample_plan.json`` (``folder_plan``) is written once (process 0) and checked by
+  every process before any image is sampled; another plan is one error naming the difference (``setting: old ->
+  new``), unless ``overwrite`` (the earlier samples deleted, the new plan recorded)."""
   import jax
   from var_jax import distributed
   opts = _checked_options(pipe, out, out_dir, cfg, top_k, top_p, more_smooth, options)
+  if out_dir:
+    _prepare_folder_all(out_dir, folder_plan(pipe, labels, seed, opts, dtype), overwrite)
   p, count = jax.process_index(), jax.process_count()
   t0 = time.time()
   n_new, imgs = _sample_share(pipe, labels, seed, opts, batch_size, dtype, out_dir, bool(out), p, count, log)

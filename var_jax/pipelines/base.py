@@ -181,6 +181,27 @@ class Pipeline:
   def num_classes(self) -> int:
     raise NotImplementedError
 
+  def identity(self) -> Dict[str, Any]:
+    """What the model is, for a record that must tell two models apart (a sample folder's plan,
+    ``eval.protocol``): its family, the fields of every ``*_config`` it holds, and a SHA-256 over every array of
+    every ``*_variables`` set it holds (path, dtype, shape and bytes; reads each weight once, about a second per
+    GB). Two loads of the same weights (from any file layout or path) give the same identity."""
+    import dataclasses
+    import hashlib
+    out: Dict[str, Any] = {'family': self.family}
+    h = hashlib.sha256()
+    for name in sorted(vars(self)):
+      value = vars(self)[name]
+      if name.endswith('_config') and dataclasses.is_dataclass(value):
+        out[name] = dataclasses.asdict(value)
+      elif name.endswith('_variables') and not name.startswith('_'):
+        for path, leaf in jax.tree_util.tree_flatten_with_path(value)[0]:
+          a = np.ascontiguousarray(np.asarray(leaf))
+          h.update(f'{name}{jax.tree_util.keystr(path)}:{a.dtype.str}{a.shape};'.encode())
+          h.update(a.tobytes())
+    out['weights'] = 'sha256:' + h.hexdigest()
+    return out
+
   def _variables(self, which: str, dtype):
     """The variable set ``which`` for compute dtype ``dtype`` (cast where the family computes in it)."""
     raise NotImplementedError
@@ -220,10 +241,11 @@ class Pipeline:
     return lab, per_sample_keys(rng, lab.shape[0], sample_ids)
 
   def _sample_batches(self, settings, build: Callable[[Any], Callable], per_sample: Sequence, dtype,
-                      batch_size: Optional[int], shard: bool) -> Tuple[np.ndarray, ...]:
-    """Run ``build(dtype)`` — ``fn(*params of parts, *per_sample) -> (a, b)`` — over ``per_sample`` (pytrees with
-    the samples on axis 0: labels, keys, ...) in compiled batches of ``batch_size`` (the last one padded, so one
-    compilation per ``settings`` serves all; rounded up to a multiple of the device count when sharded)."""
+                      batch_size: Optional[int], shard: bool, extra_parts: Sequence = ()) -> Tuple[np.ndarray, ...]:
+    """Run ``build(dtype)`` — ``fn(*params of parts, *params of extra_parts, *per_sample) -> (a, b)`` — over
+    ``per_sample`` (pytrees with the samples on axis 0: labels, keys, ...) in compiled batches of ``batch_size`` (the
+    last one padded, so one compilation per ``settings`` serves all; rounded up to a multiple of the device count
+    when sharded). ``extra_parts``: (pipeline, part) pairs of another pipeline's variables (e.g. a drafter's)."""
     n = jax.tree.leaves(per_sample)[0].shape[0]
     bs = int(batch_size or n)
     if bs < 1:
@@ -233,6 +255,7 @@ class Pipeline:
       bs = -(-bs // mesh.devices.size) * mesh.devices.size
     dtype = parse_dtype(dtype)
     params = tuple(self._params(w, dtype, mesh) for w in self.parts)
+    params += tuple(p._params(w, dtype, mesh) for p, w in extra_parts)
 
     def compile_():
       if mesh is None:
