@@ -80,6 +80,13 @@ def main():
   if f.digits:                               # the view the model trained on, before any model is loaded
     from var_jax.eval import digits
     view = digits.view_of(f.config, f.checkpoint or f.samples)
+  # every metric flag, input path and image count, before a model is loaded or a network run
+  evaluator.check_request(
+      out_dir=f.out_dir, samples=f.samples, ref=f.ref, ref_cache=f.ref_cache, inception=f.inception,
+      inception_batch=f.inception_batch, pr_k=f.pr_k, is_split=f.is_split, pr_distance_dtype=f.pr_distance_dtype,
+      rfid=f.rfid, test_set_loss=f.test_loss, has_data_config=f.config is not None, max_images=f.max_images,
+      max_batches=f.max_batches, digits=f.digits,
+      num_generated=None if f.samples else evaluator.planned_count(f.classes, f.num_per_class))
   pipe = cli.load_pipeline_from_flags() if not f.samples or f.rfid or f.test_loss else None
   evaluator.evaluate(
       pipe, out_dir=f.out_dir, samples=f.samples, ref=f.ref, ref_cache=f.ref_cache, inception=f.inception,

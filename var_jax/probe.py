@@ -59,24 +59,34 @@ def main():
   fl = cli.FLAGS
   main_process = jax.process_index() == 0
   log = (lambda msg: print(msg, flush=True)) if main_process else (lambda msg: None)
-  pipe = probe.build_pipeline(fl.bae_ckpt, fl.bigr_ckpt, fl.model_args, fl.random_init_config, fl.seed)
-  log(f'BiGR: {pipe.num_layers} layers, dim {pipe.feature_dim}, K={pipe.binary_size}, grid {pipe.latent_size}, '
-      f'{pipe.image_size}px | devices: {jax.local_device_count()} x {jax.devices()[0].device_kind}'
-      + (f' | process 0 of {jax.process_count()}' if jax.process_count() > 1 else ''))
   data_cfg = default_data_config()
   data_cfg.name = fl.data
   data_cfg.path = fl.data_path
   data_cfg.tfds_name = fl.tfds_name
   data_cfg.tfds_data_dir = fl.tfds_data_dir
   data_cfg.mid_reso = fl.mid_reso
+  if fl.num_workers < 0:
+    raise ValueError(f'--num_workers={fl.num_workers}: must be >= 0')
   data_cfg.num_workers = fl.num_workers
-  layers = [int(x) for x in fl.layers] if fl.layers else None
+  layers = probe.parse_layers(fl.layers)
+  probe_batch_size = None if fl.probe_batch_size < 0 else fl.probe_batch_size
+  if fl.probe_batch_size < -1:
+    raise ValueError(f'--probe_batch_size={fl.probe_batch_size}: must be -1 (automatic), 0 (full batch) or > 0')
+  # every flag and both data splits before the model is built or any network runs
+  sources = probe.check_probe_request(
+      data_cfg, train_split=fl.train_split, eval_split=fl.eval_split, layers=layers, condition=fl.condition,
+      batch_size=fl.batch_size, max_train_examples=fl.max_train_examples, max_val_examples=fl.max_val_examples,
+      probe_steps=fl.probe_steps, probe_lr=fl.probe_lr, probe_weight_decay=fl.probe_weight_decay,
+      probe_batch_size=probe_batch_size)
+  pipe = probe.build_pipeline(fl.bae_ckpt, fl.bigr_ckpt, fl.model_args, fl.random_init_config, fl.seed)
+  log(f'BiGR: {pipe.num_layers} layers, dim {pipe.feature_dim}, K={pipe.binary_size}, grid {pipe.latent_size}, '
+      f'{pipe.image_size}px | devices: {jax.local_device_count()} x {jax.devices()[0].device_kind}'
+      + (f' | process 0 of {jax.process_count()}' if jax.process_count() > 1 else ''))
   res = probe.run_probe(
       pipe, data_cfg, layers=layers, condition=fl.condition, train_split=fl.train_split, eval_split=fl.eval_split,
       batch_size=fl.batch_size, max_train_examples=fl.max_train_examples, max_val_examples=fl.max_val_examples,
       seed=fl.seed, probe_steps=fl.probe_steps, probe_lr=fl.probe_lr, probe_weight_decay=fl.probe_weight_decay,
-      probe_batch_size=None if fl.probe_batch_size < 0 else fl.probe_batch_size,
-      random_init=bool(fl.random_init_config), log=log)
+      probe_batch_size=probe_batch_size, random_init=bool(fl.random_init_config), log=log, sources=sources)
   if fl.json_out and main_process:
     from var_jax import fileio
     fileio.atomic_write_text(fl.json_out, json.dumps(res, indent=2))

@@ -390,12 +390,7 @@ def _evaluate_digits(pipe, view, *, out_dir, samples, classes, num_per_class, cf
   """The digits quality score of ``samples`` (a folder) or of the protocol's samples of ``pipe``."""
   from var_jax.eval import digits
   from var_jax.eval import protocol
-  if samples and not fileio.isdir(samples):
-    raise ValueError(f'--samples={samples}: --digits reads a folder of <index>_class<c>.png samples (the labels are '
-                     f'in the names)')
-  if not out_dir and not samples:
-    raise ValueError('give --out_dir (where samples and metrics.json go) or --samples')
-  out_dir = out_dir or fileio.abspath(samples)
+  out_dir = out_dir or fileio.abspath(samples)       # the inputs were checked by ``check_request``
   fileio.makedirs(out_dir)
   scorer = digits.scorer(*view)                     # fit before sampling: a bad view fails before any work
   opts, labels, npz = {}, None, None
@@ -421,6 +416,51 @@ def _evaluate_digits(pipe, view, *, out_dir, samples, classes, num_per_class, cf
   return results
 
 
+def planned_count(classes, num_per_class: int) -> Optional[int]:
+  """The number of images the sampling plan has when ``classes`` are given (None: every class, the model's count)."""
+  if classes is None:
+    return None
+  from var_jax.sampling.common import parse_class_labels
+  return len(parse_class_labels(classes, None, '--classes')) * int(num_per_class)
+
+
+def check_request(*, out_dir: Optional[str], samples: Optional[str], ref: Optional[str], ref_cache: Optional[str],
+                  inception: Optional[str], inception_batch: int, pr_k: int, is_split: str, pr_distance_dtype: str,
+                  rfid: bool, test_set_loss: bool, has_data_config: bool, max_images: int, max_batches: int,
+                  digits: bool, num_generated: Optional[int]):
+  """Everything ``evaluate`` can check before any model is loaded or network run: every flag (``inputs.
+  check_evaluate_flags``), every path (``inputs.check_evaluate_inputs``), and whether the samples and reference
+  images are enough for the statistics they feed (``inputs.check_counts``; ``num_generated``: the images to be
+  sampled, None while unknown). Each failure is one error naming the flag or file."""
+  from var_jax.eval import digits as digits_lib
+  from var_jax.eval import inputs
+  inputs.check_evaluate_flags(is_split=is_split, pr_k=pr_k, pr_distance_dtype=pr_distance_dtype,
+                              inception_batch=inception_batch, max_images=max_images, max_batches=max_batches,
+                              rfid=rfid, test_set_loss=test_set_loss, has_data_config=has_data_config,
+                              digits=digits, ref=ref)
+  if not out_dir and not samples:
+    raise ValueError('give --out_dir (where samples and metrics.json go) or --samples')
+  what = '--samples' if samples else 'the sampling plan (--classes x --num_per_class)'
+  if digits:
+    if samples and not fileio.isdir(samples):
+      raise ValueError(f'--samples={samples}: --digits reads a folder of <index>_class<c>.png samples (the labels '
+                       f'are in the names)')
+    if samples:
+      inputs.check_images(samples, 'samples')
+    n = inputs.count_images(samples) if samples else num_generated
+    inputs.check_counts(n, None, samples_what=what, fid=True, dims=digits_lib.PCA_DIMS,
+                        features='digits PCA')
+    return
+  sample_quality = bool(samples or ref or not (rfid or test_set_loss))
+  inputs.check_evaluate_inputs(samples=samples, ref=ref, ref_cache=ref_cache, inception=inception,
+                               out_dir=out_dir or os.path.dirname(fileio.abspath(samples)),
+                               sample_quality=sample_quality, rfid=rfid)
+  if sample_quality:
+    n = inputs.count_images(samples) if samples else num_generated
+    inputs.check_counts(n, inputs.reference_count(ref, ref_cache, bool(inception)), samples_what=what,
+                        fid=bool(ref), pr_k=pr_k)
+
+
 def evaluate(pipe=None, *, out_dir: Optional[str] = None, samples: Optional[str] = None, ref: Optional[str] = None,
              ref_cache: Optional[str] = None, inception: Optional[str] = None, inception_batch: int = 200,
              pr_k: int = 3, rfid: bool = False, test_set_loss: bool = False, data_config=None,
@@ -443,23 +483,21 @@ def evaluate(pipe=None, *, out_dir: Optional[str] = None, samples: Optional[str]
   error naming the difference, ``overwrite`` starts it over."""
   from var_jax.eval import protocol
   results: Dict[str, Any] = {}
+  request = dict(out_dir=out_dir, samples=samples, ref=ref, ref_cache=ref_cache, inception=inception,
+                 inception_batch=inception_batch, pr_k=pr_k, is_split=is_split, pr_distance_dtype=pr_distance_dtype,
+                 rfid=rfid, test_set_loss=test_set_loss, has_data_config=data_config is not None,
+                 max_images=max_images, max_batches=max_batches, digits=digits_view is not None)
+  check_request(**request, num_generated=planned_count(classes, num_per_class))
+  if (rfid or test_set_loss) and pipe is not None and pipe.family != 'var':
+    raise ValueError('--rfid and --test_loss are implemented for VAR checkpoints (VQVAE tokenizer) only')
+  if classes is None and not samples and pipe is not None and (digits_view is not None or ref or not (
+      rfid or test_set_loss)):          # "every class": the count needs the model
+    check_request(**request, num_generated=len(protocol.sample_plan(pipe.num_classes, classes, num_per_class)))
   if digits_view is not None:
-    if rfid or test_set_loss or ref:
-      raise ValueError('--digits scores samples of a digits model: it does not combine with --rfid, --test_loss or '
-                       '--ref (no Inception network)')
     return _evaluate_digits(pipe, digits_view, out_dir=out_dir, samples=samples, classes=classes,
                             num_per_class=num_per_class, cfg=cfg, top_k=top_k, top_p=top_p, seed=seed,
                             batch_size=batch_size, dtype=dtype, log=log, overwrite=overwrite)
-  if (rfid or test_set_loss) and pipe is not None and pipe.family != 'var':
-    raise ValueError('--rfid and --test_loss are implemented for VAR checkpoints (VQVAE tokenizer) only')
-  if (rfid or test_set_loss) and data_config is None:
-    raise ValueError('--rfid and --test_loss read a data split: give --config=configs/<x>.py (its data section)')
-  if not out_dir and not samples:
-    raise ValueError('give --out_dir (where samples and metrics.json go) or --samples')
   out_dir = out_dir or os.path.dirname(fileio.abspath(samples))
-  from var_jax.eval import inputs
-  inputs.check_evaluate_inputs(samples=samples, ref=ref, ref_cache=ref_cache, inception=inception, out_dir=out_dir,
-                               sample_quality=bool(samples or ref or not (rfid or test_set_loss)), rfid=rfid)
   fileio.makedirs(out_dir)
   split = split or (data_config.eval_split if data_config is not None else None)
   feats = None
@@ -497,6 +535,8 @@ def evaluate(pipe=None, *, out_dir: Optional[str] = None, samples: Optional[str]
   # ---- tokenizer rFID ----
   if rfid and main:
     orig, rec, pix = reconstruction_sets(pipe, data_config, split, batch_size, max_images)
+    if len(orig) < 2:
+      raise ValueError(f'rFID needs at least 2 images for a covariance: split {split!r} gave {len(orig)}')
     feats = feats or inception_features(inception, inception_batch)
     fo = feats.of_set(ImageSet.from_array(orig, f'{split} originals'))['pool3']
     fr = feats.of_set(ImageSet.from_array(rec, f'{split} reconstructions'))['pool3']

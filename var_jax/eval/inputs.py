@@ -153,3 +153,95 @@ def check_evaluate_inputs(*, samples: Optional[str], ref: Optional[str], ref_cac
       check_reference(ref, with_inception=bool(inception))
       if ref_cache:
         check_out_dir(os.path.dirname(fileio.abspath(ref_cache)), '--ref_cache')
+
+
+# ----------------------------------------------------------------------------- flags and counts, before any network
+POOL3_DIMS = 2048          # the FID Inception's pool3 features (var_jax.eval.inception.POOL3_DIM)
+_warned = set()
+
+
+def _warn_once(msg: str):
+  from absl import logging
+  if msg not in _warned:
+    _warned.add(msg)
+    logging.warning('%s', msg)
+
+
+def check_evaluate_flags(*, is_split: str, pr_k: int, pr_distance_dtype: str, inception_batch: int,
+                         max_images: int = -1, max_batches: int = -1, rfid: bool = False,
+                         test_set_loss: bool = False, has_data_config: bool = True, digits: bool = False,
+                         ref: Optional[str] = None):
+  """Every metric flag of ``evaluate`` on its own and together, before any model is loaded or network run; each
+  failure is a ValueError naming the flag, its value and what is allowed."""
+  from var_jax.eval import metrics
+  try:
+    metrics.is_split_kwargs(is_split)
+  except ValueError as e:
+    raise ValueError(f'--is_split: {e}') from None
+  for flag, value, low in (('--pr_k', pr_k, 1), ('--inception_batch', inception_batch, 1)):
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
+      raise ValueError(f'{flag}={value!r}: must be an integer >= {low}')
+  for flag, value in (('--max_images', max_images), ('--max_batches', max_batches)):
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not (value == -1 or value >= 1):
+      raise ValueError(f'{flag}={value!r}: must be -1 (all) or an integer >= 1')
+  if pr_distance_dtype not in metrics.DISTANCE_DTYPES:
+    raise ValueError(f'--pr_distance_dtype={pr_distance_dtype!r}: expected one of {", ".join(metrics.DISTANCE_DTYPES)}')
+  if rfid and 0 < max_images < 2:
+    raise ValueError(f'--max_images={max_images}: rFID needs at least 2 images for a covariance')
+  if digits and (rfid or test_set_loss or ref):
+    raise ValueError('--digits scores samples of a digits model: it does not combine with --rfid, --test_loss or '
+                     '--ref (no Inception network)')
+  if (rfid or test_set_loss) and not has_data_config:
+    raise ValueError('--rfid and --test_loss read a data split: give --config=configs/<x>.py (its data section)')
+
+
+def count_images(path: str) -> int:
+  """The number of images of a folder (its image files) or of an ``.npz``'s ``arr_0`` (from the header)."""
+  if fileio.isdir(path):
+    return len(fileio.find_files(path, IMAGE_EXTENSIONS))
+  return int(npz_header(path, 'arr_0')[0][0])
+
+
+def reference_count(ref: Optional[str], ref_cache: Optional[str], with_inception: bool) -> Optional[int]:
+  """How many images the reference's statistics come from (None: given as statistics, the count unknown): a folder's
+  images, an ``.npz``'s ``arr_0`` (when the Inception weights are given) or the ``pool3`` features stored beside
+  ``mu``/``sigma`` (a reference cache)."""
+  if not ref:
+    return None
+  stats = ref_cache if ref_cache and fileio.exists(ref_cache) else None
+  if stats is None:
+    if fileio.isdir(ref):
+      return count_images(ref)
+    keys = npz_keys(ref, 'reference batch')
+    if 'arr_0' in keys and with_inception:
+      return count_images(ref)
+    stats = ref
+  keys = npz_keys(stats, 'reference statistics')
+  return int(npz_header(stats, 'pool3')[0][0]) if 'pool3' in keys else None
+
+
+def check_counts(num_samples: Optional[int], num_reference: Optional[int], *, samples_what: str,
+                 fid: bool, pr_k: Optional[int] = None, dims: int = POOL3_DIMS, features: str = 'Inception pool3'):
+  """Enough images for the statistics they feed, before any network runs. A covariance needs 2 images (an error
+  below, naming both counts); with n <= ``dims`` it has rank <= n - 1 < dims: singular, so the Frechet distance is
+  computed (pytorch-fid's eps regularisation) but biased and not comparable with full-rank numbers: a warning
+  naming both counts. Precision/recall with k nearest neighbours needs more than k images in each set."""
+  ref_text = 'unknown (statistics)' if num_reference is None else str(num_reference)
+  if num_samples is not None and num_samples < 1:
+    raise ValueError(f'{samples_what} has no images')
+  if fid:
+    for what, n in ((samples_what, num_samples), ('--ref', num_reference)):
+      if n is not None and n < 2:
+        raise ValueError(f'FID needs at least 2 images of each set for a covariance of the {dims} {features} '
+                         f'features: {what} has {n} (samples: {num_samples}, reference: {ref_text})')
+    small = [f'{what} has {n}' for what, n in ((samples_what, num_samples), ('--ref', num_reference))
+             if n is not None and n <= dims]
+    if small:
+      _warn_once(f'FID: {", ".join(small)} images, at most {dims}: the covariance of the {dims} {features} '
+                 f'features is singular (rank <= n - 1), so the FID is biased and not comparable with numbers from '
+                 f'{dims + 1}+ images (the paper: 50000 samples)')
+  if pr_k is not None and num_reference is not None:
+    for what, n in ((samples_what, num_samples), ('--ref', num_reference)):
+      if n is not None and n <= pr_k:
+        raise ValueError(f'precision/recall with --pr_k={pr_k} needs more than {pr_k} images in each set: {what} '
+                         f'has {n} (samples: {num_samples}, reference: {ref_text})')

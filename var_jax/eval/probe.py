@@ -148,16 +148,71 @@ class _Subset:
     return self.source[int(self.indices[int(i)])]
 
 
+def check_probe_request(data_cfg, *, train_split: str, eval_split: str, layers=None, condition: str = 'null',
+                        batch_size: int = 64, max_train_examples: int = 0, max_val_examples: int = 0,
+                        probe_steps: int = 300, probe_lr: float = 0.01, probe_weight_decay: float = 1e-3,
+                        probe_batch_size: Optional[int] = None) -> Dict[str, Any]:
+  """Every probe setting and both data splits, before any model is built or network run: each failure one error
+  naming the flag and value. Returns the two splits' sources ({split: source}), opened once here (a large folder is
+  listed once) for ``run_probe``."""
+  import math
+  from var_jax.data import make_source
+
+  def integer(flag, v, low):
+    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < low:
+      raise ValueError(f'{flag}={v!r}: must be an integer >= {low}')
+  integer('--batch_size', batch_size, 1)
+  integer('--probe_steps', probe_steps, 1)
+  integer('--max_train_examples', max_train_examples, 0)
+  integer('--max_val_examples', max_val_examples, 0)
+  if probe_batch_size is not None:
+    integer('--probe_batch_size', probe_batch_size, 0)
+  for flag, v, positive in (('--probe_lr', probe_lr, True), ('--probe_weight_decay', probe_weight_decay, False)):
+    if not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0 or (positive and v == 0):
+      raise ValueError(f'{flag}={v!r}: must be a finite number {"> 0" if positive else ">= 0"}')
+  if condition not in CONDITIONS:
+    raise ValueError(f'--condition={condition!r}: expected one of {", ".join(CONDITIONS)}')
+  for v in layers or ():
+    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 0:
+      raise ValueError(f'--layers: {v!r} is not a layer index (0-based integers)')
+  mid = float(getattr(data_cfg, 'mid_reso', 1.0) if not isinstance(data_cfg, dict) else data_cfg.get('mid_reso', 1))
+  if not math.isfinite(mid) or mid < 1.0:
+    raise ValueError(f'--mid_reso={mid!r}: must be >= 1 (the resize before the center crop)')
+  sources = {}
+  for flag, split in (('--train_split', train_split), ('--eval_split', eval_split)):
+    try:
+      sources[split] = make_source(data_cfg, split)
+    except (FileNotFoundError, ValueError, KeyError) as e:
+      raise type(e)(f'{flag}={split}: {e}') from None
+    if len(sources[split]) == 0:
+      raise ValueError(f'{flag}={split}: the split has no examples')
+  return sources
+
+
+def parse_layers(values) -> Optional[list]:
+  """``--layers`` (a comma list) -> ints, an error naming the flag for anything else."""
+  if not values:
+    return None
+  out = []
+  for v in values:
+    try:
+      out.append(int(str(v).strip(), 10))
+    except ValueError:
+      raise ValueError(f'--layers: {v!r} is not a layer index (0-based integers)') from None
+  return out
+
+
 def dataset_features(pipe: BiGRPipeline, data_cfg, split: str, *, layer=None, condition: str = 'null',
                      batch_size: int = 64, max_examples: int = 0, seed: int = 0,
-                     log: Optional[Callable[[str], None]] = None) -> Tuple[np.ndarray, np.ndarray]:
-  """Stream ``make_source(data_cfg, split)`` through the eval transform (resize + center crop to the BAE
-  resolution, no augmentation) and return (features as in ``extract_features``, labels (N,) int32).
+                     log: Optional[Callable[[str], None]] = None, source=None) -> Tuple[np.ndarray, np.ndarray]:
+  """Stream ``make_source(data_cfg, split)`` (or ``source``, already opened) through the eval transform (resize +
+  center crop to the BAE resolution, no augmentation) and return (features as in ``extract_features``, labels (N,)
+  int32).
 
   ``max_examples`` > 0 keeps a seeded random subset of that size (sorted, so class-sorted sources stay balanced).
   """
   from var_jax.data import make_eval_dataset, make_source
-  src = make_source(data_cfg, split)
+  src = make_source(data_cfg, split) if source is None else source
   if 0 < max_examples < len(src):
     rs = np.random.default_rng([int(seed), 0xB16])
     src = _Subset(src, np.sort(rs.choice(len(src), int(max_examples), replace=False)))
@@ -318,16 +373,25 @@ def run_probe(pipe: BiGRPipeline, data_cfg, *, layers: Optional[Sequence[int]] =
               train_split: str = 'train', eval_split: str = 'val', batch_size: int = 64,
               max_train_examples: int = 0, max_val_examples: int = 0, seed: int = 0, probe_steps: int = 300,
               probe_lr: float = 0.01, probe_weight_decay: float = 1e-3, probe_batch_size: Optional[int] = None,
-              random_init: bool = False, log: Callable[[str], None] = print) -> Dict[str, Any]:
-  """Extract features of both splits, probe every requested layer, print a table; return the results."""
+              random_init: bool = False, log: Callable[[str], None] = print,
+              sources: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+  """Extract features of both splits, probe every requested layer, print a table; return the results.
+  ``sources``: the splits opened by ``check_probe_request`` (else checked and opened here, before any feature)."""
+  if sources is None:
+    sources = check_probe_request(data_cfg, train_split=train_split, eval_split=eval_split, layers=layers,
+                                  condition=condition, batch_size=batch_size, max_train_examples=max_train_examples,
+                                  max_val_examples=max_val_examples, probe_steps=probe_steps, probe_lr=probe_lr,
+                                  probe_weight_decay=probe_weight_decay, probe_batch_size=probe_batch_size)
   if condition == 'label':
     log('WARNING: condition=label feeds the true class to BiGR; the features then contain the label itself '
         '(through attention to the class token) and the probe accuracy is not a representation measure.')
   ids = tuple(range(pipe.num_layers)) if not layers else _layer_ids(pipe, layers)
   t0 = time.perf_counter()
   kw = dict(layer=list(ids), condition=condition, batch_size=batch_size, seed=seed, log=log)
-  tr_x, tr_y = dataset_features(pipe, data_cfg, train_split, max_examples=max_train_examples, **kw)
-  va_x, va_y = dataset_features(pipe, data_cfg, eval_split, max_examples=max_val_examples, **kw)
+  tr_x, tr_y = dataset_features(pipe, data_cfg, train_split, max_examples=max_train_examples,
+                                source=sources.get(train_split), **kw)
+  va_x, va_y = dataset_features(pipe, data_cfg, eval_split, max_examples=max_val_examples,
+                                source=sources.get(eval_split), **kw)
   t_feat = time.perf_counter() - t0
   num_classes = int(max(tr_y.max(), va_y.max())) + 1
   log(f'features: {tr_x.shape[0]} train / {va_x.shape[0]} {eval_split} images, {len(ids)} layers x D='
