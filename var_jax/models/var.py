@@ -68,11 +68,14 @@ class SelfAttention(ConfigModule):
       out = attention(q, k, v, scale=scale, mask=BlockCausal(cfg.patch_nums), implementation=cfg.attn_impl)
       new_cache = None
     else:
-      begin, end = span
+      # span (begin, end): write at [begin, end), attend to [0, end). A third element True (a prefill from 0 over
+      # several scales) attends under the block-causal mask instead.
+      begin, end = span[:2]
+      causal = len(span) > 2 and span[2]
       ck = jax.lax.dynamic_update_slice(cache['k'], k.astype(cache['k'].dtype), (0, begin, 0, 0))
       cv = jax.lax.dynamic_update_slice(cache['v'], v.astype(cache['v'].dtype), (0, begin, 0, 0))
       out = attention(q, ck[:, :end].astype(self.dtype), cv[:, :end].astype(self.dtype), scale=scale,
-                      implementation=cfg.attn_impl)
+                      mask=BlockCausal(cfg.patch_nums) if causal else None, implementation=cfg.attn_impl)
       new_cache = {'k': ck, 'v': cv}
     out = out.reshape(b, t, c)
     out = Dense(c, kernel_axes=('qkv', 'embed'), name='proj', dtype=self.dtype,
@@ -221,20 +224,38 @@ class VAR(ConfigModule):
     return self.logits(x, cond)
 
   # ------------------------------------------------------------------ KV-cache decoding
-  def init_cache(self, batch: int, dtype=None):
+  def init_cache(self, batch: int, dtype=None, length: Optional[int] = None):
+    """Zero KV caches, one per block, of ``length`` positions (default: the full sequence)."""
     cfg = self.config
-    shape = (batch, cfg.seq_len, cfg.num_heads, cfg.head_dim)
+    shape = (batch, length or cfg.seq_len, cfg.num_heads, cfg.head_dim)
     dt = dtype or self.dtype
     return [{'k': jnp.zeros(shape, dt), 'v': jnp.zeros(shape, dt)} for _ in range(cfg.depth)]
 
-  def decode_scale(self, si: int, x, cond, caches):
-    """Run scale si's input tokens x (B, pn^2, C) through the blocks with KV caches; -> (logits, caches)."""
-    span = self.config.begin_ends[si]
+  def decode_scale(self, si: int, x, cond, caches, span: Optional[Tuple[int, int]] = None):
+    """Run scale si's input tokens x (B, n, C) through the blocks with KV caches; -> (logits, caches).
+
+    ``span`` (static): the cache slots [begin, end) the tokens' keys/values go to (they attend to [0, end));
+    default scale si's own positions ``begin_ends[si]`` (n = pn^2). Attention has no positional term (positions
+    are in the input embeddings), so a cache may hold a scale's tokens anywhere, e.g. only its kept tokens packed
+    (``var_jax.sampling.var``'s token pruning)."""
+    span = tuple(span) if span is not None else self.config.begin_ends[si]
     bc = self._block_cond(cond).astype(self.dtype)
     h = x.astype(self.dtype)
     new = []
     for blk, cache in zip(self.blocks, caches):
       h, cache = blk(h, bc, True, cache, span)
+      new.append(cache)
+    return self.logits(h, cond), new
+
+  def prefill(self, x, cond, caches):
+    """Teacher-force the first scales' inputs x (B, end_k, C) — ``first_scale_input`` then ``next_scale_input`` of
+    scales 1..k-1, concatenated — in one pass under the block-causal mask, writing their keys/values at [0, end_k)
+    of the caches (what decoding those scales one by one writes); -> (logits (B, end_k, V), caches)."""
+    bc = self._block_cond(cond).astype(self.dtype)
+    h = x.astype(self.dtype)
+    new = []
+    for blk, cache in zip(self.blocks, caches):
+      h, cache = blk(h, bc, True, cache, (0, x.shape[1], True))
       new.append(cache)
     return self.logits(h, cond), new
 

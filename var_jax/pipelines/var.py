@@ -5,6 +5,7 @@ params and caches jitted functions so repeated calls do not recompile.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -19,7 +20,7 @@ from var_jax.models.var import VAR
 from var_jax.models.vqvae import VQVAE
 from var_jax.pipelines.base import Pipeline, check_images, named_mismatch
 from var_jax.sampling import var as var_sampling
-from var_jax.sampling.common import cast_floating, check_sampling_args
+from var_jax.sampling.common import cast_floating, check_sampling_args, parse_prune
 
 
 _RANGE_TOL = 0.05   # edit: images beyond [-1 - tol, 1 + tol] are rejected
@@ -37,6 +38,14 @@ def _vae_method(method, takes: str, doc: str):
     return self._vae_fn(method)(self.vae_variables, x)
   run.__doc__ = doc
   return run
+
+
+@dataclasses.dataclass(frozen=True)
+class FastSamplingConfig:
+  """The accelerations a ``VARPipeline.with_sampling`` view samples with (``var_jax.sampling.var``)."""
+  cfg_until: Optional[int] = None
+  prune: Tuple[Tuple[int, float], ...] = ()
+  draft_scales: int = 0
 
 
 class VARPipeline(Pipeline):
@@ -175,7 +184,9 @@ class VARPipeline(Pipeline):
 
   def sample(self, labels, rng, cfg: float = 1.5, top_k: int = 0, top_p: float = 0.0, more_smooth: bool = False,
              *, num_samples: Optional[int] = None, batch_size: Optional[int] = None, dtype=jnp.float32,
-             shard: bool = True, sample_ids=None) -> Tuple[np.ndarray, np.ndarray]:
+             shard: bool = True, sample_ids=None, cfg_until: Optional[int] = None, prune=None,
+             drafter: Optional['VARPipeline'] = None, draft_scales: Optional[int] = None
+             ) -> Tuple[np.ndarray, np.ndarray]:
     """Class-conditional samples -> (images NHWC float32 in [0, 1], tokens int32 (N, L)), on the host.
 
     labels: ints in [0, num_classes] (``num_classes`` = unconditional; the CLIs' ``--classes`` follow the same rule),
@@ -185,21 +196,92 @@ class VARPipeline(Pipeline):
     global ids, so a resumed job draws exactly the images a full run would). Batches larger than ``batch_size``
     are split (the last one padded, so one compilation serves all); with several local devices the batch is
     sharded over them. ``dtype=jnp.bfloat16`` computes the transformer and decoder in bf16.
+
+    Training-free accelerations (``var_jax.sampling.var``; README "Faster sampling"), all off by default:
+    ``cfg_until=s`` guides scales 0..s only, then samples the conditional half alone; ``prune={scale: keep}``
+    runs only the ceil(keep * pn^2) tokens of a scale whose input changed most against the previous scale
+    (FastVAR-style; the others take the previous scale's upsampled prediction); ``drafter=other_pipe,
+    draft_scales=k``: ``other_pipe`` (a VAR on the same tokenizer, e.g. a larger one) samples scales 0..k-1 and
+    this model refines the rest after one teacher-forced pass over them. Defaults set by ``with_sampling`` apply
+    where these are left None.
     """
+    fast = {**self._fast_defaults, **{k: v for k, v in (('cfg_until', cfg_until), ('prune', prune),
+                                                         ('drafter', drafter), ('draft_scales', draft_scales))
+                                       if v is not None}}
     check_sampling_args(cfg=cfg, top_k=top_k, top_p=top_p, more_smooth=more_smooth, num_samples=num_samples,
-                        batch_size=batch_size)
+                        batch_size=batch_size, cfg_until=fast.get('cfg_until'), draft_scales=fast.get('draft_scales'))
+    opts, drafter = self._fast_options(self._options(cfg, top_k, top_p, more_smooth), **fast)
     lab, keys = self._sample_inputs(labels, rng, num_samples, sample_ids)
-    return self._sample(self._options(cfg, top_k, top_p, more_smooth), [lab, keys], dtype, batch_size, shard)
+    return self._sample(opts, [lab, keys], dtype, batch_size, shard, drafter)
+
+  _fast_defaults: Dict[str, Any] = {}
+
+  def with_sampling(self, cfg_until: Optional[int] = None, prune=None, drafter: Optional['VARPipeline'] = None,
+                    draft_scales: Optional[int] = None) -> 'VARPipeline':
+    """This pipeline (same params and compiled functions) whose ``sample`` defaults to these accelerations (the
+    sample / evaluate CLIs' ``--cfg_until``, ``--prune``, ``--drafter_checkpoint`` + ``--draft_scales``). Checked
+    here, before any work. Its ``identity()`` includes them (``sampling_config``, the drafter's config and
+    weights), so a sample folder made with them is not mistaken for a full sampler's."""
+    import copy
+    fast = {k: v for k, v in (('cfg_until', cfg_until), ('prune', prune), ('drafter', drafter),
+                              ('draft_scales', draft_scales)) if v is not None}
+    check_sampling_args(cfg_until=cfg_until, draft_scales=draft_scales)
+    opts, drafter = self._fast_options(var_sampling.SamplingOptions(), **fast)
+    out = copy.copy(self)
+    out._fast_defaults = fast
+    out.sampling_config = FastSamplingConfig(opts.cfg_until, opts.prune, opts.draft_scales)
+    if drafter is not None:
+      out.drafter_config, out.drafter_variables = drafter.var_config, drafter.var_variables
+    return out
+
+  def _fast_options(self, opts, cfg_until=None, prune=None, drafter=None, draft_scales=None):
+    """``opts`` with the accelerations, checked against this model (ValueError naming the argument); -> (opts,
+    drafter or None)."""
+    if (drafter is None) != (draft_scales is None or draft_scales == 0):
+      raise ValueError('drafter and draft_scales go together: give both (drafter=<VARPipeline>, draft_scales=k) or '
+                       f'neither (got drafter={"a pipeline" if drafter is not None else None}, '
+                       f'draft_scales={draft_scales})')
+    if drafter is not None:
+      self._check_drafter(drafter)
+    opts = dataclasses.replace(opts, cfg_until=cfg_until, prune=parse_prune(prune),
+                               draft_scales=int(draft_scales or 0))
+    opts.check_scales(len(self.var_config.patch_nums))
+    return opts, drafter
+
+  def _check_drafter(self, drafter):
+    """A drafter must be a VAR on this model's tokenizer: same VQVAE config and weights, patch_nums, classes."""
+    if not isinstance(drafter, VARPipeline):
+      raise ValueError(f'drafter must be a VARPipeline, got {type(drafter).__name__}')
+    if drafter.var_config.patch_nums != self.var_config.patch_nums:
+      raise ValueError(f'drafter: patch_nums {drafter.var_config.patch_nums} differ from this model\'s '
+                       f'{self.var_config.patch_nums}')
+    if drafter.var_config.num_classes != self.var_config.num_classes:
+      raise ValueError(f'drafter: {drafter.var_config.num_classes} classes, this model has '
+                       f'{self.var_config.num_classes}')
+    key = id(drafter.vae_variables)
+    if self._param_cache.get(('drafter_vae_ok', key)) is drafter.vae_variables:
+      return
+    same = drafter.vae_config == self.vae_config
+    if same:
+      a, ta = jax.tree_util.tree_flatten_with_path(self.vae_variables)
+      b, tb = jax.tree_util.tree_flatten_with_path(drafter.vae_variables)
+      same = ta == tb and all(x.shape == y.shape and bool(jnp.array_equal(x, y)) for (_, x), (_, y) in zip(a, b))
+    if not same:
+      raise ValueError('drafter: its tokenizer (VQVAE config or weights) differs from this model\'s; a draft/refine '
+                       'pair must share one tokenizer (the refiner decodes and re-embeds the drafter\'s tokens)')
+    self._param_cache[('drafter_vae_ok', key)] = drafter.vae_variables
 
   @staticmethod
   def _options(cfg, top_k, top_p, more_smooth) -> var_sampling.SamplingOptions:
     return var_sampling.SamplingOptions(cfg=float(cfg), top_k=int(top_k), top_p=float(top_p),
                                         more_smooth=bool(more_smooth))
 
-  def _sample(self, opts, per_sample, dtype, batch_size, shard):
+  def _sample(self, opts, per_sample, dtype, batch_size, shard, drafter=None):
     edit = len(per_sample) > 2
-    build = lambda dt: var_sampling.sampler_fn(self.vae_config, self.var_config, opts, dt, edit)
-    return self._sample_batches((opts, edit), build, per_sample, dtype, batch_size, shard)
+    dcfg = drafter.var_config if drafter is not None else None
+    build = lambda dt: var_sampling.sampler_fn(self.vae_config, self.var_config, opts, dt, edit, dcfg)
+    return self._sample_batches((opts, edit, dcfg), build, per_sample, dtype, batch_size, shard,
+                                extra_parts=((drafter, 'var'),) if drafter is not None else ())
 
   def edit(self, images, keep_mask, labels, rng, cfg: float = 1.5, top_k: int = 0, top_p: float = 0.0,
            more_smooth: bool = False, *, batch_size: Optional[int] = None, dtype=jnp.float32,

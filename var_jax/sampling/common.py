@@ -27,6 +27,8 @@ SAMPLING_ARGS = {
     'grid_cols': ('int', 1, True, None, False, False),
     'seed': ('int', 0, True, 2 ** 32, False, False),
     'more_smooth': ('bool', None, False, None, False, False),
+    'cfg_until': ('int', 0, True, None, False, True),           # < the number of scales: checked by the sampler
+    'draft_scales': ('int', 1, True, None, False, True),        # < the number of scales: checked by the sampler
 }
 
 
@@ -41,7 +43,8 @@ def _describe(kind, lo, lo_in, hi, hi_in) -> str:
 
 def check_sampling_args(prefix: str = '', **values):
   """Validate sampling arguments by name (``SAMPLING_ARGS``: cfg, top_k, top_p, temperature, gumbel_temp,
-  scale_pow, num_iter, infer_steps, batch_size, num_samples, num_per_class, grid_cols, seed, more_smooth) before
+  scale_pow, num_iter, infer_steps, batch_size, num_samples, num_per_class, grid_cols, seed, more_smooth, cfg_until,
+  draft_scales) before
   any work: the one argument validator of the pipelines (``prefix=''``, the argument names) and the CLIs
   (``prefix='--'``, the flag names). NaN/inf, a non-integer where an integer is expected, or a value outside its
   range raises ``ValueError`` naming it, e.g. ``--cfg must be a finite number >= 0.0, got inf``."""
@@ -60,6 +63,39 @@ def check_sampling_args(prefix: str = '', **values):
       ok = (lo is None or (x >= lo if lo_in else x > lo)) and (hi is None or (x <= hi if hi_in else x < hi))
     if not ok:
       raise ValueError(f'{prefix}{name} must be {_describe(kind, lo, lo_in, hi, hi_in)}, got {v!r}')
+
+
+def parse_prune(value, what: str = 'prune'):
+  """VAR token pruning ``{scale index: keep fraction}`` from a dict, (scale, fraction) pairs, or a string
+  ``'7:0.5,8:0.25'`` (the CLI flag) -> sorted tuple of (int scale >= 1, float fraction in (0, 1]); None, ``''`` or
+  ``{}`` -> () (off). Anything else raises ``ValueError`` naming ``what``."""
+  if value is None or (isinstance(value, str) and not value.strip()):
+    return ()
+  try:
+    if isinstance(value, str):
+      pairs = [tuple(p.split(':')) for p in value.replace(' ', '').split(',') if p]
+      if any(len(p) != 2 for p in pairs):
+        raise ValueError
+      pairs = [(int(k, 10), float(f)) for k, f in pairs]
+    else:
+      items = value.items() if isinstance(value, dict) else value
+      pairs = [(k, f) for k, f in items]
+      if any(isinstance(k, bool) or int(k) != k for k, _ in pairs):
+        raise ValueError
+      pairs = [(int(k), float(f)) for k, f in pairs]
+  except (TypeError, ValueError):
+    raise ValueError(f'{what} must map scale indices to keep fractions, e.g. {{7: 0.5, 8: 0.25}} or '
+                     f'"7:0.5,8:0.25", got {value!r}') from None
+  seen = set()
+  for k, f in pairs:
+    if k in seen:
+      raise ValueError(f'{what}: scale {k} given twice in {value!r}')
+    seen.add(k)
+    if k < 1:
+      raise ValueError(f'{what}: scale index must be >= 1 (scale 0 is a single token), got {k} in {value!r}')
+    if not (np.isfinite(f) and 0.0 < f <= 1.0):
+      raise ValueError(f'{what}: keep fraction of scale {k} must be in (0, 1], got {f!r}')
+  return tuple(sorted(pairs))
 
 
 def parse_class_labels(values, num_classes: Optional[int] = None, what: str = '--classes'):
