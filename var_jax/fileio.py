@@ -81,15 +81,52 @@ def rmtree(p: PathLike):
     path(p).rmtree()
 
 
+_loop_warned = set()
+
+
+def walk_local(root: str, tree: Optional[str] = None, hidden: bool = True):
+  """``os.walk(root, followlinks=True)`` (top-down; yields ``(dirpath, dirnames, filenames)``) that enters no
+  directory twice: a directory symlink leading to a directory already listed (a loop), or back into ``tree`` (a
+  folder holding ``root``, default ``root`` itself: it is listed there already, or will be), is not followed; the
+  first such link of a walk is warned about once (naming it and its target), with the count. Links leading out of
+  the tree (data on another disk) are followed. ``hidden=False`` skips names starting with '.'."""
+  tree_real = os.path.realpath(tree or root)
+  seen = {os.path.realpath(root)}
+  skipped = []
+  for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+    keep = []
+    for d in sorted(dirnames):
+      if not hidden and d.startswith('.'):
+        continue
+      p = os.path.join(dirpath, d)
+      real = os.path.realpath(p)
+      back = os.path.islink(p) and (real == tree_real or real.startswith(tree_real.rstrip(os.sep) + os.sep))
+      if real in seen or back:
+        skipped.append((p, real))
+        continue
+      seen.add(real)
+      keep.append(d)
+    dirnames[:] = keep
+    yield dirpath, dirnames, [f for f in filenames if hidden or not f.startswith('.')]
+  if skipped and (root, len(skipped)) not in _loop_warned:
+    _loop_warned.add((root, len(skipped)))
+    from absl import logging
+    logging.warning('%s: not following %d directory symlink(s) that lead back into the tree or to a directory '
+                    'already listed (a loop), e.g. %s -> %s', root, len(skipped), *skipped[0])
+
+
 def find_files(root: PathLike, suffixes: tuple) -> list:
-  """Every file below ``root`` (recursive) whose name ends with one of ``suffixes`` (case-insensitive), as sorted
-  path strings; local (``glob``, following links) or remote (one listing per directory)."""
+  """Every file below ``root`` (recursive, hidden names skipped) whose name ends with one of ``suffixes``
+  (case-insensitive), as sorted path strings; local (following directory links, never back into the tree or round
+  a loop: ``walk_local``) or remote (one listing per directory)."""
   root = os.fspath(root)
   suffixes = tuple(x.lower() for x in suffixes)
   if not is_remote(root):
-    import glob
-    return sorted(f for f in glob.glob(os.path.join(glob.escape(root), '**', '*'), recursive=True)
-                  if f.lower().endswith(suffixes) and os.path.isfile(f))
+    out = []
+    for dirpath, _, filenames in walk_local(root, hidden=False):
+      out += [os.path.join(dirpath, f) for f in filenames if f.lower().endswith(suffixes)
+              and os.path.isfile(os.path.join(dirpath, f))]
+    return sorted(out)
   scheme = root.split('://', 1)[0] + '://'
   out = []
   for dirpath, _, filenames in path(root).walk():

@@ -81,12 +81,14 @@ def _subdirs(d: str) -> list[str]:
 
 def _image_files(split_dir: str, c: str) -> list[str]:
   """The image files below ``split_dir/c`` (recursive), relative to ``split_dir``, in ``sorted(os.walk)`` order
-  (directory by directory, then file names); local or remote (one listing per directory)."""
+  (directory by directory, then file names); local or remote (one listing per directory). Local directory links
+  are followed except back into ``split_dir`` or round a loop (``fileio.walk_local``: warned once), so no image is
+  listed twice."""
   cdir = os.path.join(split_dir, c)
   out = []
   if not fileio.is_remote(cdir):
-    for dirpath, dirnames, filenames in sorted(os.walk(cdir, followlinks=True)):
-      dirnames.sort()
+    walk = sorted((dirpath, filenames) for dirpath, _, filenames in fileio.walk_local(cdir, tree=split_dir))
+    for dirpath, filenames in walk:
       out += [os.path.relpath(os.path.join(dirpath, f), split_dir) for f in sorted(filenames) if _is_image_file(f)]
     return out
   base = cdir.split('://', 1)[1].rstrip('/')    # epath's walk gives remote dirpaths without the scheme

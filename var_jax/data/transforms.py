@@ -30,6 +30,7 @@ import numpy as np
 from PIL import Image
 
 from var_jax import fileio
+from var_jax.images import to_rgb
 
 CORRUPT_KEY = '_corrupt'
 
@@ -62,7 +63,8 @@ def _record_source(record: dict[str, Any]) -> Any:
 
 
 def decode_image(record: dict[str, Any]) -> Image.Image:
-  """A record's image as an RGB PIL image: ``record['path']`` is opened (as torchvision's ``pil_loader``),
+  """A record's image as an RGB PIL image (any mode, its true range: ``var_jax.images.to_rgb``; 16-bit images are
+  scaled, not clipped): ``record['path']`` is opened (as torchvision's ``pil_loader``),
   ``record['image']`` is either encoded bytes or a uint8 array (H, W), (H, W, 1), (H, W, 3) or (H, W, 4).
   Raises ``CorruptImageError(path_or_index, reason)`` on any failure."""
   source = _record_source(record)
@@ -70,11 +72,11 @@ def decode_image(record: dict[str, Any]) -> Image.Image:
     if 'path' in record:
       with fileio.path(record['path']).open('rb') as f:   # local or remote (gs://)
         with Image.open(f) as img:
-          return img.convert('RGB')
+          return to_rgb(img)
     data = record['image']
     if isinstance(data, (bytes, bytearray, memoryview)):
       with Image.open(io.BytesIO(bytes(data))) as img:
-        return img.convert('RGB')
+        return to_rgb(img)
     arr = np.asarray(data)
     if arr.dtype != np.uint8:
       raise ValueError(f'expected a uint8 image array, got dtype {arr.dtype}')
