@@ -84,6 +84,18 @@ def base() -> ml_collections.ConfigDict:
   # the digits quality score (var_jax.eval.digits: class accuracy, Frechet distance) of this many samples per class
   # at every sample_every step, in metrics.jsonl / TensorBoard as quality/*; 0: off. Built-in digits only
   c.quality_per_class = 0
+
+  # ---- a run's identity (var_jax.train.identity): a rerun resumes a workdir's checkpoint only when its config and
+  # frozen inputs (tokenizer / LPIPS weights by sha256, the data's split size and classes, the token cache's
+  # manifest) are the checkpoint's, except for these dotted keys (a key covers its sub-tree):
+  # resume_safe: what may always change (how long, how often, how fast / on what hardware; not what is learnt)
+  c.resume_safe = ('total_steps,epochs,log_every,ckpt_every,keep_ckpts,eval_every,eval_batches,sample_every,'
+                   'sample_classes,sample,quality_per_class,nonfinite,global_batch_size,grad_accum,mesh,'
+                   'logical_axis_rules,model.remat,init_from,reference_args,export_name,data.num_workers,'
+                   'data.worker_buffer_size,data.read_threads,data.read_buffer_size,data.max_skip_fraction,'
+                   'data.eval_split')
+  # resume_changes: what this rerun may change besides (e.g. 'optim.base_lr,vae_ckpt'; '*': anything)
+  c.resume_changes = ''
   return c
 
 

@@ -267,13 +267,19 @@ class TrainCheckpointer:
     return errors.WorkdirError(f'saving checkpoint {step} to {self.directory} failed: {type(e).__name__}: {e}; '
                                f'{last} (untouched). Free space or fix the directory, then run again to resume')
 
-  def maybe_save(self, step: int, state, data_iter, config, force: bool = False):
+  def maybe_save(self, step: int, state, data_iter, config, force: bool = False, inputs=None):
+    """Save ``step`` when due; the config item is ``config`` plus ``inputs`` (the run's frozen inputs'
+    fingerprints, ``var_jax.train.identity``) under ``identity.RECORD_KEY``."""
     if not self.due(step, force):
       return False
     import grain
     ocp = self._ocp
+    saved_config = json.loads(config.to_json_best_effort())
+    if inputs is not None:
+      from var_jax.train import identity
+      saved_config[identity.RECORD_KEY] = inputs
     args = ocp.args.Composite(state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(data_iter),
-                              config=ocp.args.JsonSave(json.loads(config.to_json_best_effort())))
+                              config=ocp.args.JsonSave(saved_config))
     self.wait()               # the previous save's asynchronous part (orbax would wait here too): its errors
     try:
       saved = self.manager.save(step, args=args, force=True)

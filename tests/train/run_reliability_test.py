@@ -63,7 +63,8 @@ def test_diverging_resume_stops_and_keeps_the_finite_checkpoints(finished, tmp_p
   model_cfg = open(os.path.join(wd, 'model', 'config.json')).read()
   model_mtime = os.path.getmtime(os.path.join(wd, 'model'))
   _plant_lock(wd, _dead_pid())                                           # a killed earlier run: stale
-  r = _train(wd, '--config.optim.base_lr=1e6', '--config.total_steps=60', '--config.keep_ckpts=2')
+  r = _train(wd, '--config.optim.base_lr=1e6', '--config.total_steps=60', '--config.keep_ckpts=2',
+             '--config.resume_changes=optim.base_lr')                   # another lr: allowed (run identity)
   assert r.returncode == 1, r.stdout + r.stderr
   assert 'taking over the stale lock' in r.stdout
   err = r.stderr.strip().splitlines()[-1]
@@ -234,6 +235,15 @@ def test_resume_with_other_num_workers_or_batch_size(finished, tmp_path, caplog)
     loop.check_resume_config(ckpt, 20, cfg, 'ckpts')
   ckpt.close()
   assert 'global_batch_size was 16 when ckpts/20 was saved, now 32: the schedule changes' in caplog.text
+  # the run's identity (issue 24): another learning rate or data size is another run, refused in one line before
+  # any work, naming each change and the flag that allows it
+  r = _train(finished, '--config.optim.base_lr=1e-3', '--config.model.drop_path_rate=0.1', '--config.total_steps=30')
+  assert r.returncode == 1 and 'Traceback' not in r.stderr, r.stdout + r.stderr
+  err = r.stderr.strip().splitlines()[-1]
+  assert err == (f'error: {finished}/checkpoints/20 is another run: model.drop_path_rate: 0.0 -> 0.1; optim.base_lr: '
+                 f'0.008 -> 0.001. A rerun resumes only the same run: use another --workdir, or allow these changes '
+                 f'with --config.resume_changes=model.drop_path_rate,optim.base_lr'), err
+  assert sorted(os.listdir(os.path.join(finished, 'checkpoints'))) == ['10', '20']
 
 
 @pytest.mark.slow
@@ -251,7 +261,8 @@ def test_checkpoint_flag_accepts_a_training_workdir(finished, tmp_path):
 def test_nonfinite_skip_drops_the_steps_and_finishes(finished, tmp_path):
   wd = str(tmp_path / 'wd')
   shutil.copytree(finished, wd)
-  r = _train(wd, '--config.optim.base_lr=1e6', '--config.total_steps=30', '--config.nonfinite=skip')
+  r = _train(wd, '--config.optim.base_lr=1e6', '--config.total_steps=30', '--config.nonfinite=skip',
+             '--config.resume_changes=optim.base_lr')
   assert r.returncode == 0, r.stdout + r.stderr
   assert 'with non-finite metrics (first: step ' in r.stdout
   recs = [json.loads(l) for l in open(os.path.join(wd, 'metrics.jsonl'))]

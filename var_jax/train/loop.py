@@ -76,29 +76,34 @@ def _short(e: BaseException) -> str:
   return f'{type(e).__name__}: {text[:300]}'
 
 
-def restore_or_init(ckpt, abstract, shardings, data_iter, init: Callable[[], Any], where: str, config=None):
+def restore_or_init(ckpt, abstract, shardings, data_iter, init: Callable[[], Any], where: str, config=None,
+                    identity=None):
   """The newest intact checkpoint of the run, else ``init()`` when there is none. -> (state, resumed).
 
   A damaged step (``ckpt.damage``, unreadable metadata or array data) is skipped for the next older one; once one
   restores, the skipped ones are set aside (``<step>.damaged-<time>``) with one warning naming each and why. When no
   step restores, nothing is changed and a ``ResumeError`` lists them. Every process takes the same decision (the
   structure is read from the shared files, and a restore counts only when it worked on every process). A step that
-  does not fit ``config`` (``check_resume_config``, shapes leaf by leaf) is an error, not damage."""
+  does not fit ``config`` (``check_resume_config``, shapes leaf by leaf) or is another run (``identity``: a
+  ``var_jax.train.identity.RunIdentity``, checked after the shapes) is an error, not damage."""
   steps = ckpt.all_steps()
   if not steps:
     return init(), False
   skipped = []
   for step in steps:
     why = ckpt.damage(step)
+    saved = None
     if why is None:
       if config is not None:
-        check_resume_config(ckpt, step, config, where)
+        saved = check_resume_config(ckpt, step, config, where)
       try:
         metadata = ckpt.state_metadata(step)
       except (ValueError, OSError, KeyError) as e:
         why = f'its state metadata cannot be read ({_short(e)})'
     if why is None:
       check_restorable(abstract, metadata, f'{where}/{step}')
+      if identity is not None and saved is not None:
+        identity.check(saved, f'{where}/{step}')
       state = None
       try:
         state = ckpt.restore(step, abstract, shardings, data_iter,
@@ -125,25 +130,34 @@ def restore_or_init(ckpt, abstract, shardings, data_iter, init: Callable[[], Any
 
 # ----------------------------------------------------------------------------- preemption
 class Preemption:
-  """Single host: a SIGTERM handler sets a flag. Multi-host: JAX's distributed runtime owns SIGTERM (its
-  preemption notifier) and orbax's ``reached_preemption`` makes all hosts stop at the same step."""
+  """Single host: a SIGTERM or SIGINT (Ctrl-C) handler sets a flag: the loop saves a checkpoint at the next step and
+  exits cleanly (a second Ctrl-C exits at once, without saving). Multi-host: JAX's distributed runtime owns SIGTERM
+  (its preemption notifier) and orbax's ``reached_preemption`` makes all hosts stop at the same step; Ctrl-C there
+  stops without saving (one line, ``var_jax.cli``)."""
 
   def __init__(self):
     self.requested = False
-    self._old = None
+    self._old = {}
     if jax.process_count() == 1:
-      self._old = signal.signal(signal.SIGTERM, self._handler)
+      for sig in (signal.SIGTERM, signal.SIGINT):
+        self._old[sig] = signal.signal(sig, self._handler)
 
   def _handler(self, signum, frame):
-    logging.warning('SIGTERM received: saving a checkpoint and exiting')
+    if signum == signal.SIGINT:
+      if self.requested:
+        raise KeyboardInterrupt
+      logging.warning('Ctrl-C (SIGINT) received: saving a checkpoint and exiting (Ctrl-C again: exit without saving)')
+    else:
+      logging.warning('SIGTERM received: saving a checkpoint and exiting')
     self.requested = True
 
   def should_stop(self, ckpt, step: int) -> bool:
     return self.requested if jax.process_count() == 1 else ckpt.manager.reached_preemption(step)
 
   def restore(self):
-    if self._old is not None:
-      signal.signal(signal.SIGTERM, self._old)
+    for sig, old in self._old.items():
+      signal.signal(sig, old)
+    self._old = {}
 
 
 def fmt_eta(s: float) -> str:
@@ -194,20 +208,6 @@ def _write_json(workdir: str, name: str, obj):
 
 
 # ----------------------------------------------------------------------------- checks
-def check_schedule_config(config):
-  """``total_steps``: -1 (train ``epochs`` epochs) or > 0; 0 is an error (not 'no training'), as is ``epochs <= 0``
-  when the epochs decide; the seed must fit the 32 bits of a PRNG seed."""
-  if config.total_steps == 0 or config.total_steps < -1:
-    raise errors.ConfigError(f'config.total_steps={config.total_steps}: give -1 (train config.epochs epochs) or a '
-                             f'positive step count')
-  if config.total_steps == -1 and not config.epochs > 0:
-    raise errors.ConfigError(f'config.epochs={config.epochs} with config.total_steps=-1: give epochs > 0 or '
-                             f'total_steps > 0')
-  if not 0 <= int(config.seed) < 2 ** 32:
-    raise errors.ConfigError(f'config.seed={config.seed} is outside [0, 2^32): PRNG seeds are 32 bits (larger seeds '
-                             f'would repeat smaller ones)')
-
-
 def model_num_classes(config):
   """The class count of a class-conditional model (``config.model.num_classes``), None for a tokenizer."""
   if 'model' in config and 'num_classes' in config.model:
@@ -240,10 +240,10 @@ def check_labels(labels, num_classes, step: int):
 def check_resume_config(ckpt, step: int, config, where: str):
   """What the saved config of checkpoint ``step`` says about resuming with ``config``: another
   ``data.num_workers`` is an error (the data iterator state is per worker), another ``global_batch_size`` a
-  warning (the schedule changes)."""
+  warning (the schedule changes). -> the saved config (a dict; None for a checkpoint without one)."""
   from etils import epath
   if not (epath.Path(ckpt.manager.directory) / str(step) / 'config').exists():
-    return
+    return None
   saved = ckpt.saved_config(step)
   if 'task' in saved and 'task' in config and saved['task'] != config.task:
     raise errors.ResumeError(f'{where}/{step} is a checkpoint of a config.task={saved["task"]!r} run, this run has '
@@ -258,6 +258,7 @@ def check_resume_config(ckpt, step: int, config, where: str):
     logging.warning('global_batch_size was %d when %s/%d was saved, now %d: the schedule changes (steps per epoch, '
                     'total steps when set by epochs, the learning rate when scaled by the batch, warmup)', old_b,
                     where, step, new_b)
+  return saved
 
 
 def _nonfinite_error(bad, step: int, ckpt, where: str):
@@ -295,32 +296,46 @@ def train(config, workdir: str) -> Tuple[Any, Dict[str, float]]:
   from var_jax.train import reference_args
   from var_jax.train import workdir as workdir_lib
   config = reference_args.resolve(config)      # a reference train.py command line, if given, before anything reads it
+  from var_jax.train import validate
+  validate.validate(config)                    # the whole config, before any download, the lock, the workdir or data
   from var_jax import hub
   config = hub.resolve_config(config)          # released names in init_from / vae_ckpt / bae_ckpt -> hub cache files
-  check_schedule_config(config)
   preempt = Preemption()           # from the start: a SIGTERM during set-up still releases the lock
   lock = workdir_lib.WorkdirLock(workdir)
   try:
     workdir_lib.acquire_on_process_0(lock)
-    return _train(config, workdir, preempt)
+    setup = _setup(config)         # mesh, data, task, frozen inputs: set-up errors before anything is written
+    return _train(config, workdir, preempt, *setup)
   finally:
     lock.release()
     preempt.restore()
 
 
-def _train(config, workdir: str, preempt: Preemption) -> Tuple[Any, Dict[str, float]]:
-  from var_jax import checkpoint
+def _setup(config):
+  """What a run is built from, before anything is written: (mesh, rules, train source, class count, task) with
+  the frozen inputs (tokenizer / LPIPS weights) loaded — a missing or empty data folder, a tokenizer of another
+  family or size, a mesh that does not fit are set-up errors here."""
   from var_jax.data import pipeline as data_lib
-  from var_jax.train import nonfinite as nonfinite_lib
   from var_jax.train import tasks
-
-  watch = nonfinite_lib.Watch(config.nonfinite)
   mesh, rules = setup_mesh(config)
-  per_process = config.global_batch_size // jax.process_count()
   source = data_lib.make_source(config.data, config.data.train_split)
   num_classes = model_num_classes(config)
   check_data_classes(source, num_classes, config.data)
   task = tasks.build(config, mesh, len(source), rules)
+  task.frozen
+  return mesh, rules, source, num_classes, task
+
+
+def _train(config, workdir: str, preempt: Preemption, mesh, rules, source, num_classes, task
+           ) -> Tuple[Any, Dict[str, float]]:
+  from var_jax import checkpoint
+  from var_jax.data import pipeline as data_lib
+  from var_jax.train import nonfinite as nonfinite_lib
+
+  watch = nonfinite_lib.Watch(config.nonfinite)
+  per_process = config.global_batch_size // jax.process_count()
+  from var_jax.train import identity as identity_lib
+  run_id = identity_lib.RunIdentity(config, task.frozen_input_keys, source)
   total = task.schedule.total_steps
   train_iter = iter(data_lib.make_train_dataset(config.data, per_process, config.seed, jax.process_index(),
                                                 jax.process_count()))
@@ -343,11 +358,12 @@ def _train(config, workdir: str, preempt: Preemption) -> Tuple[Any, Dict[str, fl
     if bad:
       raise errors.NonFiniteError(f'step {step}: the train state has non-finite values in {", ".join(bad[:5])}; '
                                   f'not saved (the last checkpoint is {where}/{ckpt.latest_step()})')
-    ckpt.maybe_save(step, state, train_iter, config, force=force)
+    ckpt.maybe_save(step, state, train_iter, config, force=force, inputs=run_id.inputs())
     return True
 
   try:
-    state, _ = restore_or_init(ckpt, task.abstract, task.shardings, train_iter, fresh, where, config)
+    state, _ = restore_or_init(ckpt, task.abstract, task.shardings, train_iter, fresh, where, config, run_id)
+    run_id.inputs()                     # a fresh run: its inputs' fingerprints now, before the first step
     logging.info('%s; %d steps (%d per epoch)', task.describe(state), total, task.schedule.steps_per_epoch)
     info = task.run_info(state)
     if jax.process_index() == 0:        # this run's config (a resumed run replaces an earlier or damaged one)
@@ -363,6 +379,8 @@ def _train(config, workdir: str, preempt: Preemption) -> Tuple[Any, Dict[str, fl
     writer.text(step, 'config', '```\n' + config.to_json_best_effort(indent=1) + '\n```')
     flops, peak = task.train_flops_per_example, metrics_lib.peak_flops_per_device()
     t_last, since, last, t_start = time.time(), 0, {}, time.time()
+    from var_jax import work
+    work.started()                       # from here, an unexpected exception keeps its traceback (var_jax.cli)
     try:
       with shd.mesh_context(mesh, rules):
         while step < total:

@@ -81,6 +81,17 @@ def _record(cfg) -> str:
   return cfg.to_json_best_effort(sort_keys=True)
 
 
+def _comparable(rec):
+  """A stage record without the run-identity allowances (they do not change what a finished stage is)."""
+  from var_jax.train import identity
+  return {k: v for k, v in rec.items() if k not in identity.ALWAYS_IGNORED} if isinstance(rec, dict) else rec
+
+
+def referenced_keys(stage_cfg, earlier) -> List[str]:
+  """The dotted keys of a stage's string fields that name one of the ``earlier`` stages' directories."""
+  return [key for key, _, _, value in _string_fields(stage_cfg) if set(_references(value)) & set(earlier)]
+
+
 def is_finished(stage_dir: str, cfg) -> bool:
   """The stage finished with this very config (its ``stage.json``)."""
   from var_jax import fileio
@@ -91,7 +102,7 @@ def is_finished(stage_dir: str, cfg) -> bool:
     rec = json.loads(fileio.path(path).read_text())
   except (ValueError, OSError):
     return False
-  return rec.get('config') == json.loads(_record(cfg))
+  return _comparable(rec.get('config')) == _comparable(json.loads(_record(cfg)))
 
 
 def run(config, workdir: str):
@@ -99,19 +110,38 @@ def run(config, workdir: str):
   -> the final quality score (``{}`` when a stage stopped early, e.g. preempted)."""
   import jax
   from var_jax import fileio
-  from var_jax.train import loop
+  from var_jax.train import errors, loop
   check(config)
   dirs = stage_dirs(config, workdir)
+  from var_jax.train import reference_args, validate
+  for name in config.stage_order:     # every stage's config before the first one trains
+    try:
+      validate.validate(reference_args.resolve(resolve(config.stages[name], dirs)))
+    except errors.ConfigError as e:
+      msg = str(e)
+      raise errors.ConfigError(f'config.stages.{name}.{msg[len("config."):]}' if msg.startswith('config.') else
+                               f'config.stages.{name}: {msg}') from None
   t0 = time.time()
-  retrain = False
+  retrain = []                # the stages trained (again) in this run
   for name in config.stage_order:
     cfg = resolve(config.stages[name], dirs)
     if not retrain and is_finished(dirs[name], cfg):
       logging.info('stage %s: finished in %s (its %s matches this config): skipped', name, dirs[name], STAGE_RECORD)
       continue
-    retrain = True            # a later stage reads this one's outputs: train it again too
+    run_cfg = cfg
+    changed = referenced_keys(config.stages[name], retrain)
+    if changed:
+      # a later stage reads this one's outputs: train it again too, from its checkpoints on the new outputs (the
+      # run-identity check would refuse their new fingerprints: allowed here, by the stage runner, with a warning)
+      run_cfg = cfg.copy_and_resolve_references()
+      run_cfg.resume_changes = ','.join(k for k in [run_cfg.resume_changes] + changed if k)
+      if fileio.isdir(f'{dirs[name]}/checkpoints'):
+        logging.warning('stage %s: %s trained again in this run, so %s may have changed: its checkpoints in %s '
+                        'resume on the new files (move %s away to start it over)', name, ', '.join(retrain),
+                        ', '.join(changed), dirs[name], dirs[name])
+    retrain.append(name)
     logging.info('stage %s: %s in %s', name, cfg.task, dirs[name])
-    _, last = loop.train(cfg, dirs[name])
+    _, last = loop.train(run_cfg, dirs[name])
     if not last.get('finished'):
       logging.warning('stage %s stopped early: rerun the command to resume it', name)
       return {}

@@ -75,6 +75,9 @@ class Task:
   has_periodic_output = False
   train_flops_per_example: Optional[float] = None
   tokens_per_example: Optional[int] = None
+  # the config keys naming files the task reads and never trains (a frozen tokenizer's weights, LPIPS): their
+  # fingerprints are part of the run's identity (var_jax.train.identity); a rerun with other files is refused
+  frozen_input_keys: Tuple[str, ...] = ()
 
   def __init__(self, config, mesh, rules=None):
     self.config, self.mesh = config, mesh

@@ -223,6 +223,7 @@ def reference_model_args(kind: str, cfg: ModelConfig) -> Dict[str, Any]:
 class BitsTask(base.Task):
   has_eval = True
   has_periodic_output = True
+  frozen_input_keys = ('bae_ckpt',)
 
   def __init__(self, config, mesh, num_train_examples: int, rules=None):
     super().__init__(config, mesh, rules)

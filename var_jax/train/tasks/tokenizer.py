@@ -516,6 +516,16 @@ class TokenizerTask(base.Task):
                                              float(o.warmup_steps)) for k, o in (('g', config.optim_g),
                                                                                  ('d', config.optim_d))}
 
+  @property
+  def frozen_input_keys(self):
+    """LPIPS's weights file, or the released BAE file (``init_from``) whose perceptual.* tensors it takes."""
+    loss = self.config.loss
+    if loss.lpips <= 0:
+      return ()
+    if loss.lpips_path or not (self.gen.kind == 'bae' and self.config.init_from):
+      return ('loss.lpips_path',)
+    return ('init_from',)
+
   def load_frozen(self):
     """The frozen LPIPS weights ({} when LPIPS is off), replicated."""
     config, extras = self.config, {}

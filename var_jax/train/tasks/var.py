@@ -191,6 +191,7 @@ class VARTask(base.Task):
   vector_metrics = {'loss_per_scale': 'loss_scale{}', 'acc_per_scale': 'acc_scale{}'}
   has_eval = True
   has_periodic_output = True
+  frozen_input_keys = ('vae_ckpt',)
 
   def __init__(self, config, mesh, num_train_examples: int, rules=None):
     from var_jax.train import reference_args
