@@ -4,6 +4,7 @@ until a CLI calls ``define_*`` under ``__main__``."""
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from typing import Callable, Optional, Sequence, Type
 
@@ -87,24 +88,102 @@ def quiet_platform_probes():
     logger.addFilter(_PlatformProbeFilter())
 
 
+def one_line(e: BaseException, ours: Sequence[Type[BaseException]] = ()) -> str:
+  """``e`` as one line: its message with whitespace collapsed (at most 600 characters), prefixed by its type unless
+  it is a ``ValueError`` or one of ``ours`` / var_jax's own errors (whose messages name what they concern)."""
+  msg = ' '.join(str(e).split())
+  if isinstance(e, KeyError) and len(e.args) == 1:
+    msg = f'missing key {e.args[0]!r}'
+  own = isinstance(e, tuple(ours)) or type(e) is ValueError or type(e).__module__.startswith('var_jax')
+  if not own or not msg:
+    msg = f'{type(e).__name__}: {msg}' if msg else type(e).__name__
+  return msg if len(msg) <= 600 else msg[:597] + '...'
+
+
+def _parse_flags(argv):
+  """absl's flag parsing (with ml_collections' config files: a missing file, a syntax error in it, no get_config, an
+  unknown ``--config.`` key), each error as one ``error:`` line naming the flag (exit status 1)."""
+  try:
+    return FLAGS(argv)
+  except flags.Error as e:
+    sys.exit(f'error: {one_line(e, (flags.Error,))}')
+  except Exception as e:  # noqa: BLE001 - a config file's own exception (FileNotFoundError, SyntaxError, ...)
+    if os.environ.get('VAR_JAX_TRACEBACK'):
+      raise
+    where = _flag_of(argv, e)
+    sys.exit(f'error: {where[:-2]}' if where.endswith('; ') else f'error: {where}{one_line(e)}')
+
+
+def _flag_of(argv, e) -> str:
+  """The flag an exception raised while parsing came from (only ml_collections' run code then): an unknown
+  ``--config.<key>`` override ('<flag>: no such key in the config: '), else the config file flag
+  ('--config=<file>: ')."""
+  args = [a for a in argv[1:] if a.startswith('--') and '=' in a]
+  if isinstance(e, (AttributeError, KeyError)):
+    for a in args:
+      key = a[2:].split('=', 1)[0]
+      if '.' in key and key.rsplit('.', 1)[1] in str(e):
+        return f'{a}: the config has no key {key.split(".", 1)[1]!r} (a typo, or a key of another config file); '
+  for a in args:
+    name, value = a.split('=', 1)
+    if value.split(':')[0].endswith('.py'):
+      return f'{name}={value}: '
+  return ''
+
+
+class ConfigFileError(ValueError):
+  """A config file that could not be loaded (the message names the flag and the file)."""
+
+
+def config_from_flag(name: str = 'config'):
+  """The value of ml_collections' config-file flag ``--<name>``; a file that could not be loaded (missing, not
+  readable) is a ``ConfigFileError`` naming it (ml_collections defers that error to the first use of the config)."""
+  cfg = FLAGS[name].value
+  if type(cfg).__name__ != '_ErrorConfig':
+    return cfg
+  try:
+    cfg.keys()
+  except Exception as e:  # noqa: BLE001 - ml_collections' deferred load error
+    from ml_collections import config_flags
+    cause = e.__cause__ or e
+    lines = [l.strip() for l in str(cause).strip().splitlines() if l.strip()]
+    raise ConfigFileError(f'--{name}={config_flags.get_config_filename(FLAGS[name])}: cannot be loaded: '
+                          f'{lines[-1] if lines else type(cause).__name__}') from None
+  return cfg
+
+
 def run(main: Callable[[], Optional[int]], errors: Sequence[Type[BaseException]] = (), multihost: bool = False):
-  """``app.run`` of ``main()`` (no positional arguments allowed); an exception of ``errors`` exits with status 1 and
-  ``error: <message>`` on stderr instead of a traceback. ``multihost``: initialise JAX's distributed runtime from
-  the environment first (``var_jax.distributed.initialize_from_env``) and end on a barrier of every process (so
-  none exits while another still writes)."""
+  """``app.run`` of ``main()`` (no positional arguments allowed) behind one error boundary: a bad flag or config file
+  (``_parse_flags``), any exception before the work began (``var_jax.work.started()``: the training loop's first
+  step) and, after it, an exception of ``errors``, exit with
+  status 1 and one ``error: <message>`` line on stderr instead of a traceback (``VAR_JAX_TRACEBACK=1``: the
+  traceback). Ctrl-C outside training (which saves a checkpoint, as on SIGTERM) is one line and status 130.
+  ``multihost``: initialise JAX's distributed runtime from the environment first
+  (``var_jax.distributed.initialize_from_env``) and end on a barrier of every process (so none exits while another
+  still writes)."""
   quiet_platform_probes()
 
   def entry(argv):
+    from var_jax import work
+    work.reset()
     if len(argv) > 1:
-      raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+      sys.exit(f'error: unexpected arguments {argv[1:]} (flags are --name=value)')
+    try:
+      if multihost:
+        from var_jax import distributed
+        distributed.initialize_from_env()
+      out = main()
+    except KeyboardInterrupt:
+      sys.stderr.write('error: interrupted (Ctrl-C)\n')
+      sys.exit(130)
+    except tuple(errors) as e:
+      sys.exit(f'error: {one_line(e, errors)}')
+    except Exception as e:  # noqa: BLE001 - the boundary: every set-up error is one line
+      if work.has_started() or os.environ.get('VAR_JAX_TRACEBACK'):
+        raise
+      sys.exit(f'error: {one_line(e, errors)}')
     if multihost:
       from var_jax import distributed
-      distributed.initialize_from_env()
-    try:
-      out = main()
-    except tuple(errors) as e:
-      sys.exit(f'error: {e}')
-    if multihost:
       distributed.barrier(f'{main.__module__}: done')
     return out
-  app.run(entry)
+  app.run(entry, flags_parser=_parse_flags)

@@ -31,7 +31,9 @@ def run_case(module: str, args):
     code, tb = 2, True
   finally:
     for name in set(flags.FLAGS) - before:          # the CLI's flags (those of libraries it imported stay)
-      if flags.FLAGS.find_module_defining_flag(name) in ('__main__', module, sys.argv[0], 'var_jax.cli'):
+      # (and ml_collections' --config.<key> override flags, made while the command line is parsed)
+      if flags.FLAGS.find_module_defining_flag(name) in ('__main__', module, sys.argv[0], 'var_jax.cli') or \
+          name.startswith('config.'):
         delattr(flags.FLAGS, name)
   text = err.getvalue()
   return {'code': code, 'stderr': text, 'traceback': tb or 'Traceback (most recent call last)' in text}

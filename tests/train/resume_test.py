@@ -101,6 +101,16 @@ def test_sigterm_saves_and_exits(tmp_path):
   assert 'preempted at step' in out
   steps = [int(s) for s in os.listdir(os.path.join(wd, 'checkpoints'))]
   assert len(steps) == 1 and 5 <= steps[0] < 40
+  # the same command again resumes (the same run), and Ctrl-C (SIGINT) saves and exits as SIGTERM does
+  p = subprocess.Popen(_cmd(wd, ['--config.ckpt_every=1000']), cwd=REPO, env=ENV, stdout=subprocess.PIPE,
+                       stderr=subprocess.STDOUT, text=True)
+  _wait_for_step(wd, steps[0] + 3, p)
+  p.send_signal(signal.SIGINT)
+  out, _ = p.communicate(timeout=300)
+  assert p.returncode == 0 and 'Traceback' not in out and 'KeyboardInterrupt' not in out, out
+  assert f'resumed from step {steps[0]}' in out and 'Ctrl-C (SIGINT) received: saving a checkpoint' in out, out
+  later = sorted(int(s) for s in os.listdir(os.path.join(wd, 'checkpoints')))
+  assert later[-1] >= steps[0] + 3, later
 
 
 @pytest.mark.slow

@@ -30,17 +30,19 @@ def setup_logging(verbose: bool):
 
 def main():
   FLAGS = flags.FLAGS
+  from var_jax import cli
+  config = cli.config_from_flag('config')      # a config file that could not be loaded: one error line
   setup_logging(FLAGS['verbosity'].present)
   import jax
   initialize_from_env(FLAGS.distributed)
   std_logging.getLogger('var_jax').info('process %d/%d, %d local / %d global devices', jax.process_index(),
                                         jax.process_count(), jax.local_device_count(), jax.device_count())
   from var_jax.train import stages
-  if stages.is_multistage(FLAGS.config):      # e.g. configs/digits.py: a tokenizer, then a generator
-    stages.run(FLAGS.config, FLAGS.workdir)
+  if stages.is_multistage(config):      # e.g. configs/digits.py: a tokenizer, then a generator
+    stages.run(config, FLAGS.workdir)
     return
   from var_jax.train import loop
-  loop.train(FLAGS.config, FLAGS.workdir)
+  loop.train(config, FLAGS.workdir)
 
 
 if __name__ == '__main__':
@@ -51,4 +53,5 @@ if __name__ == '__main__':
   from var_jax import cli
   from var_jax.sharding import MeshDivisibilityError
   from var_jax.train.errors import TrainingError
+  # every error before the first step is one line (cli.run); after it, these too (others keep their traceback)
   cli.run(main, errors=(TrainingError, MeshDivisibilityError))
