@@ -160,3 +160,17 @@ def test_training_refuses_before_any_work(tmp_path, key, value):
     loop.train(c, str(tmp_path / 'wd'))
   assert time.time() - t < 5
   assert not (tmp_path / 'wd').exists()
+
+
+def test_a_multi_stage_config_checks_every_stage_before_the_first_trains(tmp_path):
+  import importlib.util
+  from tests_helpers import REPO
+  from var_jax.train import stages
+  spec = importlib.util.spec_from_file_location('cfg_digits', REPO / 'configs' / 'digits.py')
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  c = mod.get_config('var')
+  c.stages.var.model.depth = 0                       # the second stage: refused before the tokenizer trains
+  with pytest.raises(errors.ConfigError, match=r'^config.stages.var.model.depth=0: expected an integer >= 1$'):
+    stages.run(c, str(tmp_path / 'wd'))
+  assert not (tmp_path / 'wd').exists()
