@@ -264,7 +264,7 @@ def _governs(rule, v) -> bool:
   if isinstance(rule, Said):
     return _governs(rule.rule, v)
   if isinstance(rule, Num):
-    return v is None or (isinstance(v, (int, float)) and not isinstance(v, bool))
+    return (v is None and rule.optional) or (isinstance(v, (int, float)) and not isinstance(v, bool))
   if isinstance(rule, Ints):
     return isinstance(v, (tuple, list))
   return True
