@@ -14,8 +14,8 @@ A rerun resumes only the same run: ``check(saved, config, inputs, where)`` refus
 config or an input that differs from the checkpoint's, naming each ``key: old -> new``. Keys that may change are
 ``config.resume_safe`` (configs/common.py: step counts, intervals, workers, batch size, mesh, sampling settings —
 what does not change what the weights learn from) plus the user's ``config.resume_changes`` (a comma list of dotted
-keys; a key names its whole sub-tree, e.g. ``optim``; ``*``: any); the inputs only by the latter. Inputs are named by their config key
-(``--config.resume_changes=vae_ckpt``); the data's sizes as ``data``. A moved but identical file passes (its hash
+keys; a key names its whole sub-tree, e.g. ``optim``; ``*``: any); the inputs only by the latter. Inputs are named
+by their config key (``--config.resume_changes=vae_ckpt``); the data's sizes as ``data``. A moved but identical file passes (its hash
 is compared, not its path). Keys only one side has (a config written by another var_jax version) are not compared.
 """
 from __future__ import annotations
