@@ -158,3 +158,17 @@ def test_data_size_or_classes_changed_is_refused(run):
                                                r'train_examples 923, num_classes 10'):
     _resume(run, _config(run), _Source(923))
   assert _resume(run, _config(run, resume_changes='data'), _Source(923))[0] == 2
+
+
+@pytest.mark.parametrize('family,key', [('var', 'vae_ckpt'), ('elm', 'bae_ckpt'), ('bigr', 'bae_ckpt')])
+def test_a_stage_after_a_retrained_stage_may_resume_on_its_new_export(family, key):
+  """The stage runner allows (with a warning) exactly the keys that name the retrained stage's directory."""
+  import importlib.util
+  from tests_helpers import REPO
+  from var_jax.train import stages
+  spec = importlib.util.spec_from_file_location('cfg_digits', REPO / 'configs' / 'digits.py')
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  c = mod.get_config(family)
+  assert stages.referenced_keys(c.stages[family], ['tokenizer']) == [key]
+  assert stages.referenced_keys(c.stages[family], []) == []
