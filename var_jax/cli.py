@@ -51,6 +51,14 @@ def define_sampling_flags(num_per_class: int, batch_size: int):
   flags.DEFINE_bool('overwrite', False, 'start the samples folder over: delete the sample PNGs, samples.npz and '
                     'sample_plan.json an earlier run left there (nothing else), instead of refusing a folder '
                     'sampled with another plan (model, settings, seed, classes, dtype)')
+  # VAR's training-free accelerations (var_jax.sampling.var; README "Faster sampling")
+  flags.DEFINE_integer('cfg_until', None, 'VAR: classifier-free guidance at scales 0..cfg_until only, then the '
+                       'conditional half alone (default: every scale)')
+  flags.DEFINE_string('prune', None, 'VAR: token pruning {scale: keep fraction}, e.g. 8:0.5,9:0.25 (FastVAR-style: '
+                      'only the most-changed ceil(keep * pn^2) tokens of those scales run the transformer)')
+  flags.DEFINE_string('drafter_checkpoint', None, 'VAR: a model directory (same tokenizer) that samples the first '
+                      '--draft_scales scales; this model refines the rest')
+  flags.DEFINE_integer('draft_scales', None, 'VAR: scales drafted by --drafter_checkpoint')
 
 
 def check_sampling_flags():
@@ -62,6 +70,38 @@ def check_sampling_flags():
   check_sampling_args('--', **{k: getattr(FLAGS, k) for k in SAMPLING_ARGS if k in FLAGS})
   if 'classes' in FLAGS and FLAGS.classes is not None:
     parse_class_labels(FLAGS.classes, None, '--classes')
+  if 'prune' in FLAGS:
+    from var_jax.sampling.common import parse_prune
+    parse_prune(FLAGS.prune, '--prune')
+    if (FLAGS.drafter_checkpoint is None) != (FLAGS.draft_scales is None):
+      raise ValueError('--drafter_checkpoint and --draft_scales go together: give both or neither')
+
+
+def with_fast_sampling_from_flags(pipe):
+  """``pipe`` with the VAR acceleration flags (--cfg_until, --prune, --drafter_checkpoint + --draft_scales) as its
+  sampling defaults (``VARPipeline.with_sampling``, checked against the model before any sampling); ``pipe`` itself
+  when none is set. Another family with one of them set is an error naming the flags."""
+  given = [f'--{k}' for k in ('cfg_until', 'prune', 'drafter_checkpoint', 'draft_scales')
+           if k in FLAGS and getattr(FLAGS, k) not in (None, '')]
+  if not given or pipe is None:
+    return pipe
+  if pipe.family != 'var':
+    raise ValueError(f'{", ".join(given)} apply to VAR models only, not {pipe.family.upper()}')
+  from var_jax.sampling.common import parse_prune
+  drafter = None
+  if FLAGS.drafter_checkpoint:
+    from var_jax.pipelines.pretrained import load_pipeline
+    drafter = load_pipeline(checkpoint=FLAGS.drafter_checkpoint)
+    if drafter.family != 'var':
+      raise ValueError(f'--drafter_checkpoint={FLAGS.drafter_checkpoint} is a {drafter.family.upper()} model, not a VAR')
+  try:
+    return pipe.with_sampling(cfg_until=FLAGS.cfg_until, prune=parse_prune(FLAGS.prune, '--prune') or None,
+                              drafter=drafter, draft_scales=FLAGS.draft_scales)
+  except ValueError as e:
+    msg = str(e)
+    if msg.startswith('drafter:'):
+      msg = f'--drafter_checkpoint={FLAGS.drafter_checkpoint}:{msg[len("drafter:"):]}'
+    raise ValueError(msg if msg.startswith('--') or msg.startswith('drafter and') else f'--{msg}') from None
 
 
 def load_pipeline_from_flags():

@@ -88,6 +88,8 @@ def main():
       max_batches=f.max_batches, digits=f.digits,
       num_generated=None if f.samples else evaluator.planned_count(f.classes, f.num_per_class))
   pipe = cli.load_pipeline_from_flags() if not f.samples or f.rfid or f.test_loss else None
+  if not f.samples:                          # VAR: --cfg_until / --prune / --drafter_checkpoint where it samples
+    pipe = cli.with_fast_sampling_from_flags(pipe)
   evaluator.evaluate(
       pipe, out_dir=f.out_dir, samples=f.samples, ref=f.ref, ref_cache=f.ref_cache, inception=f.inception,
       inception_batch=f.inception_batch, pr_k=f.pr_k, rfid=f.rfid, test_set_loss=f.test_loss,

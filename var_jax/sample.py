@@ -63,7 +63,7 @@ def main():
                                 num_per_class=f.num_per_class, overwrite=f.overwrite,
                                 settings={'cfg': f.cfg, 'top_k': f.top_k, 'top_p': f.top_p,
                                           'more_smooth': f.more_smooth, **extra})
-  pipe = cli.load_pipeline_from_flags()
+  pipe = cli.with_fast_sampling_from_flags(cli.load_pipeline_from_flags())
   labels = protocol.sample_plan(pipe.num_classes, f.classes, f.num_per_class)
   protocol.generate_samples(pipe, f.out_dir, labels, seed=f.seed, cfg=f.cfg, top_k=f.top_k, top_p=f.top_p,
                             more_smooth=f.more_smooth, options=extra, batch_size=f.batch_size, dtype=f.dtype,
