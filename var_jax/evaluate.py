@@ -63,6 +63,14 @@ def define_flags():
                                   lock_config=False)
 
 
+def _is_bits_run(path: str) -> bool:
+  from var_jax.pipelines.base import is_bits_run
+  try:
+    return is_bits_run(path)
+  except OSError:
+    return False
+
+
 def main():
   from var_jax import fileio
   from var_jax.eval import evaluator
@@ -80,6 +88,9 @@ def main():
   if f.digits:                               # the view the model trained on, before any model is loaded
     from var_jax.eval import digits
     view = digits.view_of(f.config, f.checkpoint or f.samples)
+  if (f.rfid or f.test_loss) and (f.model in ('elm', 'bigr') or f.bae_ckpt or f.model_ckpt or (
+      f.checkpoint and _is_bits_run(f.checkpoint))):      # the family from the flags / run dir, before loading
+    raise ValueError('--rfid and --test_loss are implemented for VAR checkpoints (VQVAE tokenizer) only')
   # every metric flag, input path and image count, before a model is loaded or a network run
   evaluator.check_request(
       out_dir=f.out_dir, samples=f.samples, ref=f.ref, ref_cache=f.ref_cache, inception=f.inception,

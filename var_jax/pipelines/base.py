@@ -24,17 +24,39 @@ from var_jax.dtypes import parse_dtype
 from var_jax.interop import bae as ibae
 from var_jax.interop.state_dict import CheckpointMismatchError, load_state_dict
 from var_jax.models.bae import BAEConfig, BinaryAutoEncoder
-from var_jax.sampling.common import as_key, batch_labels, cast_floating, per_sample_keys, resolve_labels
+from var_jax.sampling.common import (as_key, batch_labels, cast_floating, check_token_ids, per_sample_keys,
+                                    resolve_labels)
 
 
-def check_images(images, channels: int, size: int, why: str, what: str = 'images', value_range: str = ''):
-  """NHWC with ``channels`` channels at ``size`` x ``size`` (``why`` explains the size) -> float32."""
+RANGE_TOL = 0.05    # images beyond [lo - tol, hi + tol] of their value range are refused
+_RANGE_HINT = {(-1.0, 1.0): 'e.g. [0, 255] images: x / 127.5 - 1', (0.0, 1.0): 'e.g. [0, 255] images: x / 255'}
+
+
+def check_images(images, channels: int, size: int, why: str, what: str = 'images', value_range: str = '',
+                 lo: Optional[float] = None, hi: Optional[float] = None):
+  """The one image validator of the pipelines' inputs (``encode``, ``reconstruct``, ``features``, ``edit``, ...):
+  NHWC with ``channels`` channels at ``size`` x ``size`` (``why`` explains the size), a floating dtype (a uint8
+  0..255 array is refused, with the conversion), every value finite and, with ``lo``/``hi``, within [lo, hi] (up to
+  ``RANGE_TOL``) -> float32. Each failure a ValueError naming ``what``."""
   x = jnp.asarray(images)
+  span = f'[{lo:g}, {hi:g}]' if lo is not None else ''
+  hint = _RANGE_HINT.get((lo, hi), '')
   if x.ndim != 4 or x.shape[-1] != channels:
     raise ValueError(f'{what} must be NHWC with {channels} channels{value_range}, got shape {tuple(x.shape)}')
   if x.shape[1:3] != (size, size):
     raise ValueError(f'{what} must be {size}x{size} ({why}), got {x.shape[1]}x{x.shape[2]}')
-  return x.astype(jnp.float32)
+  if not jnp.issubdtype(x.dtype, jnp.floating):
+    raise ValueError(f'{what} must be floating-point{" in " + span if span else ""}, got {x.dtype}'
+                     f'{f" ({hint})" if hint else ""}')
+  x = x.astype(jnp.float32)
+  bad = int(jnp.sum(~jnp.isfinite(x)))
+  if bad:
+    raise ValueError(f'{what} hold {bad} NaN/inf values')
+  if lo is not None:
+    mn, mx = float(jnp.min(x)), float(jnp.max(x))
+    if mn < lo - RANGE_TOL or mx > hi + RANGE_TOL:
+      raise ValueError(f'{what} must be in {span}, got min {mn:g} max {mx:g}{f" ({hint})" if hint else ""}')
+  return x
 
 
 # ----------------------------------------------------------------------------- ELM / BiGR training runs
@@ -367,17 +389,18 @@ class BinaryLatentPipeline(Pipeline):
     return check_images(images, self.bae_config.in_channels, self.image_size,
                         f'{type(self).__name__[:-len("Pipeline")]} grid {self.latent_size} x BAE downsample '
                         f'{self.bae_config.downsample}',
-                        what, ' in [0, 1]')
+                        what, ' in [0, 1]', lo=0.0, hi=1.0)
 
   def _check_bits(self, bits, what='bits') -> jax.Array:
-    """(B, h, w, K) or (B, N, K) 0/1 -> (B, h, w, K) uint8."""
+    """(B, h, w, K) or (B, N, K) 0/1 -> (B, h, w, K) uint8; any other value (NaN, 2, 0.5, -1) is an error."""
     b = jnp.asarray(bits)
     g, k = self.latent_size, self.bits_per_cell
     if b.ndim == 3 and b.shape[1:] == (g * g, k):
       b = b.reshape(b.shape[0], g, g, k)
     if b.ndim != 4 or b.shape[1:] != (g, g, k):
       raise ValueError(f'{what} must be (B, {g}, {g}, {k}) (or (B, {g * g}, {k})), got shape {tuple(b.shape)}')
-    return (b > 0).astype(jnp.uint8) if jnp.issubdtype(b.dtype, jnp.floating) else b.astype(jnp.uint8)
+    check_token_ids(b, 2, what)
+    return b.astype(jnp.uint8)
 
   # ------------------------------------------------------------------ the autoencoder
   def _bae_fn(self, name: str):

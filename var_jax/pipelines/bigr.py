@@ -129,7 +129,8 @@ class BiGRPipeline(BinaryLatentPipeline):
     a = np.asarray(x) if not isinstance(x, jax.Array) else x
     if a.ndim == 3:
       return True
-    return a.ndim == 4 and not jnp.issubdtype(a.dtype, jnp.floating)
+    image_shaped = a.ndim == 4 and a.shape[1:] == (self.image_size, self.image_size, self.bae_config.in_channels)
+    return a.ndim == 4 and not jnp.issubdtype(a.dtype, jnp.floating) and not image_shaped   # uint8 images: refused
 
   # ------------------------------------------------------------------ jitted pieces
   def _fn(self, name: str, *static):
@@ -164,8 +165,8 @@ class BiGRPipeline(BinaryLatentPipeline):
     The bits enter unmasked, the class slots are dropped, no final norm; float32.
     """
     x = images_or_bits
-    bits = self._check_bits(x) if self._is_bits(x) else self.encode(x, shard=shard)
-    labels = self._batch_labels(label, bits.shape[0], default=self.null_class)
+    labels = self._batch_labels(label, int(np.shape(x)[0]) if np.ndim(x) else 0, default=self.null_class)
+    bits = self._check_bits(x) if self._is_bits(x) else self.encode(x, shard=shard)     # labels checked first
     if layer is not None:
       layer = int(layer)
       if not 0 <= layer < self.num_layers:

@@ -35,7 +35,7 @@ from var_jax.models.bae import BAEConfig
 from var_jax.models.elm import ELMConfig
 from var_jax.pipelines.base import BinaryLatentPipeline, named_mismatch
 from var_jax.sampling import elm as es
-from var_jax.sampling.common import as_key, check_sampling_args, resolve_labels
+from var_jax.sampling.common import as_key, check_sampling_args, check_token_ids, resolve_labels
 
 PathLike = Union[str, os.PathLike]
 
@@ -145,10 +145,7 @@ class ELMPipeline(BinaryLatentPipeline):
     n, te = self.seq_len, self.token_each
     if t.ndim != 3 or t.shape[1:] != (n, te) or not np.issubdtype(t.dtype, np.integer):
       raise ValueError(f'{what} must be integer (B, {n}, {te}) sub-tokens, got {t.dtype} {tuple(t.shape)}')
-    hi = self.codebook_size + int(allow_mask)
-    if t.size and (t.min() < 0 or t.max() >= hi):
-      raise ValueError(f'{what} must lie in [0, {hi}){" (the mask id included)" if allow_mask else ""}, got '
-                       f'[{t.min()}, {t.max()}]')
+    check_token_ids(t, self.codebook_size + int(allow_mask), what + (' (the mask id included)' if allow_mask else ''))
     return jnp.asarray(t, jnp.int32)
 
   # ------------------------------------------------------------------ jitted pieces
@@ -190,6 +187,8 @@ class ELMPipeline(BinaryLatentPipeline):
       if token_all_mask is not None:
         raise ValueError('token_all_mask is for ELM MLM; this is an AR model')
       return self._apply(self._fn('logits_ar'), 'model', [labels, toks], shard)
+    if token_all_mask is not None:
+      check_token_ids(token_all_mask, 2, 'token_all_mask')        # 0/1 per position
     mask = (jnp.zeros(toks.shape[:2], jnp.uint8) if token_all_mask is None
             else jnp.asarray(token_all_mask).astype(jnp.uint8))
     if mask.shape != toks.shape[:2]:

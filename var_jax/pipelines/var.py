@@ -20,15 +20,13 @@ from var_jax.models.var import VAR
 from var_jax.models.vqvae import VQVAE
 from var_jax.pipelines.base import Pipeline, check_images, named_mismatch
 from var_jax.sampling import var as var_sampling
-from var_jax.sampling.common import cast_floating, check_sampling_args, parse_prune
+from var_jax.sampling.common import cast_floating, check_mask, check_sampling_args, check_token_ids, parse_prune
 
-
-_RANGE_TOL = 0.05   # edit: images beyond [-1 - tol, 1 + tol] are rejected
 
 
 def _check_images(images, cfg: VQVAEConfig, what='images'):
   return check_images(images, cfg.in_channels, cfg.image_size, f'patch_nums {cfg.patch_nums}: last patch '
-                      f'{cfg.patch_nums[-1]} x downsample {cfg.downsample}', what)
+                      f'{cfg.patch_nums[-1]} x downsample {cfg.downsample}', what, ' in [-1, 1]', lo=-1.0, hi=1.0)
 
 
 def _vae_method(method, takes: str, doc: str):
@@ -154,9 +152,12 @@ class VARPipeline(Pipeline):
 
   # ------------------------------------------------------------------ helpers
   def split_tokens(self, tokens) -> List[jax.Array]:
-    """Accept a list of (B, pn^2) per scale or a (B, L) array; check the shapes; return the list."""
+    """Accept a list of (B, pn^2) per scale or a (B, L) array; check the shapes and that every id is an integer in
+    [0, vocab_size) (``check_token_ids``); return the list."""
     pns = self.var_config.patch_nums
     if isinstance(tokens, (list, tuple)):
+      for i, t in enumerate(tokens):
+        check_token_ids(t, self.var_config.vocab_size, f'tokens of scale {i}')
       toks = [jnp.asarray(t, jnp.int32) for t in tokens]
       want = [p * p for p in pns]
       got = [t.shape[-1] if t.ndim == 2 else None for t in toks]
@@ -164,6 +165,7 @@ class VARPipeline(Pipeline):
         raise ValueError(f'token maps must be (B, pn^2) for patch_nums {pns}: expected lengths {want}, got '
                          f'{[tuple(t.shape) for t in toks]}')
     else:
+      check_token_ids(tokens, self.var_config.vocab_size, 'tokens')
       t = jnp.asarray(tokens, jnp.int32)
       if t.ndim != 2 or t.shape[1] != self.var_config.seq_len:
         raise ValueError(f'tokens must be (B, {self.var_config.seq_len}), got shape {tuple(t.shape)}')
@@ -294,12 +296,9 @@ class VARPipeline(Pipeline):
     keep the background, regenerate the object region under another label.
     """
     check_sampling_args(cfg=cfg, top_k=top_k, top_p=top_p, more_smooth=more_smooth, batch_size=batch_size)
-    x = _check_images(images, self.vae_config)
-    lo, hi = float(jnp.min(x)), float(jnp.max(x))
-    if lo < -1 - _RANGE_TOL or hi > 1 + _RANGE_TOL:
-      raise ValueError(f'images must be in [-1, 1], got min {lo:g} max {hi:g} (e.g. [0, 255] images: x / 127.5 - 1)')
+    x = _check_images(images, self.vae_config)           # float, finite, in [-1, 1]
     b = x.shape[0]
-    m = np.asarray(keep_mask, np.float32)
+    m = check_mask(keep_mask, 'keep_mask')
     if m.ndim == 2:
       m = np.broadcast_to(m, (b,) + m.shape)
     if m.ndim != 3 or m.shape[0] != b:

@@ -146,6 +146,42 @@ def per_sample_keys(rng, num_samples: int, sample_ids=None) -> jax.Array:
   return jax.vmap(lambda i: jax.random.fold_in(rng, i))(ids)
 
 
+def check_token_ids(tokens, vocab_size: int, what: str = 'tokens'):
+  """The one token-id validator of the pipelines' inputs (VAR token maps, ELM sub-tokens, BAE bits with
+  ``vocab_size=2``): every entry an integer in [0, vocab_size) — an integer or bool array, or a float array holding
+  only such whole numbers (NaN, inf, 0.5 or an id out of range is a ValueError naming ``what``)."""
+  t = np.asarray(tokens)
+  if t.dtype.kind == 'f':
+    if not np.all(np.isfinite(t)):
+      raise ValueError(f'{what} hold {int(np.sum(~np.isfinite(t)))} NaN/inf values; expected integer ids in '
+                       f'[0, {vocab_size})')
+    if np.any(t != np.round(t)):
+      raise ValueError(f'{what} must be integer ids in [0, {vocab_size}), got non-integer values ({t.dtype})')
+  elif t.dtype.kind not in 'iub':
+    raise ValueError(f'{what} must be integer ids in [0, {vocab_size}), got dtype {t.dtype}')
+  if t.size and (t.min() < 0 or t.max() >= vocab_size):
+    raise ValueError(f'{what} must lie in [0, {vocab_size}), got [{t.min():g}, {t.max():g}]')
+
+
+def check_mask(mask, what: str = 'mask'):
+  """A mask of 0/1 weights (e.g. ``edit``'s keep_mask): finite and within [0, 1] (ValueError naming ``what``)."""
+  m = np.asarray(mask, np.float32)
+  if not np.all(np.isfinite(m)):
+    raise ValueError(f'{what} holds {int(np.sum(~np.isfinite(m)))} NaN/inf values; expected values in [0, 1]')
+  if m.size and (m.min() < 0 or m.max() > 1):
+    raise ValueError(f'{what} must be in [0, 1] (1 = keep), got min {m.min():g} max {m.max():g}')
+  return m
+
+
+def _label_array(labels) -> np.ndarray:
+  """``labels`` as a 0-D or 1-D array; a 2-D (or deeper) array is an error, never flattened."""
+  lab = np.asarray(labels)
+  if lab.ndim > 1:
+    raise ValueError(f'labels must be one int or a 1-D sequence of class labels, got an array of shape '
+                     f'{lab.shape}')
+  return lab
+
+
 def resolve_labels(labels, rng, num_samples, num_classes: int) -> np.ndarray:
   """Class labels of a sampling call as int32 (num_classes = unconditional): ``labels`` as given (one label repeated
   ``num_samples`` times), or ``num_samples`` random classes drawn from ``rng`` when ``labels`` is None."""
@@ -154,7 +190,7 @@ def resolve_labels(labels, rng, num_samples, num_classes: int) -> np.ndarray:
     if num_samples is None:
       raise ValueError('labels=None samples random classes: give num_samples too')
     return np.asarray(jax.random.randint(jax.random.fold_in(rng, 0x7fffffff), (num_samples,), 0, nc), np.int32)
-  lab = np.asarray(labels).reshape(-1)
+  lab = _label_array(labels).reshape(-1)
   if num_samples is not None and lab.size == 1:
     lab = np.repeat(lab, num_samples)
   return _checked(lab, labels, nc)
@@ -175,8 +211,8 @@ def batch_labels(labels, batch: int, num_classes: int, default: Optional[int] = 
   ``default`` (when given)."""
   if labels is None and default is not None:
     return jnp.full((batch,), default, jnp.int32)
-  lab = np.asarray(labels)
-  lab = np.broadcast_to(lab, (batch,)) if lab.ndim == 0 else lab.reshape(-1)
+  lab = _label_array(labels)
+  lab = np.broadcast_to(lab, (batch,)) if lab.ndim == 0 else lab
   if lab.shape != (batch,):
     raise ValueError(f'{lab.size} labels for a batch of {batch}')
   return jnp.asarray(_checked(lab, labels, num_classes))
