@@ -9,8 +9,6 @@ EMA and losses identical to an uninterrupted run; the CLI dispatches the quickst
 """
 import json
 import os
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -19,7 +17,6 @@ import pytest
 from flax import traverse_util
 from jax.sharding import PartitionSpec as P
 
-from conftest import REPO
 from tests_helpers import load_config
 from var_jax import sharding as shd
 from var_jax.losses import bigr as bigr_losses
@@ -345,16 +342,3 @@ def test_loop_resumes_exactly(kind, tmp_path):
   assert sorted(ev) == [3, 6] and all(np.isfinite(e['loss']) and e['examples'] == 16 for e in ev.values())
   assert sorted(os.listdir(os.path.join(straight, 'checkpoints'))) == ['3', '6']
   assert os.path.exists(os.path.join(straight, 'model_args.json'))
-
-
-@pytest.mark.slow
-def test_cli_runs_the_quickstart(tmp_path):
-  env = dict(os.environ, JAX_PLATFORMS='cpu')
-  env.pop('XLA_FLAGS', None)
-  r = subprocess.run([sys.executable, '-m', 'var_jax.train', '--config=configs/elm_quickstart.py',
-                      f'--workdir={tmp_path}', '--config.total_steps=4', '--config.log_every=2',
-                      '--config.eval_every=4', '--config.eval_batches=1'], cwd=REPO, env=env, capture_output=True,
-                     text=True, timeout=900)
-  assert r.returncode == 0, r.stdout + r.stderr
-  assert 'img/s' in r.stdout and 'eval step 4' in r.stdout
-  assert (tmp_path / 'model.pth').exists() and (tmp_path / 'binaryae.th').exists()
