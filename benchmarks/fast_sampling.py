@@ -44,6 +44,9 @@ OPTIONS = {
     'cfg_until=6 + prune': ({'cfg_until': 6, 'prune': ((8, 0.5), (9, 0.25))}, None),
     'draft d30->d16 k=8': ({'draft_scales': 8}, 16),
     'draft k=8 + cfg_until=6 + prune 9:0.5': ({'draft_scales': 8, 'cfg_until': 6, 'prune': ((9, 0.5),)}, 16),
+    # the last scale only (the settings the 64 px digits model keeps within noise, README)
+    'cfg_until=8 + prune 9:0.5': ({'cfg_until': 8, 'prune': ((9, 0.5),)}, None),
+    'cfg_until=8 + prune 9:0.25': ({'cfg_until': 8, 'prune': ((9, 0.25),)}, None),
 }
 
 
