@@ -56,7 +56,8 @@ def test_main_job_learns(family, tmp_path):
   assert [r for r in recs if r['split'] == 'quality'], 'the quality score is logged while the generator trains'
 
   if family != 'var':
-    assert os.path.exists(f'{gen}/model.pth') and os.path.exists(f'{w}/tokenizer/binaryae.th')
+    export = {'elm': 'model.pth', 'bigr': 'bigr.pt'}[family]     # the reference layouts' file names
+    assert os.path.exists(f'{gen}/{export}') and os.path.exists(f'{w}/tokenizer/binaryae.th')
     return          # CI's budget: the outside check once, on README's main job (the CLIs load every family's run
                     # directory: tests/pipelines/run_dir_test.py; a rerun skipping finished stages:
                     # tests/train/stages_test.py)
