@@ -40,3 +40,20 @@ def process_env(devices: int, **extra):
     env.pop(k, None)
   env.update(extra)
   return env
+
+
+def fixture_pipelines():
+  """One pipeline per family from the reference fixtures' random weights: VAR's tiny model, ELM AR 1x8, BiGR k8
+  (both on the k8 binary autoencoder)."""
+  import json
+  from conftest import SHARED, fixture_dir
+  from var_jax import VARPipeline
+  from var_jax.pipelines.pretrained import load_pipeline
+  bits = SHARED / 'fixtures' / 'elm_bigr_reference'
+  d = fixture_dir('tiny')
+  out = {'var': VARPipeline.from_torch(d / 'vae.pth', d / 'var.pth')}
+  for family, name, ckpt in (('elm', 'elm_ar_1x8', 'model.pth'), ('bigr', 'bigr_k8', 'bigr.pt')):
+    margs = json.loads((bits / name / 'config.json').read_text())['model_args']
+    out[family] = load_pipeline(bae_ckpt=str(bits / 'bae_k8' / 'binaryae.th'), model_ckpt=str(bits / name / ckpt),
+                                model_args=margs)
+  return out

@@ -4,27 +4,18 @@ through the validators ``sample`` / ``edit`` use (``pipelines.base.check_images`
 ``check_token_ids``, ``check_mask`` and label rule): a uint8 0..255 array where float [0, 1] / [-1, 1] is meant,
 values out of range, NaN/inf, token ids outside the vocabulary, non-0/1 bits, 2-D or out-of-range labels and NaN
 masks are each one ValueError naming the input, before any network runs."""
-import json
 
 import numpy as np
 import pytest
 
-from conftest import SHARED, fixture_dir
+from tests_helpers import fixture_pipelines
 
-BITS = SHARED / 'fixtures' / 'elm_bigr_reference'
+
 
 
 @pytest.fixture(scope='module')
 def pipes():
-  from var_jax import VARPipeline
-  from var_jax.pipelines.pretrained import load_pipeline
-  d = fixture_dir('tiny')
-  out = {'var': VARPipeline.from_torch(d / 'vae.pth', d / 'var.pth')}
-  for family, name, ckpt in (('elm', 'elm_ar_1x8', 'model.pth'), ('bigr', 'bigr_k8', 'bigr.pt')):
-    margs = json.loads((BITS / name / 'config.json').read_text())['model_args']
-    out[family] = load_pipeline(bae_ckpt=str(BITS / 'bae_k8' / 'binaryae.th'), model_ckpt=str(BITS / name / ckpt),
-                                model_args=margs)
-  return out
+  return fixture_pipelines()
 
 
 def _images(p, kind):

@@ -2,31 +2,22 @@
 behind every family's ``sample`` / ``edit`` (errors name the argument) and the sample / evaluate CLIs (errors name
 the flag, before any model is loaded). One class rule for both: labels are integers in [0, num_classes], where
 num_classes is the unconditional class."""
-import json
 
 import numpy as np
 import pytest
 
 from cli_cases import error_line, run_cli_cases
-from conftest import SHARED, fixture_dir
+from tests_helpers import fixture_pipelines
+from conftest import fixture_dir
 from var_jax.eval import protocol
 from var_jax.sampling.common import check_sampling_args, parse_class_labels, resolve_labels
 
-BITS = SHARED / 'fixtures' / 'elm_bigr_reference'
 INF, NAN = float('inf'), float('nan')
 
 
 @pytest.fixture(scope='module')
 def pipes():
-  from var_jax import VARPipeline
-  from var_jax.pipelines.pretrained import load_pipeline
-  d = fixture_dir('tiny')
-  out = {'var': VARPipeline.from_torch(d / 'vae.pth', d / 'var.pth')}
-  for family, name, ckpt in (('elm', 'elm_ar_1x8', 'model.pth'), ('bigr', 'bigr_k8', 'bigr.pt')):
-    margs = json.loads((BITS / name / 'config.json').read_text())['model_args']
-    out[family] = load_pipeline(bae_ckpt=str(BITS / 'bae_k8' / 'binaryae.th'), model_ckpt=str(BITS / name / ckpt),
-                                model_args=margs)
-  return out
+  return fixture_pipelines()
 
 
 # (families, argument, bad value, what the message says)
