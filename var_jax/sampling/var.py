@@ -192,8 +192,8 @@ def _run_scales(vae: VQVAE, var: VAR, vae_vars, var_vars, labels, keys, opts: Sa
       x = jnp.take_along_axis(x, kk[..., None], axis=1)
     logits, caches = var.apply(var_vars, si, x, cond, caches, None if span == cfg.begin_ends[si] else span,
                                method=VAR.decode_scale)
+    ratio = si / (k_scales - 1) if k_scales > 1 else 0.0
     if dbl:
-      ratio = si / (k_scales - 1) if k_scales > 1 else 0.0
       t = opts.cfg * ratio
       logits = (1 + t) * logits[:b] - t * logits[b:]
     if si in keep and si >= dense_scales:                  # pruned positions: the previous scale's prediction
@@ -201,7 +201,6 @@ def _run_scales(vae: VQVAE, var: VAR, vae_vars, var_vars, labels, keys, opts: Sa
       logits = jax.vmap(lambda f, i, lg: f.at[i].set(lg))(full, kidx, logits)
     if si + 1 in keep:
       state['prev_logits'] = logits
-    ratio = si / (k_scales - 1) if k_scales > 1 else 0.0
     logits = filter_top_k_top_p(logits, opts.top_k, opts.top_p)
     step_keys = jax.vmap(lambda k: jax.random.split(jax.random.fold_in(k, si)))(keys)   # (B, 2) keys
     idx = _per_sample(lambda k, lg: jax.random.categorical(k, lg, axis=-1), step_keys[:, 0], logits)
